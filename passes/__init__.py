@@ -1,0 +1,9 @@
+"""peftc.passes: rewrite and optimization passes over fx GraphModules, and their pipeline.
+
+Importing this package registers every method spec and optimization it defines.
+"""
+
+from peftc.passes import lora, train  # noqa: F401  (registers the methods)
+from peftc.passes.pipeline import PassContext, PassResult, run_pipeline, rewrite_passes
+
+__all__ = ["PassContext", "PassResult", "run_pipeline", "rewrite_passes", "lora", "train"]

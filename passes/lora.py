@@ -1,0 +1,253 @@
+"""LoRA (Hu et al. 2021) as a graph rewrite, with HF PEFT's exact numerics.
+
+    y = x W^T + b  ->  y + s * B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A: (r, in), B: (out, r), the same shapes and init as PEFT (A kaiming-uniform(a=sqrt 5) or
+normal(std=1/r) for ``init: gaussian``, B zero; ``init: random`` keeps both random, PEFT's
+``init_lora_weights=False``). For GPT-2's Conv1D the graph computes ``addmm(b, x2d, W)`` with
+W stored (in, out); the low-rank path reads the same 2-D view, so A and B keep PEFT's shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx, nn
+
+from peftc.errors import CheckpointError, SpecError
+from peftc.graph import Inserter, as_linear_site, install_module
+from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.spec import MethodSpec, check_targets, register_method
+
+__all__ = ["LoraSpec", "LoraLinear", "rewrite", "INITS", "BIAS"]
+
+aten = torch.ops.aten
+INITS = ("default", "gaussian", "random")
+BIAS = ("none", "all", "lora_only")
+
+
+_PEFT_UNSUPPORTED = {  # LoraConfig fields peftc does not implement: value must be the default
+    "use_dora": lambda v: not v, "lora_bias": lambda v: not v, "target_parameters": lambda v: not v,
+    "layer_replication": lambda v: not v, "trainable_token_indices": lambda v: not v,
+    "use_qalora": lambda v: not v, "alora_invocation_tokens": lambda v: not v,
+    "megatron_config": lambda v: not v, "loftq_config": lambda v: not v,
+    "arrow_config": lambda v: not v, "use_bdlora": lambda v: not v,
+}
+
+
+def _pattern_value(patterns: Mapping, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: first key matching a dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+@register_method("lora", peft_type="LORA")
+@dataclass(frozen=True)
+class LoraSpec(MethodSpec):
+    """``targets``: names/suffixes, "re:<regex>" or "all-linear"; ``alpha``: scaling numerator."""
+
+    targets: Any
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "default"
+    bias: str = "none"
+    exclude: Any = None
+    layers: Any = None
+    layers_pattern: Any = None
+    rank_pattern: Mapping = field(default_factory=dict)
+    alpha_pattern: Mapping = field(default_factory=dict)
+
+    sites: ClassVar[str] = "linear"
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", check_targets("lora.targets", self.targets))
+        object.__setattr__(self, "exclude", check_targets("lora.exclude", self.exclude, allow_none=True))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            self._err("r", "an integer > 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            self._err("alpha", "a number > 0")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            self._err("dropout", "a number in [0, 1)")
+        if not isinstance(self.rslora, bool):
+            self._err("rslora", "true or false")
+        if self.init not in INITS:
+            self._err("init", f"one of {list(INITS)}")
+        if self.bias not in BIAS:
+            self._err("bias", f"one of {list(BIAS)}")
+        layers = self.layers
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
+        ):
+            self._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, (str, tuple)):
+            self._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
+        for name, ok in (("rank_pattern", lambda v: isinstance(v, int) and v > 0),
+                         ("alpha_pattern", lambda v: isinstance(v, (int, float)) and v > 0)):
+            pat = getattr(self, name)
+            if not isinstance(pat, Mapping) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
+                self._err(name, "a mapping of module-name pattern -> positive number")
+
+    def rank_for(self, path: str) -> int:
+        return _pattern_value(self.rank_pattern, path, self.r)
+
+    def scaling_for(self, path: str) -> float:
+        r, alpha = self.rank_for(path), _pattern_value(self.alpha_pattern, path, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    # ---- HF PEFT LoraConfig <-> LoraSpec ----------------------------------------------------
+    @classmethod
+    def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
+        """LoraConfig dict -> [LoraSpec] (+ a TrainSpec for modules_to_save)."""
+        from peftc.passes.train import TrainSpec
+        from peftc.targets import SEQ_CLS_HEADS
+
+        for key, ok in _PEFT_UNSUPPORTED.items():
+            if key in cfg and not ok(cfg[key]):
+                raise SpecError(f"peft.{key}", cfg[key], "its PEFT default", "not supported by peftc's LoRA")
+        tm = cfg.get("target_modules")
+        if isinstance(tm, str):
+            targets = "all-linear" if tm.lower() == "all-linear" else "re:" + tm
+        elif tm:
+            targets = tuple(sorted(tm))
+        else:
+            raise SpecError("peft.target_modules", tm, "a list of module names or a regex string")
+        ex = cfg.get("exclude_modules")
+        init = cfg.get("init_lora_weights", True)
+        inits = {True: "default", "gaussian": "gaussian", False: "random"}
+        if init not in inits:
+            raise SpecError("peft.init_lora_weights", init, "true, false or 'gaussian'")
+        lora = cls(
+            targets=targets, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8),
+            dropout=cfg.get("lora_dropout", 0.0), rslora=bool(cfg.get("use_rslora", False)),
+            init=inits[init], bias=cfg.get("bias", "none"),
+            exclude=("re:" + ex if isinstance(ex, str) else tuple(ex)) if ex else None,
+            layers=tuple(cfg["layers_to_transform"]) if isinstance(cfg.get("layers_to_transform"), list)
+            else cfg.get("layers_to_transform"),
+            layers_pattern=tuple(cfg["layers_pattern"]) if isinstance(cfg.get("layers_pattern"), list)
+            else cfg.get("layers_pattern"),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        )
+        save = list(cfg.get("modules_to_save") or ())
+        if cfg.get("task_type") == "SEQ_CLS":  # implied by the task type; see targets.resolve
+            save = [m for m in save if m not in SEQ_CLS_HEADS]
+        return [lora] + ([TrainSpec(targets=tuple(save))] if save else [])
+
+    @classmethod
+    def to_peft(cls, entries: list[LoraSpec], resolved: list[dict[str, str]]) -> dict:
+        """[LoraSpec] (+ the module paths each resolved to) -> LoraConfig fields.
+
+        One entry keeps its selectors; several become PEFT's exact-path target list with
+        rank_pattern / alpha_pattern for the modules whose rank or alpha differ.
+        """
+        first = entries[0]
+        for e in entries[1:]:
+            for f in ("dropout", "rslora", "init", "bias"):
+                if getattr(e, f) != getattr(first, f):
+                    raise CheckpointError(
+                        f"LoRA entries differ in {f!r} ({getattr(first, f)!r} vs {getattr(e, f)!r}); "
+                        "one PEFT LoraConfig cannot express that: save them as separate adapters")
+        cfg = {
+            "peft_type": "LORA", "r": first.r, "lora_alpha": first.alpha,
+            "lora_dropout": first.dropout, "use_rslora": first.rslora, "bias": first.bias,
+            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[first.init],
+            "fan_in_fan_out": any(k == "conv1d" for t in resolved for k in t.values()),
+            "use_dora": False, "lora_bias": False,
+        }
+        if len(entries) == 1:
+            t = first.targets
+            cfg["target_modules"] = t if t == "all-linear" else t[3:] if isinstance(t, str) else list(t)
+            ex = first.exclude
+            cfg["exclude_modules"] = None if ex is None else ex[3:] if isinstance(ex, str) else list(ex)
+            cfg["layers_to_transform"] = list(first.layers) if isinstance(first.layers, tuple) else first.layers
+            cfg["layers_pattern"] = list(first.layers_pattern) if isinstance(first.layers_pattern, tuple) \
+                else first.layers_pattern
+            cfg["rank_pattern"], cfg["alpha_pattern"] = dict(first.rank_pattern), dict(first.alpha_pattern)
+            return cfg
+        paths = {p: e for e, t in zip(entries, resolved) for p in t}
+        cfg["target_modules"] = sorted(paths)
+        rank = {p: e.rank_for(p) for p, e in paths.items()}
+        alpha = {p: _pattern_value(e.alpha_pattern, p, e.alpha) for p, e in paths.items()}
+        cfg["rank_pattern"] = {re.escape(p): v for p, v in rank.items() if v != first.r}
+        cfg["alpha_pattern"] = {re.escape(p): v for p, v in alpha.items() if v != first.alpha}
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["rank_pattern"], d["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
+        return {k: v for k, v in d.items() if v not in (None, {}) or k == "targets"}
+
+
+class LoraLinear(nn.Module):
+    """The parameters of one LoRA adapter on one linear layer (PEFT's names and shapes)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, init: str, like: torch.Tensor):
+        super().__init__()
+        kw = {"dtype": like.dtype, "device": like.device}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **kw)
+        if init == "default":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+            nn.init.zeros_(self.lora_B.weight)
+
+
+def adapter_module(ctx: PassContext, gm: fx.GraphModule, path: str, factory) -> str:
+    """Gets or creates the adapter module at ``path`` in the shared store and mounts it in gm."""
+    try:
+        module = ctx.store.get_submodule(path)
+    except AttributeError:
+        module = factory()
+        install_module(ctx.store, path, module)
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        install_module(gm, path, module)
+    return path
+
+
+def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Pre: linear nodes annotated with LoRA entries. Post: each gets ``+ s * B(A(drop(x)))``.
+
+    The dropout node is inserted right after the base linear, as PEFT calls it, so random
+    streams line up with PEFT's in training.
+    """
+    adapter = ctx.spec.adapter
+    n_sites = 0
+    for node in list(gm.graph.nodes):
+        for i in node.meta.get(SITES, ()):
+            entry = ctx.spec.methods[i]
+            if not isinstance(entry, LoraSpec):
+                continue
+            site = as_linear_site(node)
+            weight = gm.get_parameter(site.weight.target)
+            in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
+            r = entry.rank_for(site.module)
+            path = adapter_module(ctx, gm, f"{site.module}.lora.{adapter}",
+                                  lambda: LoraLinear(in_f, out_f, r, entry.init, weight))
+            ins = Inserter(node, {"method": "lora", "adapter": adapter, "module": site.module})
+            a = ins.get_attr(f"{path}.lora_A.weight")
+            b = ins.get_attr(f"{path}.lora_B.weight")
+            x = site.x
+            if entry.dropout > 0:
+                x = ins.call(aten.dropout.default, (x, float(entry.dropout), True), "dropout")
+            h = ins.call(aten.linear.default, (x, a), "lora_A")
+            d = ins.call(aten.linear.default, (h, b), "lora_B")
+            s = ins.call(aten.mul.Tensor, (d, entry.scaling_for(site.module)), "scale")
+            out = ins.call(aten.add.Tensor, (node, s), "add")
+            node.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+            n_sites += 1
+    ctx.counts["lora"] += n_sites
+    return PassResult(gm, n_sites > 0)

@@ -1,0 +1,138 @@
+"""The one ordered pipeline of passes, and how a pass is run.
+
+A pass is ``fn(gm, ctx) -> PassResult``. Rewrite passes come first, in the order below; then
+the optimizations the spec selects, in ``OPTIMIZE_ORDER``. After every pass the graph is
+verified; with ``PEFTC_DEBUG=1`` the graph is printed before and after each pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+from torch import fx, nn
+
+from peftc.errors import PassError
+from peftc.graph import PEFTC, linear_sites
+from peftc.spec import OPTIMIZATIONS, Spec
+
+__all__ = ["PassResult", "PassContext", "rewrite_passes", "run_pipeline", "verify", "SITES"]
+
+SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
+
+
+class PassResult(NamedTuple):
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+@dataclass
+class PassContext:
+    """What passes read besides the graph; ``counts`` records how often each pass matched."""
+
+    spec: Spec
+    targets: list[dict[str, str]]  # per spec entry: module path -> kind ("linear", "module", ...)
+    model: nn.Module  # the user's eager model, for module attributes
+    store: nn.Module  # root of the adapter modules, shared by every capture
+    counts: Counter = field(default_factory=Counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Annotates nodes with the spec entries that adapt them; rewrites read only this."""
+    marked = 0
+    linear = {(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind != "module"}
+    for site in linear_sites(gm):
+        for i, _ in enumerate(ctx.targets):
+            if (i, site.module) in linear:
+                site.node.meta.setdefault(SITES, []).append(i)
+                marked += 1
+    whole = [(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "module"]
+    if whole:
+        for node in gm.graph.nodes:
+            owner = _owner(node)
+            for i, p in whole:
+                if owner and (owner == p or owner.startswith(p + ".")):
+                    node.meta.setdefault(SITES, []).append(i)
+                    marked += 1
+    ctx.counts["select"] += marked
+    return PassResult(gm, marked > 0)
+
+
+def _owner(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Erases get_attr nodes left without users by rewrites (a retargeted weight)."""
+    dead = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    for n in dead:
+        gm.graph.erase_node(n)
+    ctx.counts["dce"] += len(dead)
+    return PassResult(gm, bool(dead))
+
+
+def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
+    """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
+    from peftc.passes import lora, train
+
+    rewrites = [
+        ("select", select_sites),  # spec targets -> node.meta[SITES]
+        ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
+        ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
+        ("dce", drop_unused_attrs),  # get_attr without users -> gone
+    ]
+    used = {m.method for m in spec.methods}
+    passes = [(n, f) for n, f in rewrites if n in ("select", "dce") or n in used]
+    missing = set(OPTIMIZATIONS) - set(OPTIMIZE_ORDER)
+    if missing:
+        raise PassError(f"optimizations {sorted(missing)} have no place in OPTIMIZE_ORDER")
+    passes += [(n, OPTIMIZATIONS[n]) for n in OPTIMIZE_ORDER if n in spec.optimize]
+    return passes
+
+
+OPTIMIZE_ORDER: list[str] = []  # optimizations, in the order they run when selected
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """Invariants after every pass: a well-formed graph, meta on inserted nodes, live attrs."""
+    gm.graph.lint()
+    for n in gm.graph.nodes:
+        info = n.meta.get(PEFTC)
+        if info is not None and not {"method", "adapter", "module", "role"} <= set(info):
+            raise PassError(f"node {n.name} has incomplete peftc meta {info}")
+        if n.op == "get_attr":
+            try:
+                gm.get_submodule("").get_parameter(n.target)
+            except AttributeError:
+                obj = gm
+                for part in n.target.split("."):
+                    if not hasattr(obj, part):
+                        raise PassError(f"get_attr {n.target!r} does not resolve") from None
+                    obj = getattr(obj, part)
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes) -> fx.GraphModule:
+    debug = os.environ.get("PEFTC_DEBUG", "") not in ("", "0")
+    done: list[str] = []
+    for name, fn in passes:
+        if debug:
+            print(f"--- before {name} ---\n{gm.graph}")
+        t0 = time.perf_counter()
+        try:
+            gm, _ = fn(gm, ctx)
+            verify(gm)
+        except PassError:
+            raise
+        except Exception as e:
+            raise PassError(f"pass {name!r} failed after {done or 'no passes'}: {e}") from e
+        ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t0
+        done.append(name)
+        if debug:
+            print(f"--- after {name} ---\n{gm.graph}")
+    gm.recompile()
+    return gm

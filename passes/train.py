@@ -1,0 +1,86 @@
+"""Train whole modules (PEFT's ``modules_to_save``), e.g. a classification head.
+
+    W (frozen, shared with the base model) -> W' (a trainable copy, ``<path>.modules_to_save.<adapter>``)
+
+Only uses inside the trained module are retargeted, so a weight tied elsewhere (an embedding
+shared with the LM head) keeps its frozen original at the other uses, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import fx
+
+from peftc.graph import PEFTC
+from peftc.passes.lora import adapter_module  # shared mount helper
+from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.spec import MethodSpec, check_targets, register_method
+
+__all__ = ["TrainSpec", "rewrite"]
+
+
+@register_method("train")
+@dataclass(frozen=True)
+class TrainSpec(MethodSpec):
+    """``targets``: module names/suffixes or "re:<regex>" whose parameters all train."""
+
+    targets: Any
+
+    sites: ClassVar[str] = "module"
+
+    def __post_init__(self):
+        t = check_targets("train.targets", self.targets)
+        if t == "all-linear":
+            self._err("targets", "module names/suffixes or 're:<regex>' ('all-linear' is for adapters)")
+        object.__setattr__(self, "targets", t)
+
+
+def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Pre: nodes inside trained modules annotated. Post: they read trainable copies."""
+    adapter = ctx.spec.adapter
+    swapped = 0
+    for node in list(gm.graph.nodes):
+        for i in node.meta.get(SITES, ()):
+            if not isinstance(ctx.spec.methods[i], TrainSpec):
+                continue
+            owner = _owner(node)
+            root = max((p for p in ctx.targets[i] if owner == p or owner.startswith(p + ".")), key=len)
+            original = ctx.model.get_submodule(root)
+            by_id = {id(t): name for name, t in original.named_parameters()}
+            for arg in node.all_input_nodes:
+                if arg.op != "get_attr" or PEFTC in arg.meta:
+                    continue
+                rel = by_id.get(id(_fetch(gm, arg.target)))
+                if rel is None:
+                    continue
+                path = adapter_module(ctx, gm, f"{root}.modules_to_save.{adapter}",
+                                      lambda original=original: _trainable_copy(original))
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.get_attr(f"{path}.{rel}")
+                new.meta[PEFTC] = {"method": "train", "adapter": adapter, "module": root,
+                                   "role": "param_swap"}
+                node.replace_input_with(arg, new)
+                swapped += 1
+    ctx.counts["train"] += swapped
+    return PassResult(gm, swapped > 0)
+
+
+def _owner(node: fx.Node) -> str:
+    return list(node.meta["nn_module_stack"].values())[-1][0]
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _trainable_copy(module):
+    dup = copy.deepcopy(module)
+    for p in dup.parameters():
+        p.requires_grad_(True)
+    return dup

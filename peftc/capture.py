@@ -1,0 +1,180 @@
+"""Capture: nn.Module + example inputs -> fx.GraphModule in peftc's normal form.
+
+Normal form, whatever the frontend: linears are ``aten.linear(x, W, b)`` (GPT-2's Conv1D stays
+``aten.addmm(b, x2d, W)``) with weights as ``get_attr`` nodes named by the parameter's FQN;
+dropouts are ``aten.dropout(x, p, train)``; every node has ``meta["nn_module_stack"]`` naming
+its owning module. The module tree of the GraphModule is fresh (only parameters are shared
+with the user's model), so peftc can register adapter modules in it without touching the
+user's modules.
+
+The graph is captured in train mode: dropout probabilities are only visible then (HF models
+pass ``dropout_p=0`` to attention in eval). ``set_training`` flips them afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.export import Dim
+
+from peftc.errors import CaptureError
+
+__all__ = ["capture", "set_training", "owning_module", "DROPOUT_OPS", "SDPA"]
+
+aten = torch.ops.aten
+DROPOUT_OPS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+               aten.feature_alpha_dropout.default)
+SDPA = aten.scaled_dot_product_attention.default
+TRAIN_P = "peftc_train_dropout_p"  # meta key: attention dropout p seen in train mode
+
+
+def owning_module(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    info = node.meta.get("peftc")
+    return info.get("module") if info else None
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "base_model_prefix")
+
+
+def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
+    """Captures ``model(**kwargs)``; returns (graph module, frontend used)."""
+    if frontend not in ("auto", "export", "fx"):
+        raise CaptureError(f"frontend {frontend!r}: allowed 'auto', 'export', 'fx'")
+    kwargs = {k: (v.detach().clone().contiguous() if isinstance(v, torch.Tensor) else v)
+              for k, v in kwargs.items()}
+    was_training = model.training
+    model.train()
+    try:
+        if frontend == "fx" or (frontend == "auto" and not _is_hf(model)):
+            try:
+                return _capture_fx(model, kwargs), "fx"
+            except Exception as e:  # noqa: BLE001 - fx tracing fails in many ways; export is the fallback
+                if frontend == "fx":
+                    raise CaptureError(f"torch.fx.symbolic_trace failed: {e}") from e
+        return _capture_export(model, kwargs), "export"
+    finally:
+        model.train(was_training)
+
+
+def _capture_export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
+    dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
+               for k, v in kwargs.items()}
+    try:
+        ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:
+        raise CaptureError(f"torch.export failed on {type(model).__name__}: {e}") from e
+    gm = ep.module()
+    for node in gm.graph.nodes:
+        if node.target is SDPA:
+            node.meta[TRAIN_P] = _sdpa_p(node)
+    return gm
+
+
+def _sdpa_p(node: fx.Node) -> float:
+    if len(node.args) > 4:
+        return float(node.args[4])
+    return float(node.kwargs.get("dropout_p", 0.0))
+
+
+def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
+    sig = inspect.signature(model.forward)
+    concrete = {}
+    for name, p in sig.parameters.items():
+        if name in kwargs and not isinstance(kwargs[name], torch.Tensor):
+            concrete[name] = kwargs[name]
+        elif name not in kwargs and p.default is not inspect.Parameter.empty:
+            concrete[name] = p.default
+    traced = fx.symbolic_trace(model, concrete_args=concrete or None)
+    modules = dict(model.named_modules())
+    root: dict = {}
+    graph = traced.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            root[node.target] = _fetch(model, node.target)
+            _set_stack(node, node.target.rpartition(".")[0], modules)
+        elif node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, nn.Linear):
+                _replace(graph, node, aten.linear.default, root, model, modules,
+                         [node.args[0], f"{node.target}.weight"]
+                         + ([f"{node.target}.bias"] if mod.bias is not None else []))
+            elif isinstance(mod, nn.Dropout):
+                _replace(graph, node, aten.dropout.default, root, model, modules,
+                         [node.args[0], float(mod.p), True])
+            else:
+                root[node.target] = mod
+                _set_stack(node, node.target, modules)
+        elif node.op == "call_function" and node.target in (F.linear, F.dropout):
+            _normalize_functional(node)
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph")
+
+
+def _fetch(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_stack(node: fx.Node, path: str, modules: dict) -> None:
+    if path in modules:
+        node.meta["nn_module_stack"] = {path: (path, type(modules[path]).__qualname__)}
+
+
+def _replace(graph, node, op, root, model, modules, args) -> None:
+    with graph.inserting_before(node):
+        real = []
+        for a in args:
+            if isinstance(a, str):
+                root[a] = _fetch(model, a)
+                a = graph.get_attr(a)
+                _set_stack(a, node.target, modules)
+            real.append(a)
+        new = graph.call_function(op, tuple(real))
+    _set_stack(new, node.target, modules)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _normalize_functional(node: fx.Node) -> None:
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if node.target is F.linear:
+        node.target, node.args = aten.linear.default, (a["input"], a["weight"], a["bias"])
+    else:
+        node.target, node.args = aten.dropout.default, (a["input"], float(a["p"]), bool(a["training"]))
+    node.kwargs = {}
+
+
+def set_training(gm: fx.GraphModule, mode: bool) -> bool:
+    """Sets every dropout in the graph to train/eval; returns whether the graph changed."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in DROPOUT_OPS:
+            if node.args[2] is not mode:
+                node.args = (*node.args[:2], mode, *node.args[3:])
+                changed = True
+        elif node.op == "call_function" and node.target is SDPA and TRAIN_P in node.meta:
+            p = node.meta[TRAIN_P] if mode else 0.0
+            if _sdpa_p(node) != p:
+                if len(node.args) > 4:
+                    node.args = (*node.args[:4], p, *node.args[5:])
+                else:
+                    node.kwargs = {**node.kwargs, "dropout_p": p}
+                changed = True
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if mod.training is not mode:
+                nn.Module.train(mod, mode)
+    if changed:
+        gm.recompile()
+    return changed

@@ -1,0 +1,93 @@
+"""Graph utilities shared by passes: linear sites, ordered node insertion, adapter modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from peftc.capture import owning_module
+
+__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "PEFTC"]
+
+aten = torch.ops.aten
+PEFTC = "peftc"  # node.meta key carried by every inserted node
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear layer call in the graph: ``out = x @ W^T (+ b)``.
+
+    For Conv1D (``addmm(b, x2d, W)``) the weight is stored transposed; ``x`` is then the 2-D
+    view the addmm reads, and ``out`` is 2-D too.
+    """
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    module: str
+    transposed: bool
+
+
+def as_linear_site(n: fx.Node) -> LinearSite | None:
+    """The linear call ``n`` is, if it is one with a parameter weight."""
+    if n.op != "call_function":
+        return None
+    if n.target is aten.linear.default:
+        x, w, transposed = n.args[0], n.args[1], False
+    elif n.target is aten.addmm.default and len(n.args) >= 3:
+        x, w, transposed = n.args[1], n.args[2], True
+    else:
+        return None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    path = owning_module(n) or w.target.rpartition(".")[0]
+    return LinearSite(n, x, w, path, transposed)
+
+
+def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    return [s for n in gm.graph.nodes if (s := as_linear_site(n)) is not None]
+
+
+class Inserter:
+    """Inserts nodes in program order after ``anchor``, each tagged with peftc meta.
+
+    ``graph.inserting_after(anchor)`` would put several new nodes in reverse order; this keeps
+    a cursor at the last inserted node instead, and copies the anchor's module stack so the
+    new nodes are attributed to the module they adapt.
+    """
+
+    def __init__(self, anchor: fx.Node, info: dict):
+        self.graph, self.cursor, self.info, self.anchor = anchor.graph, anchor, info, anchor
+
+    def _tag(self, node: fx.Node, role: str) -> fx.Node:
+        if "nn_module_stack" in self.anchor.meta:
+            node.meta["nn_module_stack"] = dict(self.anchor.meta["nn_module_stack"])
+        node.meta[PEFTC] = {**self.info, "role": role}
+        self.cursor = node
+        return node
+
+    def get_attr(self, target: str, role: str = "param") -> fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            return self._tag(self.graph.get_attr(target), role)
+
+    def call(self, target, args: tuple, role: str, kwargs: dict | None = None) -> fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            return self._tag(self.graph.call_function(target, args, kwargs or {}), role)
+
+
+def install_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Registers ``module`` at dotted ``path`` under ``root``, creating plain parents."""
+    parent = root
+    *parents, leaf = path.split(".")
+    for part in parents:
+        child = getattr(parent, part, None)
+        if child is None:
+            child = nn.Module()
+            parent.add_module(part, child)
+        parent = child
+    existing = getattr(parent, leaf, None)
+    if existing is not None and existing is not module:
+        raise RuntimeError(f"{path} is already taken by a {type(existing).__name__}")
+    parent.add_module(leaf, module)

@@ -1,0 +1,248 @@
+"""Declarative PEFT specs: small frozen dataclasses, validated when built.
+
+A spec is data only: it names methods and their settings. Which graph nodes a method
+touches is decided later, against a model (``peftc.targets``), but every check that needs no
+model happens here so that a bad spec fails before any capture work.
+
+Example::
+
+    spec = Spec.from_dict({
+        "adapter": "default",
+        "methods": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 16, "alpha": 32}}],
+    })
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from peftc.errors import SpecError
+
+__all__ = [
+    "Spec",
+    "MethodSpec",
+    "register_method",
+    "register_optimization",
+    "METHODS",
+    "OPTIMIZATIONS",
+    "TASK_TYPES",
+    "check_targets",
+]
+
+METHODS: dict[str, type[MethodSpec]] = {}
+OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
+
+
+def register_method(name: str, *, peft_type: str | None = None):
+    """Class decorator: registers a MethodSpec under ``name`` (and its PEFT ``peft_type``)."""
+
+    def deco(cls):
+        if name in METHODS:
+            raise RuntimeError(f"method {name!r} is registered twice")
+        cls.method = name
+        cls.peft_type = peft_type
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_optimization(name: str):
+    """Decorator for optimization pass functions selectable with ``optimize=[name]``."""
+
+    def deco(fn):
+        if name in OPTIMIZATIONS:
+            raise RuntimeError(f"optimization {name!r} is registered twice")
+        OPTIMIZATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def check_targets(where: str, value: Any, *, allow_none: bool = False):
+    """Normalises a PEFT-style target selector: a list of names/suffixes, "re:<regex>" or
+    "all-linear". Returns a tuple of names or the string."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if value == "all-linear":
+            return value
+        if value.startswith("re:"):
+            try:
+                re.compile(value[3:])
+            except re.error as e:
+                raise SpecError(where, value, "a valid regular expression after 're:'", str(e))
+            return value
+        return (value,)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise SpecError(
+        where, value, "a non-empty list of module names/suffixes, 're:<regex>' or 'all-linear'"
+    )
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Base of the per-method specs; subclasses are frozen dataclasses."""
+
+    method: ClassVar[str]
+    peft_type: ClassVar[str | None]
+
+    @classmethod
+    def from_fields(cls, where: str, d: Any) -> MethodSpec:
+        if not isinstance(d, Mapping):
+            raise SpecError(where, d, "a mapping of field -> value")
+        names = [f.name for f in fields(cls)]
+        for k in d:
+            if k not in names:
+                raise SpecError(f"{where}.{k}", d[k], f"one of the fields {names}", "unknown field")
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        for k in required:
+            if k not in d:
+                raise SpecError(f"{where}.{k}", None, "a value (this field is required)")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def _err(self, name: str, allowed: str, hint: str = ""):
+        raise SpecError(f"{self.method}.{name}", getattr(self, name), allowed, hint)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole PEFT configuration: one adapter name, ordered method entries, optimizations."""
+
+    methods: tuple[MethodSpec, ...]
+    adapter: str = "default"
+    optimize: Mapping[str, Mapping] = field(default_factory=dict)
+    task_type: str | None = None
+    base_model: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", self.adapter):
+            raise SpecError("adapter", self.adapter, "a name of letters, digits, '_' or '-'")
+        if not self.methods:
+            raise SpecError("methods", list(self.methods), "a non-empty list of method entries")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise SpecError("task_type", self.task_type, f"one of {list(TASK_TYPES)} or null")
+        object.__setattr__(self, "optimize", normalize_optimize(self.optimize))
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Spec:
+        """Builds a spec from ``{"adapter", "methods": [{name: {fields}}], "optimize"}``."""
+        if not isinstance(d, Mapping):
+            raise SpecError("<spec>", d, "a mapping with keys " + ", ".join(_SPEC_FIELDS))
+        for k in d:
+            if k not in _SPEC_FIELDS:
+                raise SpecError(k, d[k], f"one of the top-level fields {list(_SPEC_FIELDS)}", "unknown field")
+        raw = d.get("methods")
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise SpecError("methods", raw, "a non-empty list of {method_name: {fields}} entries")
+        methods = []
+        for i, entry in enumerate(raw):
+            if not isinstance(entry, Mapping) or len(entry) != 1:
+                raise SpecError(f"methods[{i}]", entry, "a mapping with exactly one method name as key")
+            (name, body), = entry.items()
+            if name not in METHODS:
+                raise SpecError(f"methods[{i}]", name, f"one of the methods {sorted(METHODS)}")
+            methods.append(METHODS[name].from_fields(f"methods[{i}].{name}", body or {}))
+        return cls(
+            methods=tuple(methods),
+            adapter=d.get("adapter", "default"),
+            optimize=d.get("optimize") or {},
+            task_type=d.get("task_type"),
+            base_model=d.get("base_model"),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Spec:
+        """Reads a YAML or JSON spec file (or an HF PEFT ``adapter_config.json``)."""
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError("path", str(path), "an existing .yaml, .yml or .json file")
+        try:
+            d = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise SpecError("path", str(path), "a valid YAML or JSON document", str(e)) from None
+        if isinstance(d, Mapping) and "peft_type" in d:
+            return cls.from_peft(d)
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_peft(cls, x: Any) -> Spec:
+        """From a PEFT config object, a config dict, an adapter dir or its adapter_config.json."""
+        from peftc.peft_io import read_peft_config, spec_from_peft_config
+
+        if isinstance(x, (str, os.PathLike)):
+            x = read_peft_config(x)
+        elif hasattr(x, "to_dict") and hasattr(x, "peft_type"):
+            x = x.to_dict()
+        return spec_from_peft_config(x)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {
+            "adapter": self.adapter,
+            "methods": [{m.method: m.to_dict()} for m in self.methods],
+        }
+        if self.optimize:
+            out["optimize"] = {k: dict(v) for k, v in self.optimize.items()}
+        if self.task_type:
+            out["task_type"] = self.task_type
+        if self.base_model:
+            out["base_model"] = self.base_model
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if p.suffix == ".json" else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+
+    def replace(self, **changes) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+    def of(self, method: str) -> list[MethodSpec]:
+        return [m for m in self.methods if m.method == method]
+
+
+def normalize_optimize(opt: Any) -> dict[str, dict]:
+    """``["fuse"]`` or ``{"fuse": {...}}`` -> ``{"fuse": {...}}``; unknown names are errors."""
+    if opt is None:
+        return {}
+    if isinstance(opt, str):
+        opt = [opt]
+    if isinstance(opt, (list, tuple)):
+        opt = {name: {} for name in opt}
+    if not isinstance(opt, Mapping):
+        raise SpecError("optimize", opt, "a list of optimization names or a mapping name -> settings")
+    out = {}
+    for name, settings in opt.items():
+        if name not in OPTIMIZATIONS:
+            allowed = sorted(OPTIMIZATIONS) or "(none are available in this version)"
+            raise SpecError("optimize", name, f"one of {allowed}", "unknown optimization")
+        if settings is not None and not isinstance(settings, Mapping):
+            raise SpecError(f"optimize.{name}", settings, "a mapping of settings")
+        out[name] = dict(settings or {})
+    return out
