@@ -149,7 +149,7 @@ class CompiledModel(nn.Module):
     def _graph_for(self, kwargs: dict) -> tuple:
         key = self._signature(kwargs)
         if key not in self._graphs:
-            gm, _ = capture(self.base_model, kwargs, frontend=self.frontend)
+            gm, self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
             self._captured[key] = _copy_graph(gm.graph)
             gm = run_pipeline(gm, self._ctx, rewrite_passes(self.spec))
             set_training(gm, self.training)
