@@ -14,14 +14,15 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
+from peftc.passes.pipeline import SITES, PassContext, PassResult
 from torch import fx, nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.graph import Inserter, as_linear_site, install_module
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.graph import Inserter, as_linear_site, mount_adapter
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["LoraSpec", "LoraLinear", "rewrite", "INITS", "BIAS"]
@@ -109,6 +110,7 @@ class LoraSpec(MethodSpec):
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """LoraConfig dict -> [LoraSpec] (+ a TrainSpec for modules_to_save)."""
         from peftc.passes.train import TrainSpec
+
         from peftc.targets import SEQ_CLS_HEADS
 
         for key, ok in _PEFT_UNSUPPORTED.items():
@@ -204,20 +206,6 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
 
-def adapter_module(ctx: PassContext, gm: fx.GraphModule, path: str, factory) -> str:
-    """Gets or creates the adapter module at ``path`` in the shared store and mounts it in gm."""
-    try:
-        module = ctx.store.get_submodule(path)
-    except AttributeError:
-        module = factory()
-        install_module(ctx.store, path, module)
-    try:
-        gm.get_submodule(path)
-    except AttributeError:
-        install_module(gm, path, module)
-    return path
-
-
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: linear nodes annotated with LoRA entries. Post: each gets ``+ s * B(A(drop(x)))``.
 
@@ -235,8 +223,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             weight = gm.get_parameter(site.weight.target)
             in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
             r = entry.rank_for(site.module)
-            path = adapter_module(ctx, gm, f"{site.module}.lora.{adapter}",
-                                  lambda: LoraLinear(in_f, out_f, r, entry.init, weight))
+            path = mount_adapter(ctx.store, gm, f"{site.module}.lora.{adapter}",
+                                 partial(LoraLinear, in_f, out_f, r, entry.init, weight))
             ins = Inserter(node, {"method": "lora", "adapter": adapter, "module": site.module})
             a = ins.get_attr(f"{path}.lora_A.weight")
             b = ins.get_attr(f"{path}.lora_B.weight")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
+from peftc.passes.pipeline import SITES, PassContext, PassResult
 from torch import fx
 
-from peftc.graph import PEFTC
-from peftc.passes.lora import adapter_module  # shared mount helper
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.graph import PEFTC, mount_adapter
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["TrainSpec", "rewrite"]
@@ -56,8 +56,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 rel = by_id.get(id(_fetch(gm, arg.target)))
                 if rel is None:
                     continue
-                path = adapter_module(ctx, gm, f"{root}.modules_to_save.{adapter}",
-                                      lambda original=original: _trainable_copy(original))
+                path = mount_adapter(ctx.store, gm, f"{root}.modules_to_save.{adapter}",
+                                     partial(_trainable_copy, original))
                 with gm.graph.inserting_before(node):
                     new = gm.graph.get_attr(f"{path}.{rel}")
                 new.meta[PEFTC] = {"method": "train", "adapter": adapter, "module": root,

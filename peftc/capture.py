@@ -14,6 +14,7 @@ pass ``dropout_p=0`` to attention in eval). ``set_training`` flips them afterwar
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto") -> tuple[
         if frontend == "fx" or (frontend == "auto" and not _is_hf(model)):
             try:
                 return _capture_fx(model, kwargs), "fx"
-            except Exception as e:  # noqa: BLE001 - fx tracing fails in many ways; export is the fallback
+            except Exception as e:
                 if frontend == "fx":
                     raise CaptureError(f"torch.fx.symbolic_trace failed: {e}") from e
         return _capture_export(model, kwargs), "export"
@@ -66,10 +67,14 @@ def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto") -> tuple[
 def _capture_export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
     dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
                for k, v in kwargs.items()}
+    quiet = logging.getLogger("torch._export.non_strict_utils")  # 0/1 specialization notes:
+    level, quiet.level = quiet.level, logging.ERROR  # size-1 dims get their own graph anyway
     try:
         ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:
         raise CaptureError(f"torch.export failed on {type(model).__name__}: {e}") from e
+    finally:
+        quiet.setLevel(level)
     gm = ep.module()
     for node in gm.graph.nodes:
         if node.target is SDPA:

@@ -94,7 +94,7 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
             j = seen.setdefault((m.method, p), i)
             if j != i:
                 raise SpecError(f"methods[{i}].{m.method}.targets", p, "modules no other entry of the "
-                                f"same method adapts", f"methods[{j}] already adapts it")
+                                "same method adapts", f"methods[{j}] already adapts it")
     return out
 
 
@@ -109,7 +109,8 @@ class CompiledModel(nn.Module):
         self.spec, self.targets, self.frontend = spec, resolved, frontend
         self._graphs: dict = {}  # signature -> rewritten GraphModule (plain dict: not children)
         self._captured: dict = {}  # signature -> fx.Graph as captured
-        self._params = set(inspect.signature(model.forward).parameters)
+        self._params = [n for n, p in inspect.signature(model.forward).parameters.items()
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         self._ctx = PassContext(spec=spec, targets=resolved, model=model, store=self.adapters,
                                 counts=Counter())
         for p in model.parameters():
@@ -124,7 +125,7 @@ class CompiledModel(nn.Module):
     # ---- running -------------------------------------------------------------------------
     def _normalize(self, args: tuple, kwargs: dict) -> dict:
         if args:
-            names = [n for n in self._params if n not in ("self", "args", "kwargs")]
+            names = self._params
             if len(args) > len(names):
                 raise TypeError(f"too many positional arguments ({len(args)})")
             for n, a in zip(names, args):

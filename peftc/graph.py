@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from peftc.capture import owning_module
 
-__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "PEFTC"]
+__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC"]
 
 aten = torch.ops.aten
 PEFTC = "peftc"  # node.meta key carried by every inserted node
@@ -91,3 +91,18 @@ def install_module(root: nn.Module, path: str, module: nn.Module) -> None:
     if existing is not None and existing is not module:
         raise RuntimeError(f"{path} is already taken by a {type(existing).__name__}")
     parent.add_module(leaf, module)
+
+
+def mount_adapter(store: nn.Module, gm: fx.GraphModule, path: str, make) -> str:
+    """Gets the adapter module at ``path`` from the store shared by every capture (creating
+    it with ``make()`` the first time) and mounts it in ``gm`` so get_attr nodes resolve."""
+    try:
+        module = store.get_submodule(path)
+    except AttributeError:
+        module = make()
+        install_module(store, path, module)
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        install_module(gm, path, module)
+    return path

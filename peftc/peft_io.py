@@ -91,7 +91,7 @@ def read_peft_weights(path: str | os.PathLike, *, allow_pickle: bool = False) ->
             )
         try:
             return torch.load(pk, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch.load raises many unrelated types
+        except Exception as e:
             raise CheckpointError(f"{pk}: could not be read ({e})") from None
     raise CheckpointError(f"{d}: has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
 

@@ -82,10 +82,14 @@ def check_targets(where: str, value: Any, *, allow_none: bool = False):
             try:
                 re.compile(value[3:])
             except re.error as e:
-                raise SpecError(where, value, "a valid regular expression after 're:'", str(e))
+                raise SpecError(where, value, "a valid regular expression after 're:'", str(e)) from None
             return value
         return (value,)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        special = [v for v in value if v.startswith("re:") or v == "all-linear"]
+        if special:
+            raise SpecError(where, list(value), "names in a list; 're:<regex>' and 'all-linear' "
+                            "only as the whole selector (a string, not a list item)")
         return tuple(value)
     raise SpecError(
         where, value, "a non-empty list of module names/suffixes, 're:<regex>' or 'all-linear'"
