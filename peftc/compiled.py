@@ -115,11 +115,10 @@ class CompiledModel(nn.Module):
                                 counts=Counter())
         for p in model.parameters():
             p.requires_grad_(False)
-        self._trainable_base = self._select_trainable_biases()
-        for p in self._trainable_base.values():
-            p.requires_grad_(True)
         self.training = model.training
         self._first = self._graph_for(self._normalize((), dict(example_inputs)))
+        for key, p in self._bias_keys().items():
+            p.requires_grad_(".original_module." not in key)  # PEFT saves, but freezes, those
         nn.Module.train(self, self.training)
 
     # ---- running -------------------------------------------------------------------------
@@ -174,18 +173,34 @@ class CompiledModel(nn.Module):
         return self
 
     # ---- parameters ------------------------------------------------------------------------
-    def _select_trainable_biases(self) -> dict[str, nn.Parameter]:
-        """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers."""
+    def _bias_keys(self) -> dict[str, nn.Parameter]:
+        """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers.
+
+        Keys follow PEFT's module wrapping: ``<path>.base_layer.bias`` for an adapted layer;
+        inside a module trained whole PEFT also saves ``original_module``/``modules_to_save``.
+        """
         modes = {m.bias for m in self.spec.methods if isinstance(m, LoraSpec)}
-        if modes <= {"none"}:
-            return {}
         lora_paths = {p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, LoraSpec) for p in t}
+        whole = [p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, TrainSpec) for p in t]
         out = {}
-        for name, p in self.base_model.named_parameters():
+        for name, param in self.base_model.named_parameters():
             path, _, leaf = name.rpartition(".")
-            if "all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths:
-                key = f"{path}.base_layer.{leaf}" if path in lora_paths else name
-                out[peft_io.PREFIX + key] = p
+            if not ("all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths):
+                continue
+            root = next((w for w in whole if name.startswith(w + ".")), None)
+            if root is None:
+                out[peft_io.PREFIX + (f"{path}.base_layer.{leaf}" if path in lora_paths else name)] = param
+                continue
+            rel = name[len(root) + 1:]
+            out[f"{peft_io.PREFIX}{root}.original_module.{rel}"] = param
+            copy = self.adapters.get_parameter(f"{root}.modules_to_save.{self.spec.adapter}.{rel}")
+            out[f"{peft_io.PREFIX}{root}.modules_to_save.{rel}"] = copy
+        return out
+
+    def _peft_params(self) -> dict[str, nn.Parameter]:
+        """Every tensor of the PEFT checkpoint, by key, as the live parameter it maps to."""
+        out = {peft_io.peft_key(n, self.spec.adapter): p for n, p in self.adapters.named_parameters()}
+        out.update(self._bias_keys())
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -196,14 +211,11 @@ class CompiledModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter in PEFT's checkpoint format (``get_peft_model_state_dict``'s keys)."""
-        sd = {peft_io.peft_key(n, self.spec.adapter): p for n, p in self.adapters.named_parameters()}
-        sd.update(self._trainable_base)
-        return {k: v.detach() for k, v in sd.items()}
+        return {k: v.detach() for k, v in self._peft_params().items()}
 
     def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
         """Strict load; missing, unexpected or mis-shaped keys raise CheckpointError."""
-        params = {peft_io.peft_key(n, self.spec.adapter): p for n, p in self.adapters.named_parameters()}
-        params.update(self._trainable_base)
+        params = self._peft_params()
         peft_io.check_loadable(params, sd, source)
         with torch.no_grad():
             for k, p in params.items():
