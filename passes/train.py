@@ -22,7 +22,7 @@ from peftc.spec import MethodSpec, check_targets, register_method
 __all__ = ["TrainSpec", "rewrite"]
 
 
-@register_method("train")
+@register_method("train", store_dir="modules_to_save")
 @dataclass(frozen=True)
 class TrainSpec(MethodSpec):
     """``targets``: module names/suffixes or "re:<regex>" whose parameters all train."""

@@ -222,13 +222,15 @@ class CompiledModel(nn.Module):
                 p.copy_(sd[k].to(p.dtype))
 
     def peft_config(self) -> dict:
-        """This adapter as an HF PEFT LoraConfig dict."""
-        lora = [(m, t) for m, t in zip(self.spec.methods, self.targets) if isinstance(m, LoraSpec)]
-        others = [m.method for m in self.spec.methods if not isinstance(m, (LoraSpec, TrainSpec))]
-        if not lora or others:
-            raise PeftcError(f"only LoRA adapters (+ trained modules) save in PEFT format; spec has "
-                             f"{[m.method for m in self.spec.methods]}")
-        cfg = LoraSpec.to_peft([m for m, _ in lora], [t for _, t in lora])
+        """This adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
+        kinds = {type(m) for m in self.spec.methods if m.peft_type}
+        others = [m.method for m in self.spec.methods if not m.peft_type and not isinstance(m, TrainSpec)]
+        if len(kinds) != 1 or others:
+            raise PeftcError("a PEFT checkpoint holds one PEFT method (plus modules trained whole); "
+                             f"this spec has {[m.method for m in self.spec.methods]}")
+        (cls,) = kinds
+        mine = [(m, t) for m, t in zip(self.spec.methods, self.targets) if type(m) is cls]
+        cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine])
         saved = sorted({p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, TrainSpec) for p in t})
         cfg.update(modules_to_save=saved or None, task_type=self.spec.task_type,
                    base_model_name_or_path=self.spec.base_model or _name_or_path(self.base_model),

@@ -31,12 +31,11 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-ADAPTER_DIRS = ("lora", "modules_to_save")
 
 
 def peft_key(name: str, adapter: str) -> str:
     """peftc parameter name (relative to the adapter store) -> PEFT checkpoint key."""
-    for d in ADAPTER_DIRS:
+    for d in {m.store_dir for m in METHODS.values()}:
         head, sep, tail = name.rpartition(f".{d}.{adapter}.")
         if sep:
             return f"{PREFIX}{head}.{tail}"

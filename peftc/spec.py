@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from peftc.errors import SpecError
+from peftc.errors import PeftcError, SpecError
 
 __all__ = [
     "Spec",
@@ -44,14 +44,19 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
 
 
-def register_method(name: str, *, peft_type: str | None = None):
-    """Class decorator: registers a MethodSpec under ``name`` (and its PEFT ``peft_type``)."""
+def register_method(name: str, *, peft_type: str | None = None, store_dir: str | None = None):
+    """Class decorator: registers a MethodSpec under ``name``.
+
+    ``peft_type``: the HF PEFT method it reads and writes; ``store_dir``: adapter modules of
+    this method live at ``<module path>.<store_dir>.<adapter>`` (default: ``name``).
+    """
 
     def deco(cls):
         if name in METHODS:
             raise RuntimeError(f"method {name!r} is registered twice")
         cls.method = name
         cls.peft_type = peft_type
+        cls.store_dir = store_dir or name
         METHODS[name] = cls
         return cls
 
@@ -102,6 +107,17 @@ class MethodSpec:
 
     method: ClassVar[str]
     peft_type: ClassVar[str | None]
+    store_dir: ClassVar[str]
+
+    @classmethod
+    def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
+        """A PEFT config dict of this method's ``peft_type`` -> spec entries."""
+        raise SpecError("peft_type", cls.peft_type, "a PEFT method peftc reads")
+
+    @classmethod
+    def to_peft(cls, entries: list, resolved: list[dict[str, str]]) -> dict:
+        """Entries of this method (+ the module paths each resolved to) -> PEFT config fields."""
+        raise PeftcError(f"method {cls.method!r} has no HF PEFT checkpoint format")
 
     @classmethod
     def from_fields(cls, where: str, d: Any) -> MethodSpec:
