@@ -146,7 +146,7 @@ class LoraSpec(MethodSpec):
         return [lora] + ([TrainSpec(targets=tuple(save))] if save else [])
 
     @classmethod
-    def to_peft(cls, entries: list[LoraSpec], resolved: list[dict[str, str]]) -> dict:
+    def to_peft(cls, entries: list[LoraSpec], resolved: list[dict[str, str]], model: nn.Module) -> dict:
         """[LoraSpec] (+ the module paths each resolved to) -> LoraConfig fields.
 
         One entry keeps its selectors; several become PEFT's exact-path target list with

@@ -79,12 +79,13 @@ def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
-    from peftc.passes import lora, train
+    from peftc.passes import ia3, lora, train
 
     rewrites = [
         ("select", select_sites),  # spec targets -> node.meta[SITES]
         ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
         ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
+        ("ia3", ia3.rewrite),  # y -> y * l ; feedforward: x -> x * l
         ("dce", drop_unused_attrs),  # get_attr without users -> gone
     ]
     used = {m.method for m in spec.methods}

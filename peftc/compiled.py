@@ -230,7 +230,7 @@ class CompiledModel(nn.Module):
                              f"this spec has {[m.method for m in self.spec.methods]}")
         (cls,) = kinds
         mine = [(m, t) for m, t in zip(self.spec.methods, self.targets) if type(m) is cls]
-        cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine])
+        cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], self.base_model)
         saved = sorted({p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, TrainSpec) for p in t})
         cfg.update(modules_to_save=saved or None, task_type=self.spec.task_type,
                    base_model_name_or_path=self.spec.base_model or _name_or_path(self.base_model),

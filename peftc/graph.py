@@ -58,8 +58,12 @@ class Inserter:
     new nodes are attributed to the module they adapt.
     """
 
-    def __init__(self, anchor: fx.Node, info: dict):
+    def __init__(self, anchor: fx.Node, info: dict, *, before: bool = False):
         self.graph, self.cursor, self.info, self.anchor = anchor.graph, anchor, info, anchor
+        self.before = before  # insert every node just before ``anchor`` instead of after it
+
+    def _where(self):
+        return self.graph.inserting_before(self.anchor) if self.before else self.graph.inserting_after(self.cursor)
 
     def _tag(self, node: fx.Node, role: str) -> fx.Node:
         if "nn_module_stack" in self.anchor.meta:
@@ -69,11 +73,11 @@ class Inserter:
         return node
 
     def get_attr(self, target: str, role: str = "param") -> fx.Node:
-        with self.graph.inserting_after(self.cursor):
+        with self._where():
             return self._tag(self.graph.get_attr(target), role)
 
     def call(self, target, args: tuple, role: str, kwargs: dict | None = None) -> fx.Node:
-        with self.graph.inserting_after(self.cursor):
+        with self._where():
             return self._tag(self.graph.call_function(target, args, kwargs or {}), role)
 
 

@@ -115,8 +115,9 @@ class MethodSpec:
         raise SpecError("peft_type", cls.peft_type, "a PEFT method peftc reads")
 
     @classmethod
-    def to_peft(cls, entries: list, resolved: list[dict[str, str]]) -> dict:
-        """Entries of this method (+ the module paths each resolved to) -> PEFT config fields."""
+    def to_peft(cls, entries: list, resolved: list[dict[str, str]], model) -> dict:
+        """Entries of this method (+ the module paths each resolved to, and the base model)
+        -> PEFT config fields."""
         raise PeftcError(f"method {cls.method!r} has no HF PEFT checkpoint format")
 
     @classmethod

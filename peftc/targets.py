@@ -100,6 +100,8 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     sel = entry.targets
+    if sel is None:  # the method's defaults for this model type (PEFT's tables)
+        sel = entry.default_targets(model)
     if sel == "all-linear":
         found = _all_linear(model, task_type)
     else:
