@@ -18,11 +18,11 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from peftc.passes.pipeline import SITES, PassContext, PassResult
 from torch import fx, nn
 
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
+from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["LoraSpec", "LoraLinear", "rewrite", "INITS", "BIAS"]
@@ -110,7 +110,6 @@ class LoraSpec(MethodSpec):
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """LoraConfig dict -> [LoraSpec] (+ a TrainSpec for modules_to_save)."""
         from peftc.passes.train import TrainSpec
-
         from peftc.targets import SEQ_CLS_HEADS
 
         for key, ok in _PEFT_UNSUPPORTED.items():

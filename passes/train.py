@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from peftc.passes.pipeline import SITES, PassContext, PassResult
 from torch import fx
 
 from peftc.graph import PEFTC, mount_adapter
+from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["TrainSpec", "rewrite"]

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from peftc.passes import PassContext, PassResult, run_pipeline
 
 import peftc
 from peftc.capture import DROPOUT_OPS, SDPA
 from peftc.errors import PassError
 from peftc.models import example_inputs, tiny_model
+from peftc.passes import PassContext, PassResult, run_pipeline
 
 SPEC = {"methods": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 4, "dropout": 0.1}}]}
 
