@@ -150,7 +150,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 node.replace_input_with(site.x, scaled)
             else:  # y = (x W^T + b) * l
                 out = ins.call(aten.mul.Tensor, (node, vec), "scale_output")
-                node.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+                ins.redirect(node, out)
             n += 1
     ctx.counts["ia3"] += n
     return PassResult(gm, n > 0)

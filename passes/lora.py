@@ -2,6 +2,8 @@
 
     y = x W^T + b  ->  y + s * B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
+``dora: true`` adds DoRA's magnitude rescaling (passes/dora.py).
+
 A: (r, in), B: (out, r), the same shapes and init as PEFT (A kaiming-uniform(a=sqrt 5) or
 normal(std=1/r) for ``init: gaussian``, B zero; ``init: random`` keeps both random, PEFT's
 ``init_lora_weights=False``). For GPT-2's Conv1D the graph computes ``addmm(b, x2d, W)`` with
@@ -22,6 +24,7 @@ from torch import fx, nn
 
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
+from peftc.passes.dora import insert_dora, weight_norm
 from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
 
@@ -33,7 +36,7 @@ BIAS = ("none", "all", "lora_only")
 
 
 _PEFT_UNSUPPORTED = {  # LoraConfig fields peftc does not implement: value must be the default
-    "use_dora": lambda v: not v, "lora_bias": lambda v: not v, "target_parameters": lambda v: not v,
+    "lora_bias": lambda v: not v, "target_parameters": lambda v: not v,
     "layer_replication": lambda v: not v, "trainable_token_indices": lambda v: not v,
     "use_qalora": lambda v: not v, "alora_invocation_tokens": lambda v: not v,
     "megatron_config": lambda v: not v, "loftq_config": lambda v: not v,
@@ -59,6 +62,7 @@ class LoraSpec(MethodSpec):
     alpha: float = 8
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
     init: str = "default"
     bias: str = "none"
     exclude: Any = None
@@ -80,6 +84,8 @@ class LoraSpec(MethodSpec):
             self._err("dropout", "a number in [0, 1)")
         if not isinstance(self.rslora, bool):
             self._err("rslora", "true or false")
+        if not isinstance(self.dora, bool):
+            self._err("dora", "true or false")
         if self.init not in INITS:
             self._err("init", f"one of {list(INITS)}")
         if self.bias not in BIAS:
@@ -130,6 +136,7 @@ class LoraSpec(MethodSpec):
         lora = cls(
             targets=targets, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8),
             dropout=cfg.get("lora_dropout", 0.0), rslora=bool(cfg.get("use_rslora", False)),
+            dora=bool(cfg.get("use_dora", False)),
             init=inits[init], bias=cfg.get("bias", "none"),
             exclude=("re:" + ex if isinstance(ex, str) else tuple(ex)) if ex else None,
             layers=tuple(cfg["layers_to_transform"]) if isinstance(cfg.get("layers_to_transform"), list)
@@ -153,7 +160,7 @@ class LoraSpec(MethodSpec):
         """
         first = entries[0]
         for e in entries[1:]:
-            for f in ("dropout", "rslora", "init", "bias"):
+            for f in ("dropout", "rslora", "dora", "init", "bias"):
                 if getattr(e, f) != getattr(first, f):
                     raise CheckpointError(
                         f"LoRA entries differ in {f!r} ({getattr(first, f)!r} vs {getattr(e, f)!r}); "
@@ -163,7 +170,7 @@ class LoraSpec(MethodSpec):
             "lora_dropout": first.dropout, "use_rslora": first.rslora, "bias": first.bias,
             "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[first.init],
             "fan_in_fan_out": any(k == "conv1d" for t in resolved for k in t.values()),
-            "use_dora": False, "lora_bias": False,
+            "use_dora": first.dora, "lora_bias": False,
         }
         if len(entries) == 1:
             t = first.targets
@@ -192,7 +199,8 @@ class LoraSpec(MethodSpec):
 class LoraLinear(nn.Module):
     """The parameters of one LoRA adapter on one linear layer (PEFT's names and shapes)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, init: str, like: torch.Tensor):
+    def __init__(self, in_features: int, out_features: int, r: int, init: str, like: torch.Tensor,
+                 dora_scaling: float | None = None, transposed: bool = False):
         super().__init__()
         kw = {"dtype": like.dtype, "device": like.device}
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
@@ -203,6 +211,11 @@ class LoraLinear(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
             nn.init.zeros_(self.lora_B.weight)
+        if dora_scaling is not None:  # DoRA's magnitude, PEFT's name and init
+            with torch.no_grad():
+                w = like.t() if transposed else like
+                norm = weight_norm(w, self.lora_A.weight, self.lora_B.weight, dora_scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(like.dtype))
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -221,9 +234,10 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             site = as_linear_site(node)
             weight = gm.get_parameter(site.weight.target)
             in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
-            r = entry.rank_for(site.module)
+            r, scaling = entry.rank_for(site.module), entry.scaling_for(site.module)
             path = mount_adapter(ctx.store, gm, f"{site.module}.lora.{adapter}",
-                                 partial(LoraLinear, in_f, out_f, r, entry.init, weight))
+                                 partial(LoraLinear, in_f, out_f, r, entry.init, weight,
+                                         scaling if entry.dora else None, site.transposed))
             ins = Inserter(node, {"method": "lora", "adapter": adapter, "module": site.module})
             a = ins.get_attr(f"{path}.lora_A.weight")
             b = ins.get_attr(f"{path}.lora_B.weight")
@@ -232,9 +246,13 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 x = ins.call(aten.dropout.default, (x, float(entry.dropout), True), "dropout")
             h = ins.call(aten.linear.default, (x, a), "lora_A")
             d = ins.call(aten.linear.default, (h, b), "lora_B")
-            s = ins.call(aten.mul.Tensor, (d, entry.scaling_for(site.module)), "scale")
-            out = ins.call(aten.add.Tensor, (node, s), "add")
-            node.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+            if entry.dora:
+                out = insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
+                                  recompute_base=entry.dropout > 0)
+            else:
+                s = ins.call(aten.mul.Tensor, (d, scaling), "scale")
+                out = ins.call(aten.add.Tensor, (node, s), "add")
+            ins.redirect(node, out)
             n_sites += 1
     ctx.counts["lora"] += n_sites
     return PassResult(gm, n_sites > 0)

@@ -61,6 +61,7 @@ class Inserter:
     def __init__(self, anchor: fx.Node, info: dict, *, before: bool = False):
         self.graph, self.cursor, self.info, self.anchor = anchor.graph, anchor, info, anchor
         self.before = before  # insert every node just before ``anchor`` instead of after it
+        self.nodes: set[fx.Node] = set()
 
     def _where(self):
         return self.graph.inserting_before(self.anchor) if self.before else self.graph.inserting_after(self.cursor)
@@ -70,7 +71,12 @@ class Inserter:
             node.meta["nn_module_stack"] = dict(self.anchor.meta["nn_module_stack"])
         node.meta[PEFTC] = {**self.info, "role": role}
         self.cursor = node
+        self.nodes.add(node)
         return node
+
+    def redirect(self, old: fx.Node, new: fx.Node) -> None:
+        """Every use of ``old`` outside the nodes inserted here now reads ``new``."""
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in self.nodes)
 
     def get_attr(self, target: str, role: str = "param") -> fx.Node:
         with self._where():
