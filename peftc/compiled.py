@@ -86,8 +86,8 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
         if isinstance(m, TrainSpec):
             out.append({p: "module" for p in protected if targets.match_names(m.targets, [p])})
         else:
-            out.append(targets.resolve(m, model, f"methods[{i}].{m.method}",
-                                       task_type=spec.task_type, protected=protected))
+            out.append(targets.resolve(m, model, f"methods[{i}].{m.method}", task_type=spec.task_type,
+                                       kinds=m.kinds, protected=protected))
     seen: dict[tuple[str, str], int] = {}
     for i, (m, t) in enumerate(zip(spec.methods, out)):
         for p in t:

@@ -108,6 +108,7 @@ class MethodSpec:
     method: ClassVar[str]
     peft_type: ClassVar[str | None]
     store_dir: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # module kinds targets may select
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:

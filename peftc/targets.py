@@ -14,7 +14,7 @@ from torch import nn
 
 from peftc.errors import SpecError
 
-__all__ = ["linear_kind", "match_names", "resolve", "seq_cls_heads", "infer_task_type", "SEQ_CLS_HEADS"]
+__all__ = ["linear_kind", "module_kind", "match_names", "resolve", "seq_cls_heads", "infer_task_type", "SEQ_CLS_HEADS"]
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS
 
@@ -25,6 +25,19 @@ def linear_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d"
+    return None
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kinds methods target: "linear", "conv1d", "norm" (LayerNorm / RMSNorm), "embedding"."""
+    kind = linear_kind(module)
+    if kind:
+        return kind
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm")):
+        return "norm"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
     return None
 
 
@@ -119,7 +132,7 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
     found = [n for n in found if not any(n == p or n.startswith(p + ".") for p in protected)]
     out = {}
     for n in found:
-        kind = linear_kind(modules[n])
+        kind = module_kind(modules[n])
         if kind not in kinds:
             if sel == "all-linear" or isinstance(sel, str):
                 continue  # a regex may also match containers; keep only supported layers
