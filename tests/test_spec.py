@@ -125,7 +125,7 @@ def test_from_peft_config_object_and_file(tmp_path):
 def test_from_peft_rejects_unsupported_fields(tmp_path):
     from peft import LoraConfig
 
-    with pytest.raises(SpecError, match="use_dora"):
-        peftc.Spec.from_peft(LoraConfig(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(SpecError, match="lora_bias"):
+        peftc.Spec.from_peft(LoraConfig(target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(SpecError, match="peft_type"):
         peftc.Spec.from_peft({"peft_type": "BOFT", "target_modules": ["q"]})
