@@ -88,6 +88,15 @@ class IA3Spec(MethodSpec):
             return re.fullmatch(ff[3:] if ff.startswith("re:") else ff, path) is not None
         return any(path.endswith(f) for f in ff)  # PEFT: plain suffix, no dot boundary
 
+    def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
+        """Merged weight (merge.py): rows (or, feedforward, columns) scaled; bias too on rows."""
+        v, ff = module.ia3_l.flatten(), module.feedforward
+        if transposed:  # Conv1D stores (in, out)
+            w2 = w * (v[:, None] if ff else v[None, :])
+        else:
+            w2 = w * (v[None, :] if ff else v[:, None])
+        return w2, (b * v if b is not None and not ff else None)
+
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         from peftc.passes.train import TrainSpec
@@ -119,8 +128,9 @@ class IA3Spec(MethodSpec):
 class IA3Vector(nn.Module):
     """One (IA)^3 vector, shaped as PEFT stores it: (out, 1), or (1, in) on feedforward layers."""
 
-    def __init__(self, shape: tuple[int, int], init: str, like: torch.Tensor):
+    def __init__(self, shape: tuple[int, int], init: str, like: torch.Tensor, feedforward: bool):
         super().__init__()
+        self.feedforward = feedforward
         v = torch.randn(shape, dtype=like.dtype, device=like.device)
         self.ia3_l = nn.Parameter(torch.ones_like(v) if init == "ones" else v)
 
@@ -141,7 +151,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ff = entry.is_feedforward(site.module, ctx.model)
             shape = (1, in_f) if ff else (out_f, 1)
             path = mount_adapter(ctx.store, gm, f"{site.module}.ia3.{adapter}",
-                                 partial(IA3Vector, shape, entry.init, weight))
+                                 partial(IA3Vector, shape, entry.init, weight, ff))
             info = {"method": "ia3", "adapter": adapter, "module": site.module}
             ins = Inserter(node, info, before=ff)
             vec = ins.call(aten.reshape.default, (ins.get_attr(f"{path}.ia3_l"), [-1]), "flatten")

@@ -190,6 +190,15 @@ class LoraSpec(MethodSpec):
         cfg["alpha_pattern"] = {re.escape(p): v for p, v in alpha.items() if v != first.alpha}
         return cfg
 
+    def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
+        """Merged weight (merge.py): W + s B A, and DoRA's row rescaling."""
+        s = self.scaling_for(path)
+        delta = module.lora_B.weight @ module.lora_A.weight
+        adapted = (w.t() if transposed else w) + s * delta
+        if self.dora:
+            adapted = (module.lora_magnitude_vector / torch.linalg.norm(adapted, dim=1))[:, None] * adapted
+        return (adapted.t() if transposed else adapted).to(w.dtype), None
+
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["rank_pattern"], d["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)

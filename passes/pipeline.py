@@ -20,7 +20,7 @@ from peftc.errors import PassError
 from peftc.graph import PEFTC, linear_sites
 from peftc.spec import OPTIMIZATIONS, Spec
 
-__all__ = ["PassResult", "PassContext", "rewrite_passes", "run_pipeline", "verify", "SITES"]
+__all__ = ["PassResult", "PassContext", "rewrite_passes", "merge_passes", "run_pipeline", "verify", "SITES"]
 
 SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
 
@@ -43,7 +43,12 @@ class PassContext:
 
 
 def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Annotates nodes with the spec entries that adapt them; rewrites read only this."""
+    """Annotates nodes with the spec entries that adapt them; rewrites read only this.
+
+    Marks from an earlier adapter's pipeline are cleared first: indices refer to ctx.spec.
+    """
+    for node in gm.graph.nodes:
+        node.meta.pop(SITES, None)
     marked = 0
     linear = {(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind != "module"}
     for site in linear_sites(gm):
@@ -95,6 +100,17 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
         raise PassError(f"optimizations {sorted(missing)} have no place in OPTIMIZE_ORDER")
     passes += [(n, OPTIMIZATIONS[n]) for n in OPTIMIZE_ORDER if n in spec.optimize]
     return passes
+
+
+def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
+    """Folding an adapter into the weights instead of inserting its nodes."""
+    from peftc.passes import merge, train
+
+    used = {m.method for m in spec.methods}
+    return [("select", select_sites)] + ([("train", train.rewrite)] if "train" in used else []) + [
+        ("merge", merge.merge),  # W -> W' read from a merged buffer
+        ("dce", drop_unused_attrs),
+    ]
 
 
 OPTIMIZE_ORDER: list[str] = []  # optimizations, in the order they run when selected

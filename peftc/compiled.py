@@ -11,9 +11,12 @@ and ``capture.set_training`` flips every dropout (base and adapter) in them.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +24,13 @@ from torch import fx, nn
 
 from peftc import peft_io, targets
 from peftc.capture import capture, set_training
-from peftc.errors import PeftcError, SpecError
-from peftc.passes import PassContext, rewrite_passes, run_pipeline
-from peftc.passes.lora import LoraSpec
+from peftc.errors import SpecError
+from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
+from peftc.passes.pipeline import merge_passes
 from peftc.passes.train import TrainSpec
-from peftc.spec import Spec
+from peftc.spec import METHODS, Spec
 
-__all__ = ["CompiledModel", "compile", "from_peft"]
+__all__ = ["CompiledModel", "AdapterState", "compile", "from_peft"]
 
 
 def _as_spec(spec: Any) -> Spec:
@@ -98,28 +101,132 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
     return out
 
 
+@dataclass
+class AdapterState:
+    """One named adapter: its spec, the module paths each entry resolved to, trainability."""
+
+    spec: Spec
+    targets: list[dict[str, str]]
+    trainable: bool = True
+
+
 class CompiledModel(nn.Module):
-    """The base model with adapters inserted into its captured graph(s)."""
+    """The base model with adapters inserted into its captured graph(s).
+
+    Graphs are a function of the captured graph and the adapter state: every change of
+    which adapters are active (or merged) drops the rewritten graphs, and they are rebuilt
+    from the pristine capture on the next call. Capture (the slow part) happens once per
+    call signature.
+    """
 
     def __init__(self, model: nn.Module, spec: Spec, resolved: list[dict[str, str]],
                  example_inputs: dict, *, frontend: str = "auto"):
         super().__init__()
         self.base_model = model
-        self.adapters = nn.Module()
-        self.spec, self.targets, self.frontend = spec, resolved, frontend
-        self._graphs: dict = {}  # signature -> rewritten GraphModule (plain dict: not children)
-        self._captured: dict = {}  # signature -> fx.Graph as captured
+        self.adapters = nn.Module()  # every adapter's modules, at <module>.<kind>.<adapter>
+        self.frontend = self.frontend_used = frontend
+        self._states: dict[str, AdapterState] = {spec.adapter: AdapterState(spec, resolved)}
+        self._active: list[str] = [spec.adapter]
+        self._enabled = True
+        self._merged = False
+        self._pristine: dict = {}  # signature -> GraphModule as captured (never rewritten)
+        self._graphs: dict = {}  # signature -> rewritten GraphModule for the current state
+        self._counts, self._timings = Counter(), {}
         self._params = [n for n, p in inspect.signature(model.forward).parameters.items()
                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        self._ctx = PassContext(spec=spec, targets=resolved, model=model, store=self.adapters,
-                                counts=Counter())
         for p in model.parameters():
             p.requires_grad_(False)
         self.training = model.training
-        self._first = self._graph_for(self._normalize((), dict(example_inputs)))
-        for key, p in self._bias_keys().items():
-            p.requires_grad_(".original_module." not in key)  # PEFT saves, but freezes, those
+        example = self._normalize((), dict(example_inputs))
+        self._first = self._signature(example)
+        self._graph_for(example)
+        self._refresh_trainable()
         nn.Module.train(self, self.training)
+
+    # ---- adapters ------------------------------------------------------------------------
+    @property
+    def spec(self) -> Spec:
+        """The spec of the first active adapter (or of the first added one)."""
+        return self._states[self._primary()].spec
+
+    @property
+    def targets(self) -> list[dict[str, str]]:
+        return self._states[self._primary()].targets
+
+    def _primary(self) -> str:
+        return self._active[0] if self._active else next(iter(self._states))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._states)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active) if self._enabled else []
+
+    def add_adapter(self, spec, *, name: str | None = None, activate: bool = False) -> None:
+        """Adds another named adapter (its own spec); its parameters are created at once."""
+        spec = _as_spec(spec)
+        if name is not None:
+            spec = spec.replace(adapter=name)
+        if spec.adapter in self._states:
+            raise SpecError("adapter", spec.adapter, f"a name not in use (taken: {self.adapter_names})")
+        spec = _with_implied_heads(spec.replace(task_type=spec.task_type or self.spec.task_type), self.base_model)
+        self._states[spec.adapter] = AdapterState(spec, resolve_all(spec, self.base_model))
+        scratch = self._fresh(self._first)  # a throwaway rewrite creates the adapter's modules
+        run_pipeline(scratch, self._ctx(spec.adapter, Counter(), {}), rewrite_passes(spec))
+        if activate:
+            self.set_adapter(self._active + [spec.adapter])
+        self._refresh_trainable()
+
+    def set_adapter(self, names) -> None:
+        """Activates one adapter or several (LoRA deltas add, IA3 scales multiply, as PEFT)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self._states]
+        if unknown or not names:
+            raise SpecError("adapter", unknown or names, f"names of added adapters {self.adapter_names}")
+        self._active, self._enabled = names, True
+        self._invalidate()
+
+    def disable_adapters(self) -> None:
+        """Runs the base model's captured graph as is (``enable_adapters`` undoes it)."""
+        self._enabled = False
+        self._invalidate()
+
+    def enable_adapters(self) -> None:
+        self._enabled = True
+        self._invalidate()
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self._states:
+            raise SpecError("adapter", name, f"one of {self.adapter_names}")
+        if len(self._states) == 1:
+            raise SpecError("adapter", name, "another adapter (the last one cannot be deleted)")
+        del self._states[name]
+        self._active = [n for n in self._active if n != name] or [next(iter(self._states))]
+        for path, _ in [(p, m) for p, m in self.adapters.named_modules() if p.endswith(f".{name}")]:
+            parent, _, leaf = path.rpartition(".")
+            if parent.rpartition(".")[2] in {m.store_dir for m in METHODS.values()}:
+                delattr(self.adapters.get_submodule(parent), leaf)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._graphs.clear()
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        """Only active, trainable adapters train (PEFT's set_adapter); base stays frozen."""
+        for name, state in self._states.items():
+            on = state.trainable and self._enabled and name in self._active and not self._merged
+            for _, p in self._adapter_params(name):
+                p.requires_grad_(on)
+            for key, p in peft_io.bias_keys(self, name).items():
+                p.requires_grad_(on and ".original_module." not in key)  # PEFT saves, but freezes, those
+
+    def _adapter_params(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        dirs = {m.store_dir for m in METHODS.values()}
+        return [(n, p) for n, p in self.adapters.named_parameters()
+                if any(f".{d}.{name}." in f".{n}" for d in dirs)]
 
     # ---- running -------------------------------------------------------------------------
     def _normalize(self, args: tuple, kwargs: dict) -> dict:
@@ -146,19 +253,40 @@ class CompiledModel(nn.Module):
             return ("object", type(v).__name__)
         return tuple(sorted((k, desc(v)) for k, v in kwargs.items()))
 
-    def _graph_for(self, kwargs: dict) -> tuple:
+    def _ctx(self, name: str, counts: Counter, timings: dict) -> PassContext:
+        state = self._states[name]
+        return PassContext(spec=state.spec, targets=state.targets, model=self.base_model,
+                           store=self.adapters, counts=counts, timings=timings)
+
+    def _fresh(self, key) -> fx.GraphModule:
+        """A rewritable copy of the captured graph; parameters shared, module tree new."""
+        pristine = self._pristine[key]
+        return fx.GraphModule(pristine, _copy_graph(pristine.graph), class_name=type(pristine).__name__)
+
+    def _graph_for(self, kwargs: dict) -> fx.GraphModule:
         key = self._signature(kwargs)
+        if key not in self._pristine:
+            self._pristine[key], self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
+        return self._built(key)
+
+    def _built(self, key) -> fx.GraphModule:
+        """The rewritten graph for a captured signature, (re)built for the current state."""
         if key not in self._graphs:
-            gm, self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
-            self._captured[key] = _copy_graph(gm.graph)
-            gm = run_pipeline(gm, self._ctx, rewrite_passes(self.spec))
+            gm = self._fresh(key)
+            counts, timings = Counter(), {}
+            for name in self._active if self._enabled else ():
+                spec = self._states[name].spec
+                passes = merge_passes(spec) if self._merged else rewrite_passes(spec)
+                gm = run_pipeline(gm, self._ctx(name, counts, timings), passes)
             set_training(gm, self.training)
             self._graphs[key] = gm
-        return key
+            if key == self._first:
+                self._counts, self._timings = counts, timings
+        return self._graphs[key]
 
     def forward(self, *args, **kwargs):
         kwargs = self._normalize(args, kwargs)
-        return self._graphs[self._graph_for(kwargs)](**kwargs)
+        return self._graph_for(kwargs)(**kwargs)
 
     def train(self, mode: bool = True) -> CompiledModel:
         nn.Module.train(self, mode)
@@ -168,40 +296,33 @@ class CompiledModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for gm in self._graphs.values():
+        for gm in [*self._pristine.values(), *self._graphs.values()]:
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
         return self
 
-    # ---- parameters ------------------------------------------------------------------------
-    def _bias_keys(self) -> dict[str, nn.Parameter]:
-        """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers.
+    # ---- merging -------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Folds the active adapters into the weights the graph reads: no adapter nodes
+        remain. The base model's own parameters are not modified; ``unmerge`` undoes it."""
+        self._merged = True
+        self._invalidate()
 
-        Keys follow PEFT's module wrapping: ``<path>.base_layer.bias`` for an adapted layer;
-        inside a module trained whole PEFT also saves ``original_module``/``modules_to_save``.
-        """
-        modes = {m.bias for m in self.spec.methods if isinstance(m, LoraSpec)}
-        lora_paths = {p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, LoraSpec) for p in t}
-        whole = [p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, TrainSpec) for p in t]
-        out = {}
-        for name, param in self.base_model.named_parameters():
-            path, _, leaf = name.rpartition(".")
-            if not ("all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths):
-                continue
-            root = next((w for w in whole if name.startswith(w + ".")), None)
-            if root is None:
-                out[peft_io.PREFIX + (f"{path}.base_layer.{leaf}" if path in lora_paths else name)] = param
-                continue
-            rel = name[len(root) + 1:]
-            out[f"{peft_io.PREFIX}{root}.original_module.{rel}"] = param
-            copy = self.adapters.get_parameter(f"{root}.modules_to_save.{self.spec.adapter}.{rel}")
-            out[f"{peft_io.PREFIX}{root}.modules_to_save.{rel}"] = copy
-        return out
+    def unmerge(self) -> None:
+        self._merged = False
+        self._invalidate()
 
-    def _peft_params(self) -> dict[str, nn.Parameter]:
-        """Every tensor of the PEFT checkpoint, by key, as the live parameter it maps to."""
-        out = {peft_io.peft_key(n, self.spec.adapter): p for n, p in self.adapters.named_parameters()}
-        out.update(self._bias_keys())
-        return out
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's state dict with the active adapters folded in."""
+        return merge.merged_state_dict(self)
+
+    def save_merged(self, path: str | os.PathLike) -> None:
+        """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
+        merge.save_merged(self, path)
+
+    # ---- parameters and checkpoints ------------------------------------------------------
+    def _peft_params(self, adapter: str | None = None) -> dict[str, nn.Parameter]:
+        """Every tensor of an adapter's PEFT checkpoint, by key, as the live parameter."""
+        return peft_io.peft_params(self, adapter or self._primary())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -209,57 +330,65 @@ class CompiledModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter in PEFT's checkpoint format (``get_peft_model_state_dict``'s keys)."""
-        return {k: v.detach() for k, v in self._peft_params().items()}
+    def adapter_state_dict(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter in PEFT's checkpoint format (``get_peft_model_state_dict``'s keys)."""
+        return {k: v.detach() for k, v in self._peft_params(adapter).items()}
 
-    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
+    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], *, adapter: str | None = None,
+                                source: str = "state dict") -> None:
         """Strict load; missing, unexpected or mis-shaped keys raise CheckpointError."""
-        params = self._peft_params()
+        params = self._peft_params(adapter)
         peft_io.check_loadable(params, sd, source)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(sd[k].to(p.dtype))
 
-    def peft_config(self) -> dict:
-        """This adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
-        kinds = {type(m) for m in self.spec.methods if m.peft_type}
-        others = [m.method for m in self.spec.methods if not m.peft_type and not isinstance(m, TrainSpec)]
-        if len(kinds) != 1 or others:
-            raise PeftcError("a PEFT checkpoint holds one PEFT method (plus modules trained whole); "
-                             f"this spec has {[m.method for m in self.spec.methods]}")
-        (cls,) = kinds
-        mine = [(m, t) for m, t in zip(self.spec.methods, self.targets) if type(m) is cls]
-        cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], self.base_model)
-        saved = sorted({p for m, t in zip(self.spec.methods, self.targets) if isinstance(m, TrainSpec) for p in t})
-        cfg.update(modules_to_save=saved or None, task_type=self.spec.task_type,
-                   base_model_name_or_path=self.spec.base_model or _name_or_path(self.base_model),
-                   inference_mode=True, revision=None)
-        return cfg
+    def peft_config(self, adapter: str | None = None) -> dict:
+        """An adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
+        return peft_io.peft_config(self, adapter or self._primary())
 
-    def save_adapter(self, path: str | os.PathLike):
-        """Writes adapter_config.json + adapter_model.safetensors, loadable by ``peft``."""
-        cfg = self.peft_config()  # fails before anything is written
-        return peft_io.write_adapter(path, cfg, self.adapter_state_dict())
+    def save_adapter(self, path: str | os.PathLike, adapter: str | None = None):
+        """Writes adapter_config.json + adapter_model.safetensors, loadable by ``peft``.
+
+        With several adapters and none named, saves all in PEFT's layout: "default" (or
+        the first) at ``path``, the others at ``path/<name>``.
+        """
+        names = [adapter] if adapter else self.adapter_names
+        root = "default" if "default" in names else names[0]
+        configs = {n: self.peft_config(n) for n in names}  # fails before anything is written
+        for n in names:
+            peft_io.write_adapter(Path(path) if n == root else Path(path) / n, configs[n],
+                                  self.adapter_state_dict(n))
+        return Path(path)
+
+    def load_adapter(self, path, name: str, *, trainable: bool = False, activate: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Adds a PEFT-saved adapter under ``name`` (PEFT's ``load_adapter``)."""
+        spec = Spec.from_peft(path).replace(adapter=name)
+        weights = peft_io.read_peft_weights(path, allow_pickle=allow_pickle)
+        self.add_adapter(spec, activate=activate)
+        self.load_adapter_state_dict(weights, adapter=name, source=str(path))
+        self._states[name].trainable = trainable
+        self._refresh_trainable()
 
     # ---- inspection ----------------------------------------------------------------------
     @property
     def graph_module(self) -> fx.GraphModule:
         """The rewritten graph for the example inputs' signature."""
-        return self._graphs[self._first]
+        return self._built(self._first)
 
     @property
     def captured_graph(self) -> fx.Graph:
         """The graph as captured, before any pass ran."""
-        return self._captured[self._first]
+        return self._pristine[self._first].graph
 
     @property
     def pass_counts(self) -> dict[str, int]:
-        return dict(self._ctx.counts)
+        return dict(self._counts)
 
     @property
     def pass_timings(self) -> dict[str, float]:
-        return dict(self._ctx.timings)
+        return dict(self._timings)
 
     def graph_summary(self) -> str:
         from peftc import inspect as _inspect
@@ -282,12 +411,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     g = fx.Graph()
     out = g.graph_copy(graph, {})
     g.output(out)
+    g._codegen = copy.deepcopy(graph._codegen)  # pytree in/out specs of exported graphs
     return g
-
-
-def _name_or_path(model: nn.Module) -> str | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "_name_or_path", None) or None
 
 
 def from_peft(model: nn.Module, path, example_inputs: dict, *, trainable: bool = False,
@@ -302,7 +427,7 @@ def from_peft(model: nn.Module, path, example_inputs: dict, *, trainable: bool =
     cm = compile(model, spec, example_inputs, optimize=optimize, frontend=frontend)
     cm.load_adapter_state_dict(weights, source=str(path))
     if not trainable:
-        for p in cm.trainable_parameters():
-            p.requires_grad_(False)
+        cm._states[spec.adapter].trainable = False
+        cm._refresh_trainable()
         cm.eval()
     return cm

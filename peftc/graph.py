@@ -31,8 +31,8 @@ class LinearSite:
 
 
 def as_linear_site(n: fx.Node) -> LinearSite | None:
-    """The linear call ``n`` is, if it is one with a parameter weight."""
-    if n.op != "call_function":
+    """The linear call ``n`` is, if it is one with a parameter weight (and not peftc's own)."""
+    if n.op != "call_function" or PEFTC in n.meta:
         return None
     if n.target is aten.linear.default:
         x, w, transposed = n.args[0], n.args[1], False

@@ -25,6 +25,7 @@ from peftc.spec import METHODS, Spec
 __all__ = [
     "PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME",
     "read_peft_config", "spec_from_peft_config", "read_peft_weights", "write_adapter", "peft_key",
+    "check_loadable", "bias_keys", "peft_params", "peft_config",
 ]
 
 PREFIX = "base_model.model."
@@ -135,3 +136,69 @@ def check_loadable(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
         problems.append(f"key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def _entries(cm, adapter: str, kind) -> list:
+    state = cm._states[adapter]
+    return [(m, t) for m, t in zip(state.spec.methods, state.targets) if isinstance(m, kind)]
+
+
+def bias_keys(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers.
+
+    Keys follow PEFT's module wrapping: ``<path>.base_layer.bias`` for an adapted layer;
+    inside a module trained whole PEFT also saves ``original_module``/``modules_to_save``.
+    """
+    from peftc.passes.lora import LoraSpec
+    from peftc.passes.train import TrainSpec
+
+    lora = _entries(cm, adapter, LoraSpec)
+    modes = {m.bias for m, _ in lora}
+    if modes <= {"none"}:
+        return {}
+    lora_paths = {p for _, t in lora for p in t}
+    whole = [p for _, t in _entries(cm, adapter, TrainSpec) for p in t]
+    out = {}
+    for name, param in cm.base_model.named_parameters():
+        path, _, leaf = name.rpartition(".")
+        if not ("all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths):
+            continue
+        root = next((w for w in whole if name.startswith(w + ".")), None)
+        if root is None:
+            out[PREFIX + (f"{path}.base_layer.{leaf}" if path in lora_paths else name)] = param
+            continue
+        rel = name[len(root) + 1:]
+        out[f"{PREFIX}{root}.original_module.{rel}"] = param
+        out[f"{PREFIX}{root}.modules_to_save.{rel}"] = cm.adapters.get_parameter(
+            f"{root}.modules_to_save.{adapter}.{rel}")
+    return out
+
+
+def peft_params(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """Every tensor of an adapter's PEFT checkpoint, by key, as the live parameter."""
+    out = {peft_key(n, adapter): p for n, p in cm._adapter_params(adapter)}
+    out.update(bias_keys(cm, adapter))
+    return out
+
+
+def peft_config(cm, adapter: str) -> dict:
+    """An adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
+    from peftc.errors import PeftcError
+    from peftc.passes.train import TrainSpec
+
+    state = cm._states[adapter]
+    methods = state.spec.methods
+    kinds = {type(m) for m in methods if m.peft_type}
+    others = [m.method for m in methods if not m.peft_type and not isinstance(m, TrainSpec)]
+    if len(kinds) != 1 or others:
+        raise PeftcError("a PEFT checkpoint holds one PEFT method (plus modules trained whole); "
+                         f"adapter {adapter!r} has {[m.method for m in methods]}")
+    (cls,) = kinds
+    mine = _entries(cm, adapter, cls)
+    cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], cm.base_model)
+    saved = sorted({p for _, t in _entries(cm, adapter, TrainSpec) for p in t})
+    name_or_path = getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None
+    cfg.update(modules_to_save=saved or None, task_type=state.spec.task_type,
+               base_model_name_or_path=state.spec.base_model or name_or_path,
+               inference_mode=True, revision=None)
+    return cfg
