@@ -27,7 +27,7 @@ def weight_norm(weight_out_in: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
 
 def insert_dora(ins: Inserter, site: LinearSite, x: fx.Node, d: fx.Node, a: fx.Node, b: fx.Node,
                 mag_target: str, scaling: float, recompute_base: bool) -> fx.Node:
-    """Inserts DoRA's term after the low-rank output ``d = B(A(x))``; returns ``y + term``."""
+    """Inserts DoRA's term after the low-rank output ``d = B(A(x))`` and returns it."""
     w = site.weight
     if site.transposed:  # Conv1D stores (in, out)
         w = ins.call(aten.t.default, (w,), "weight_t")
@@ -47,4 +47,4 @@ def insert_dora(ins: Inserter, site: LinearSite, x: fx.Node, d: fx.Node, a: fx.N
         base = ins.call(aten.sub.Tensor, (y, bias), "base_no_bias") if bias is not None else y
     t1 = ins.call(aten.mul.Tensor, (ins.call(aten.sub.Tensor, (mag, 1), "mag_minus_one"), base), "dora_base")
     t2 = ins.call(aten.mul.Tensor, (ins.call(aten.mul.Tensor, (mag, d), "dora_lora"), scaling), "scale")
-    return ins.call(aten.add.Tensor, (y, ins.call(aten.add.Tensor, (t1, t2), "dora")), "add")
+    return ins.call(aten.add.Tensor, (t1, t2), "dora")

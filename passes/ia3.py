@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from peftc.errors import CheckpointError, SpecError
+from peftc.errors import CheckpointError, PeftcError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
 from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
@@ -139,6 +139,9 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: linear nodes annotated with IA3 entries. Post: their output (or, on feedforward
     layers, their input) is multiplied by the flattened vector."""
     adapter = ctx.spec.adapter
+    if ctx.sample_mask:
+        raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
+                         f"adapter {adapter!r} uses ia3")
     n = 0
     for node in list(gm.graph.nodes):
         for i in node.meta.get(SITES, ()):

@@ -28,7 +28,7 @@ from peftc.passes.dora import insert_dora, weight_norm
 from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
 
-__all__ = ["LoraSpec", "LoraLinear", "rewrite", "INITS", "BIAS"]
+__all__ = ["LoraSpec", "LoraLinear", "rewrite", "sample_rows", "INITS", "BIAS"]
 
 aten = torch.ops.aten
 INITS = ("default", "gaussian", "random")
@@ -227,6 +227,14 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(like.dtype))
 
 
+def sample_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (batch,) mask shaped to broadcast over ``like``: (B, ..., F), or (B*S, F) for the
+    flattened tokens Conv1D's addmm works on."""
+    if like.dim() == 2 and like.shape[0] != mask.shape[0]:
+        return mask.repeat_interleave(like.shape[0] // mask.shape[0])[:, None].to(like.dtype)
+    return mask.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: linear nodes annotated with LoRA entries. Post: each gets ``+ s * B(A(drop(x)))``.
 
@@ -256,11 +264,14 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             h = ins.call(aten.linear.default, (x, a), "lora_A")
             d = ins.call(aten.linear.default, (h, b), "lora_B")
             if entry.dora:
-                out = insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
-                                  recompute_base=entry.dropout > 0)
+                term = insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
+                                   recompute_base=entry.dropout > 0)
             else:
-                s = ins.call(aten.mul.Tensor, (d, scaling), "scale")
-                out = ins.call(aten.add.Tensor, (node, s), "add")
+                term = ins.call(aten.mul.Tensor, (d, scaling), "scale")
+            if ctx.sample_mask:  # mixed batch: this adapter only on the samples that name it
+                rows = ins.call(sample_rows, (ins.get_attr(ctx.sample_mask, "mask"), term), "mask_rows")
+                term = ins.call(aten.mul.Tensor, (term, rows), "mask")
+            out = ins.call(aten.add.Tensor, (node, term), "add")
             ins.redirect(node, out)
             n_sites += 1
     ctx.counts["lora"] += n_sites

@@ -40,6 +40,7 @@ class PassContext:
     store: nn.Module  # root of the adapter modules, shared by every capture
     counts: Counter = field(default_factory=Counter)
     timings: dict[str, float] = field(default_factory=dict)
+    sample_mask: str | None = None  # get_attr target of a (batch,) 0/1 mask: mixed-batch adapters
 
 
 def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

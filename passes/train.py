@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from torch import fx
 
+from peftc.errors import PeftcError
 from peftc.graph import PEFTC, mount_adapter
 from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
@@ -41,6 +42,9 @@ class TrainSpec(MethodSpec):
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: nodes inside trained modules annotated. Post: they read trainable copies."""
     adapter = ctx.spec.adapter
+    if ctx.sample_mask:
+        raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
+                         f"adapter {adapter!r} uses train (modules trained whole)")
     swapped = 0
     for node in list(gm.graph.nodes):
         for i in node.meta.get(SITES, ()):

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from peftc import peft_io, targets
 from peftc.capture import capture, set_training
+from peftc.graph import install_module
 from peftc.errors import SpecError
 from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
@@ -31,6 +32,8 @@ from peftc.passes.train import TrainSpec
 from peftc.spec import METHODS, Spec
 
 __all__ = ["CompiledModel", "AdapterState", "compile", "from_peft"]
+
+MASKS = "_peftc_sample_masks"  # per-adapter (batch,) masks a mixed-batch graph reads
 
 
 def _as_spec(spec: Any) -> Spec:
@@ -138,7 +141,7 @@ class CompiledModel(nn.Module):
             p.requires_grad_(False)
         self.training = model.training
         example = self._normalize((), dict(example_inputs))
-        self._first = self._signature(example)
+        self._first = (self._signature(example), None)
         self._graph_for(example)
         self._refresh_trainable()
         nn.Module.train(self, self.training)
@@ -260,33 +263,60 @@ class CompiledModel(nn.Module):
 
     def _fresh(self, key) -> fx.GraphModule:
         """A rewritable copy of the captured graph; parameters shared, module tree new."""
-        pristine = self._pristine[key]
+        pristine = self._pristine[key[0]]
         return fx.GraphModule(pristine, _copy_graph(pristine.graph), class_name=type(pristine).__name__)
 
-    def _graph_for(self, kwargs: dict) -> fx.GraphModule:
-        key = self._signature(kwargs)
-        if key not in self._pristine:
-            self._pristine[key], self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
-        return self._built(key)
+    def _graph_for(self, kwargs: dict, mixed: tuple[str, ...] | None = None) -> fx.GraphModule:
+        sig = self._signature(kwargs)
+        if sig not in self._pristine:
+            self._pristine[sig], self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
+        return self._built((sig, mixed))
 
     def _built(self, key) -> fx.GraphModule:
-        """The rewritten graph for a captured signature, (re)built for the current state."""
+        """The rewritten graph for (captured signature, mixed-batch adapters or None), (re)built
+        for the current adapter state."""
         if key not in self._graphs:
             gm = self._fresh(key)
             counts, timings = Counter(), {}
-            for name in self._active if self._enabled else ():
+            mixed = key[1]
+            if mixed is not None:
+                install_module(gm, MASKS, nn.Module())
+            for name in mixed if mixed is not None else self._active if self._enabled else ():
                 spec = self._states[name].spec
                 passes = merge_passes(spec) if self._merged else rewrite_passes(spec)
-                gm = run_pipeline(gm, self._ctx(name, counts, timings), passes)
+                ctx = self._ctx(name, counts, timings)
+                if mixed is not None:
+                    gm.get_submodule(MASKS).register_buffer(name, torch.ones(1), persistent=False)
+                    ctx.sample_mask = f"{MASKS}.{name}"
+                gm = run_pipeline(gm, ctx, passes)
             set_training(gm, self.training)
             self._graphs[key] = gm
             if key == self._first:
                 self._counts, self._timings = counts, timings
         return self._graphs[key]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Runs the model; ``adapter_names`` (one per sample, "__base__" for none) mixes
+        LoRA-family adapters within a batch, in training too."""
         kwargs = self._normalize(args, kwargs)
-        return self._graph_for(kwargs)(**kwargs)
+        if adapter_names is None:
+            return self._graph_for(kwargs)(**kwargs)
+        names = list(adapter_names)
+        batch = next((v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+        if batch != len(names):
+            raise SpecError("adapter_names", names, f"one name per sample ({batch} samples)")
+        unknown = sorted(set(names) - set(self._states) - {"__base__"})
+        if unknown:
+            raise SpecError("adapter_names", unknown, f"names of added adapters {self.adapter_names} or '__base__'")
+        if self._merged:
+            raise SpecError("adapter_names", names, "nothing while adapters are merged (unmerge first)")
+        used = tuple(sorted(set(names) - {"__base__"}))
+        gm = self._graph_for(kwargs, mixed=used)
+        device = next(iter(self.base_model.parameters())).device
+        for n in used:
+            mask = torch.tensor([name == n for name in names], dtype=torch.float32, device=device)
+            gm.get_submodule(MASKS).register_buffer(n, mask, persistent=False)
+        return gm(**kwargs)
 
     def train(self, mode: bool = True) -> CompiledModel:
         nn.Module.train(self, mode)
@@ -380,7 +410,7 @@ class CompiledModel(nn.Module):
     @property
     def captured_graph(self) -> fx.Graph:
         """The graph as captured, before any pass ran."""
-        return self._pristine[self._first].graph
+        return self._pristine[self._first[0]].graph
 
     @property
     def pass_counts(self) -> dict[str, int]:

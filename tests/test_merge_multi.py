@@ -115,3 +115,33 @@ def test_only_active_adapters_train_and_delete():
     assert not [n for n, _ in cm.adapters.named_parameters() if ".default." in n]
     with pytest.raises(peftc.SpecError, match="adapter"):
         cm.set_adapter("default")
+
+
+@pytest.mark.parametrize("name, extra", [("tiny-llama", {"dora": True}), ("tiny-gpt2", {})])
+def test_mixed_batch_equals_per_sample_runs_and_trains(name, extra):
+    targets = ["q_proj", "v_proj"] if name == "tiny-llama" else ["c_attn", "c_fc"]
+    cm = peftc.compile(tiny_model(name), {"methods": [{"lora": {"targets": targets, "r": 2, **extra}}]},
+                       example_inputs(name))
+    cm.add_adapter({"adapter": "b", "methods": [{"lora": {"targets": targets[:1], "r": 3, **extra}}]})
+    cm.set_adapter(["default", "b"])  # both trainable
+    randomize(cm, seed=4)
+    cm.eval()
+    ex = example_inputs(name, 3, 7, seed=8)
+    names = ["b", "__base__", "default"]
+    mixed = cm(**ex, adapter_names=names).logits
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            one = {k: v[i:i + 1] for k, v in ex.items()}
+            if n == "__base__":
+                cm.disable_adapters()
+            else:
+                cm.set_adapter(n)
+            torch.testing.assert_close(mixed[i:i + 1], cm(**one).logits, atol=1e-5, rtol=0)
+    cm.set_adapter(["default", "b"])
+    cm.train()
+    cm(**ex, labels=ex["input_ids"], adapter_names=["b", "b", "__base__"]).loss.backward()
+    grads = {n: p.grad for n, p in cm.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".lora.b." in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".lora.default." in n)
+    with pytest.raises(peftc.SpecError, match="one name per sample"):
+        cm(**ex, adapter_names=["b"])
