@@ -24,8 +24,8 @@ from torch import fx, nn
 
 from peftc import peft_io, targets
 from peftc.capture import capture, set_training
-from peftc.graph import install_module
 from peftc.errors import SpecError
+from peftc.graph import install_module
 from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
 from peftc.passes.train import TrainSpec
