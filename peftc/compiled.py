@@ -17,7 +17,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -28,22 +27,12 @@ from peftc.errors import SpecError
 from peftc.graph import install_module
 from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
-from peftc.passes.train import TrainSpec
+from peftc.resolve import resolve_all, with_implied_heads
 from peftc.spec import METHODS, Spec
 
 __all__ = ["CompiledModel", "AdapterState", "compile", "from_peft"]
 
 MASKS = "_peftc_sample_masks"  # per-adapter (batch,) masks a mixed-batch graph reads
-
-
-def _as_spec(spec: Any) -> Spec:
-    if isinstance(spec, Spec):
-        return spec
-    if isinstance(spec, dict):
-        return Spec.from_dict(spec)
-    if isinstance(spec, (str, os.PathLike)):
-        return Spec.load(spec)
-    raise SpecError("spec", type(spec).__name__, "a peftc.Spec, a dict, or a path to a spec file")
 
 
 def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
@@ -55,7 +44,7 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
         cm = peftc.compile(model, spec, example_inputs={"input_ids": ids, "use_cache": False})
         cm(input_ids=ids, labels=ids).loss.backward()
     """
-    spec = _as_spec(spec)
+    spec = Spec.coerce(spec)
     if optimize is not None:
         spec = spec.replace(optimize=optimize)
     if not isinstance(model, nn.Module):
@@ -63,45 +52,9 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     if not isinstance(example_inputs, dict) or not example_inputs or not all(isinstance(k, str) for k in example_inputs):
         raise SpecError("example_inputs", example_inputs, "a non-empty dict of keyword -> value")
     task = spec.task_type or targets.infer_task_type(model)
-    spec = _with_implied_heads(spec.replace(task_type=task), model)
+    spec = with_implied_heads(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
     return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
-
-
-def _with_implied_heads(spec: Spec, model: nn.Module) -> Spec:
-    """PEFT trains the classification head of SEQ_CLS models whole; so does peftc."""
-    if spec.task_type != "SEQ_CLS":
-        return spec
-    heads = [h for h in targets.seq_cls_heads(model)
-             if not any(isinstance(m, TrainSpec) and h in m.targets for m in spec.methods)]
-    return spec.replace(methods=spec.methods + (TrainSpec(targets=tuple(heads)),)) if heads else spec
-
-
-def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
-    """Module paths per spec entry, checked before capture: no match and overlaps are errors."""
-    names = [n for n, _ in model.named_modules() if n]
-    protected, out = [], []
-    for i, m in enumerate(spec.methods):
-        if isinstance(m, TrainSpec):
-            found = targets.match_names(m.targets, names)
-            if not found:
-                raise targets._no_match(f"methods[{i}].train.targets", m.targets, names)
-            outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
-            protected += outer
-    for i, m in enumerate(spec.methods):
-        if isinstance(m, TrainSpec):
-            out.append({p: "module" for p in protected if targets.match_names(m.targets, [p])})
-        else:
-            out.append(targets.resolve(m, model, f"methods[{i}].{m.method}", task_type=spec.task_type,
-                                       kinds=m.kinds, protected=protected))
-    seen: dict[tuple[str, str], int] = {}
-    for i, (m, t) in enumerate(zip(spec.methods, out)):
-        for p in t:
-            j = seen.setdefault((m.method, p), i)
-            if j != i:
-                raise SpecError(f"methods[{i}].{m.method}.targets", p, "modules no other entry of the "
-                                "same method adapts", f"methods[{j}] already adapts it")
-    return out
 
 
 @dataclass
@@ -169,12 +122,12 @@ class CompiledModel(nn.Module):
 
     def add_adapter(self, spec, *, name: str | None = None, activate: bool = False) -> None:
         """Adds another named adapter (its own spec); its parameters are created at once."""
-        spec = _as_spec(spec)
+        spec = Spec.coerce(spec)
         if name is not None:
             spec = spec.replace(adapter=name)
         if spec.adapter in self._states:
             raise SpecError("adapter", spec.adapter, f"a name not in use (taken: {self.adapter_names})")
-        spec = _with_implied_heads(spec.replace(task_type=spec.task_type or self.spec.task_type), self.base_model)
+        spec = with_implied_heads(spec.replace(task_type=spec.task_type or self.spec.task_type), self.base_model)
         self._states[spec.adapter] = AdapterState(spec, resolve_all(spec, self.base_model))
         scratch = self._fresh(self._first)  # a throwaway rewrite creates the adapter's modules
         run_pipeline(scratch, self._ctx(spec.adapter, Counter(), {}), rewrite_passes(spec))

@@ -109,6 +109,7 @@ class MethodSpec:
     peft_type: ClassVar[str | None]
     store_dir: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # module kinds targets may select
+    sites: ClassVar[str] = "linear"  # what select_sites marks: linear calls, or whole modules
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
@@ -170,6 +171,17 @@ class Spec:
         object.__setattr__(self, "optimize", normalize_optimize(self.optimize))
 
     # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def coerce(cls, spec: Any) -> Spec:
+        """A Spec from a Spec, a dict (``from_dict``) or a file path (``load``)."""
+        if isinstance(spec, Spec):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        if isinstance(spec, (str, os.PathLike)):
+            return cls.load(spec)
+        raise SpecError("spec", type(spec).__name__, "a peftc.Spec, a dict, or a path to a spec file")
+
     @classmethod
     def from_dict(cls, d: Mapping) -> Spec:
         """Builds a spec from ``{"adapter", "methods": [{name: {fields}}], "optimize"}``."""

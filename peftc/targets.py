@@ -14,7 +14,7 @@ from torch import nn
 
 from peftc.errors import SpecError
 
-__all__ = ["linear_kind", "module_kind", "match_names", "resolve", "seq_cls_heads", "infer_task_type", "SEQ_CLS_HEADS"]
+__all__ = ["linear_kind", "module_kind", "match_names", "resolve", "seq_cls_heads", "infer_task_type", "no_match", "SEQ_CLS_HEADS"]
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS
 
@@ -73,7 +73,7 @@ def match_names(selector, names: list[str], *, layers=None, layers_pattern=None)
     return out
 
 
-def _no_match(where: str, selector, names: list[str]) -> SpecError:
+def no_match(where: str, selector, names: list[str]) -> SpecError:
     wanted = [selector[3:]] if isinstance(selector, str) else list(selector)
     vocab = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names if n})
     near = sorted({c for w in wanted for c in difflib.get_close_matches(w, vocab, n=4, cutoff=0.5)})
@@ -121,7 +121,7 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
         found = match_names(sel, names, layers=getattr(entry, "layers", None),
                             layers_pattern=getattr(entry, "layers_pattern", None))
         if not found:
-            raise _no_match(f"{where}.targets", sel, names)
+            raise no_match(f"{where}.targets", sel, names)
         if not isinstance(sel, str):
             unmatched = [t for t in sel if not match_names((t,), names)]
             if unmatched:
@@ -140,7 +140,7 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
                             f"{n!r} is a {type(modules[n]).__name__}")
         out[n] = kind
     if not out:
-        raise _no_match(f"{where}.targets", sel, names)
+        raise no_match(f"{where}.targets", sel, names)
     return out
 
 
