@@ -85,13 +85,14 @@ def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
-    from peftc.passes import ia3, lora, train
+    from peftc.passes import ia3, lora, prompt, train
 
     rewrites = [
         ("select", select_sites),  # spec targets -> node.meta[SITES]
         ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
         ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
         ("ia3", ia3.rewrite),  # y -> y * l ; feedforward: x -> x * l
+        ("prompt", prompt.rewrite),  # embed(ids) -> prompt ++ embed(ids); ids, mask, labels widened by P
         ("dce", drop_unused_attrs),  # get_attr without users -> gone
     ]
     used = {m.method for m in spec.methods}

@@ -176,7 +176,11 @@ def bias_keys(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
 
 def peft_params(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
     """Every tensor of an adapter's PEFT checkpoint, by key, as the live parameter."""
-    out = {peft_key(n, adapter): p for n, p in cm._adapter_params(adapter)}
+    out = {}
+    for name, p in cm._adapter_params(adapter):
+        owner, _, leaf = name.rpartition(".")
+        keys = getattr(cm.adapters.get_submodule(owner), "PEFT_KEYS", None)
+        out[keys[leaf] if keys else peft_key(name, adapter)] = p  # PEFT_KEYS: non-standard keys
     out.update(bias_keys(cm, adapter))
     return out
 

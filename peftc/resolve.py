@@ -40,6 +40,8 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
     for i, m in enumerate(spec.methods):
         if m.sites == "module":
             out.append({p: "module" for p in protected if targets.match_names(m.targets, [p])})
+        elif m.sites == "graph":  # acts on the graph as a whole (prompts): no module targets
+            out.append({})
         else:
             out.append(targets.resolve(m, model, f"methods[{i}].{m.method}", task_type=spec.task_type,
                                        kinds=m.kinds, protected=protected))
