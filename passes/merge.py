@@ -2,6 +2,7 @@
 
     LoRA   W' = W + s B A            DoRA  W' = (m / ||W + s B A||_row) (W + s B A)
     IA3    W' = W * l (rows; and b' = b * l)   feedforward: W' = W * l (columns)
+    SSF    W' = g W (rows), b' = g b + beta     BitFit / train: the trained copies replace W, b
 
 Each method spec that can be merged has ``fold(path, module, W, b, transposed) -> (W', b')``
 (``W`` as the graph stores it: (in, out) for Conv1D). The base model's parameters are never
@@ -59,6 +60,8 @@ def merge(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.replace_input_with(site.weight, new_w)
             if b2 is not None and b is not None:
                 node.replace_input_with(b_node, _register(gm, holder, node, b_node, b2, site.module, ctx))
+            elif b2 is not None:  # the fold created a bias (SSF's shift on a bias-free linear)
+                node.args = (*node.args[:2], _register(gm, holder, node, None, b2, site.module, ctx))
             n += 1
     ctx.counts["merge"] += n
     return PassResult(gm, n > 0)
@@ -82,15 +85,13 @@ def _register(gm, holder, user, old, value, path, ctx) -> fx.Node:
 
 def fold_state_dict(cm, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Folds every active adapter of ``cm`` into a copy of a base state dict."""
-    from peftc.passes.train import TrainSpec
-
     sd = dict(sd)
     kinds = {}
     for name in cm.active_adapters:
         state = cm._states[name]
         for entry, targets in zip(state.spec.methods, state.targets):
             for path, kind in targets.items():
-                if isinstance(entry, TrainSpec):
+                if entry.sites == "module":  # trained copies (modules_to_save, BitFit)
                     copy_mod = cm.adapters.get_submodule(f"{path}.{entry.store_dir}.{name}")
                     sd.update({f"{path}.{k}": v.detach() for k, v in copy_mod.state_dict().items()})
                     continue

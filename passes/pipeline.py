@@ -85,13 +85,15 @@ def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
-    from peftc.passes import ia3, lora, prompt, train
+    from peftc.passes import bitfit, ia3, lora, prompt, ssf, train
 
     rewrites = [
         ("select", select_sites),  # spec targets -> node.meta[SITES]
         ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
+        ("bitfit", bitfit.rewrite),  # b -> b' (trainable copy)
         ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
         ("ia3", ia3.rewrite),  # y -> y * l ; feedforward: x -> x * l
+        ("ssf", ssf.rewrite),  # y -> y * gamma + beta
         ("prompt", prompt.rewrite),  # embed(ids) -> prompt ++ embed(ids); ids, mask, labels widened by P
         ("dce", drop_unused_attrs),  # get_attr without users -> gone
     ]
@@ -106,10 +108,16 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
 
 def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """Folding an adapter into the weights instead of inserting its nodes."""
+    graph_level = [m.method for m in spec.methods if m.sites == "graph"]
+    if graph_level:
+        raise PassError(f"{graph_level} add graph inputs/nodes, not weights: they cannot be merged")
     from peftc.passes import merge, train
 
     used = {m.method for m in spec.methods}
-    return [("select", select_sites)] + ([("train", train.rewrite)] if "train" in used else []) + [
+    from peftc.passes import bitfit
+
+    swaps = [(n, f) for n, f in (("train", train.rewrite), ("bitfit", bitfit.rewrite)) if n in used]
+    return [("select", select_sites), *swaps,
         ("merge", merge.merge),  # W -> W' read from a merged buffer
         ("dce", drop_unused_attrs),
     ]

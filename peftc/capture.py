@@ -2,7 +2,7 @@
 
 Normal form, whatever the frontend: linears are ``aten.linear(x, W, b)`` (GPT-2's Conv1D stays
 ``aten.addmm(b, x2d, W)``) with weights as ``get_attr`` nodes named by the parameter's FQN;
-dropouts are ``aten.dropout(x, p, train)``; every node has ``meta["nn_module_stack"]`` naming
+layer norms ``aten.layer_norm``; dropouts ``aten.dropout(x, p, train)``; every node has ``meta["nn_module_stack"]`` naming
 its owning module. The module tree of the GraphModule is fresh (only parameters are shared
 with the user's model), so peftc can register adapter modules in it without touching the
 user's modules.
@@ -108,8 +108,12 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
             mod = modules[node.target]
             if isinstance(mod, nn.Linear):
                 _replace(graph, node, aten.linear.default, root, model, modules,
-                         [node.args[0], f"{node.target}.weight"]
-                         + ([f"{node.target}.bias"] if mod.bias is not None else []))
+                         [node.args[0], _Attr(f"{node.target}.weight")]
+                         + ([_Attr(f"{node.target}.bias")] if mod.bias is not None else []))
+            elif isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
+                _replace(graph, node, aten.layer_norm.default, root, model, modules,
+                         [node.args[0], list(mod.normalized_shape), _Attr(f"{node.target}.weight"),
+                          _Attr(f"{node.target}.bias") if mod.bias is not None else None, float(mod.eps)])
             elif isinstance(mod, nn.Dropout):
                 _replace(graph, node, aten.dropout.default, root, model, modules,
                          [node.args[0], float(mod.p), True])
@@ -120,6 +124,10 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
             _normalize_functional(node)
     graph.lint()
     return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph")
+
+
+class _Attr(str):
+    """A parameter path among a replacement op's arguments (becomes a get_attr node)."""
 
 
 def _fetch(model: nn.Module, target: str):
@@ -138,7 +146,7 @@ def _replace(graph, node, op, root, model, modules, args) -> None:
     with graph.inserting_before(node):
         real = []
         for a in args:
-            if isinstance(a, str):
+            if isinstance(a, _Attr):
                 root[a] = _fetch(model, a)
                 a = graph.get_attr(a)
                 _set_stack(a, node.target, modules)

@@ -30,16 +30,18 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
     """Module paths per spec entry, checked before capture: no match and overlaps are errors."""
     names = [n for n, _ in model.named_modules() if n]
     protected, out = [], []
-    for i, m in enumerate(spec.methods):
-        if m.sites == "module":
+    for m in spec.methods:
+        if getattr(m, "protects", False):
             found = targets.match_names(m.targets, names)
-            if not found:
-                raise targets.no_match(f"methods[{i}].{m.method}.targets", m.targets, names)
-            outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
-            protected += outer
+            protected += [p for p in found if not any(p.startswith(q + ".") for q in found)]
     for i, m in enumerate(spec.methods):
         if m.sites == "module":
-            out.append({p: "module" for p in protected if targets.match_names(m.targets, [p])})
+            sel = m.targets if m.targets is not None else m.default_targets(model)
+            found = targets.match_names(sel, names)
+            if not found:
+                raise targets.no_match(f"methods[{i}].{m.method}.targets", sel, names)
+            found = [p for p in found if not any(p.startswith(q + ".") for q in found)] if m.protects else found
+            out.append({p: "module" for p in found})
         elif m.sites == "graph":  # acts on the graph as a whole (prompts): no module targets
             out.append({})
         else:

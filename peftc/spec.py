@@ -110,6 +110,7 @@ class MethodSpec:
     store_dir: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # module kinds targets may select
     sites: ClassVar[str] = "linear"  # what select_sites marks: linear calls, or whole modules
+    protects: ClassVar[bool] = False  # its modules are off limits to other methods (PEFT's modules_to_save)
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:

@@ -1,0 +1,54 @@
+"""BitFit (Ben Zaken et al. 2022): train only the bias terms.
+
+    b (frozen) -> b' (a trainable copy at ``<module>.bitfit.<adapter>.bias``); init b' = b
+
+The adapted model equals the base at init. Swapping reuses passes/train.py's mechanism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftc.passes.train import swap
+from peftc.spec import MethodSpec, check_targets, register_method
+
+__all__ = ["BitFitSpec", "BiasCopy", "rewrite"]
+
+
+@register_method("bitfit")
+@dataclass(frozen=True)
+class BitFitSpec(MethodSpec):
+    """``targets``: modules whose own ``bias`` trains (None = every module that has one)."""
+
+    targets: Any = None
+
+    sites: ClassVar[str] = "module"
+
+    def __post_init__(self):
+        t = check_targets("bitfit.targets", self.targets, allow_none=True)
+        if t == "all-linear":
+            self._err("targets", "module names/suffixes, 're:<regex>' or null (every bias)")
+        object.__setattr__(self, "targets", t)
+
+    def default_targets(self, model: nn.Module):
+        names = [n for n, m in model.named_modules() if n and isinstance(getattr(m, "bias", None), nn.Parameter)]
+        return tuple(names) if names else ("<no module with a bias>",)
+
+    def trains(self, name: str) -> bool:
+        return name == "bias"
+
+    def copy_of(self, module: nn.Module) -> nn.Module:
+        return BiasCopy(module.bias)
+
+
+class BiasCopy(nn.Module):
+    def __init__(self, bias: nn.Parameter):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+
+rewrite = partial(swap, BitFitSpec)
