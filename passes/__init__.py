@@ -3,7 +3,24 @@
 Importing this package registers every method spec and optimization it defines.
 """
 
-from peftc.passes import bitfit, ia3, lora, merge, prompt, ssf, train  # importing registers the methods
+from peftc.passes import (  # importing registers the methods
+    bitfit,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    merge,
+    prefix,
+    prompt,
+    ptuning,
+    ssf,
+    train,
+    vera,
+)
 from peftc.passes.pipeline import PassContext, PassResult, rewrite_passes, run_pipeline
 
-__all__ = ["PassContext", "PassResult", "run_pipeline", "rewrite_passes", "bitfit", "ia3", "lora", "merge", "prompt", "ssf", "train"]
+__all__ = [
+    "PassContext", "PassResult", "run_pipeline", "rewrite_passes",
+    "bitfit", "ia3", "ln_tuning", "loha", "lokr", "lora", "merge", "prefix", "prompt", "ptuning", "ssf", "train", "vera",
+]

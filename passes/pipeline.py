@@ -85,16 +85,35 @@ def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
-    from peftc.passes import bitfit, ia3, lora, prompt, ssf, train
+    from peftc.passes import (
+        bitfit,
+        ia3,
+        ln_tuning,
+        loha,
+        lokr,
+        lora,
+        prefix,
+        prompt,
+        ptuning,
+        ssf,
+        train,
+        vera,
+    )
 
     rewrites = [
         ("select", select_sites),  # spec targets -> node.meta[SITES]
         ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
         ("bitfit", bitfit.rewrite),  # b -> b' (trainable copy)
+        ("ln_tuning", ln_tuning.rewrite),  # norm(x; w, b) -> norm(x; w', b') (trainable copy)
         ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
+        ("vera", vera.rewrite),  # y -> y + l_b * (B[:out] (l_d * (A[:, :in] dropout(x))))
+        ("loha", loha.rewrite),  # y -> y + x dW^T, dW = (w1a w1b) * (w2a w2b) * alpha/r
+        ("lokr", lokr.rewrite),  # y -> y + x dW^T, dW = kron(w1, w2) * alpha/r
         ("ia3", ia3.rewrite),  # y -> y * l ; feedforward: x -> x * l
         ("ssf", ssf.rewrite),  # y -> y * gamma + beta
         ("prompt", prompt.rewrite),  # embed(ids) -> prompt ++ embed(ids); ids, mask, labels widened by P
+        ("ptuning", ptuning.rewrite),  # embed(ids) -> MLP(E) ++ embed(ids); widened as prompt
+        ("prefix", prefix.rewrite),  # sdpa(q, k, v, m) -> sdpa(q, [Ek;k], [Ev;v], [1;m]); positions + P
         ("dce", drop_unused_attrs),  # get_attr without users -> gone
     ]
     used = {m.method for m in spec.methods}
@@ -114,9 +133,10 @@ def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
     from peftc.passes import merge, train
 
     used = {m.method for m in spec.methods}
-    from peftc.passes import bitfit
+    from peftc.passes import bitfit, ln_tuning
 
-    swaps = [(n, f) for n, f in (("train", train.rewrite), ("bitfit", bitfit.rewrite)) if n in used]
+    swaps = [(n, f) for n, f in (("train", train.rewrite), ("bitfit", bitfit.rewrite),
+                                 ("ln_tuning", ln_tuning.merge)) if n in used]
     return [("select", select_sites), *swaps,
         ("merge", merge.merge),  # W -> W' read from a merged buffer
         ("dce", drop_unused_attrs),

@@ -22,7 +22,7 @@ from peftc.graph import PEFTC, Inserter, mount_adapter
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import MethodSpec, register_method
 
-__all__ = ["PromptSpec", "PromptEmbedding", "rewrite"]
+__all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config"]
 
 aten = torch.ops.aten
 PAD = {"input_ids": 0, "attention_mask": 1, "labels": -100}  # fill of the P widened positions
@@ -57,13 +57,23 @@ class PromptSpec(MethodSpec):
     @classmethod
     def to_peft(cls, entries, resolved, model) -> dict:
         (e,) = entries
-        cfg = model.config
-        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": e.tokens,
-                "token_dim": model.get_input_embeddings().embedding_dim, "num_transformer_submodules": 1,
-                "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-                "num_layers": getattr(cfg, "num_hidden_layers", None),
+        return {**prompt_learning_config(model, e.tokens), "peft_type": "PROMPT_TUNING",
                 "prompt_tuning_init": e.init.upper(), "prompt_tuning_init_text": None,
                 "tokenizer_name_or_path": None}
+
+    def make_module(self, word: nn.Embedding) -> nn.Module:
+        return PromptEmbedding(self.tokens, word, self.init)
+
+    def prompt_nodes(self, ins: Inserter, path: str) -> fx.Node:
+        return ins.get_attr(f"{path}.weight")
+
+
+def prompt_learning_config(model: nn.Module, tokens: int) -> dict:
+    """The PEFT config fields every prompt-learning method shares (decoder-only)."""
+    cfg = model.config
+    return {"num_virtual_tokens": tokens, "token_dim": model.get_input_embeddings().embedding_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "num_layers": getattr(cfg, "num_hidden_layers", None)}
 
 
 class PromptEmbedding(nn.Module):
@@ -83,30 +93,35 @@ class PromptEmbedding(nn.Module):
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: a captured decoder-only graph with an ``input_ids`` input. Post: P virtual tokens."""
-    entries = [m for m in ctx.spec.methods if isinstance(m, PromptSpec)]
+    return insert_virtual_tokens(gm, ctx, PromptSpec)
+
+
+def insert_virtual_tokens(gm: fx.GraphModule, ctx: PassContext, kind: type) -> PassResult:
+    """Widens the token inputs by P and prepends ``entry.prompt_nodes(...)`` (P, D) after the
+    embedding lookup; shared by prompt tuning and P-tuning (which differ only in the source)."""
+    entries = [m for m in ctx.spec.methods if isinstance(m, kind)]
     if not entries:
         return PassResult(gm, False)
     if len(entries) > 1 or ctx.sample_mask:
         raise PeftcError("one prompt entry per adapter, and no mixed-batch prompts")
-    if any(n.meta.get(PEFTC, {}).get("method") == "prompt" for n in gm.graph.nodes):
-        raise PeftcError("only one prompt-tuning adapter can be active at a time")
+    if any(n.meta.get(PEFTC, {}).get("module") == "prompt_encoder" for n in gm.graph.nodes):
+        raise PeftcError("only one prompt-learning adapter can be active at a time")
     (entry,) = entries
     p = entry.tokens
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
     if "input_ids" not in placeholders:
-        raise PeftcError(f"prompt tuning needs input_ids among the inputs; got {sorted(placeholders)}")
+        raise PeftcError(f"{entry.method} needs input_ids among the inputs; got {sorted(placeholders)}")
     bad = sorted(set(placeholders) & {"position_ids", "token_type_ids", "inputs_embeds", "decoder_input_ids"})
     if bad:
-        raise PeftcError(f"prompt tuning does not support the inputs {bad} (PEFT ignores or refuses them)")
+        raise PeftcError(f"{entry.method} does not support the inputs {bad} (PEFT ignores or refuses them)")
     word = ctx.model.get_input_embeddings()
     emb = [n for n in gm.graph.nodes if n.target is aten.embedding.default
            and n.args[0].op == "get_attr" and _fetch(gm, n.args[0].target) is word.weight]
     if len(emb) != 1:
         raise PeftcError(f"expected one lookup of the input embeddings, found {len(emb)}")
     adapter = ctx.spec.adapter
-    path = mount_adapter(ctx.store, gm, f"prompt_encoder.{adapter}",
-                         partial(PromptEmbedding, p, word, entry.init))
-    info = {"method": "prompt", "adapter": adapter, "module": "prompt_encoder"}
+    path = mount_adapter(ctx.store, gm, f"prompt_encoder.{adapter}", partial(entry.make_module, word))
+    info = {"method": entry.method, "adapter": adapter, "module": "prompt_encoder"}
     ids = placeholders["input_ids"]
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     ins = Inserter(last_input.next, info, before=True)
@@ -120,14 +135,14 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ph.replace_all_uses_with(wide, delete_user_cb=lambda u: u.op != "call_module" and u not in ins.nodes)
     (e,) = emb
     after = Inserter(e, info)
-    prompt = after.get_attr(f"{path}.weight")
+    prompt = entry.prompt_nodes(after, path)
     prompt = after.call(aten.to.dtype, (prompt, e.meta["val"].dtype if "val" in e.meta else torch.float32), "cast")
     prompt = after.call(aten.expand.default, (after.call(aten.unsqueeze.default, (prompt, 0), "unsqueeze"),
                                               [batch, -1, -1]), "expand")
     rest = after.call(aten.slice.Tensor, (e, 1, p), "drop_placeholders")
     out = after.call(aten.cat.default, ([prompt, rest], 1), "prepend")
     after.redirect(e, out)
-    ctx.counts["prompt"] += 1
+    ctx.counts[entry.method] += 1
     return PassResult(gm, True)
 
 

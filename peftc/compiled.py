@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from peftc import peft_io, targets
 from peftc.capture import capture, set_training
-from peftc.errors import SpecError
+from peftc.errors import CheckpointError, SpecError
 from peftc.graph import install_module
 from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
@@ -322,6 +322,10 @@ class CompiledModel(nn.Module):
         """Strict load; missing, unexpected or mis-shaped keys raise CheckpointError."""
         params = self._peft_params(adapter)
         peft_io.check_loadable(params, sd, source)
+        computed = [k for k, p in params.items() if not p.is_leaf]
+        if computed:
+            raise CheckpointError(f"{computed} are computed by this adapter (e.g. a P-tuning encoder's output) "
+                                  "and cannot be loaded into it; load the checkpoint with peftc.from_peft")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(sd[k].to(p.dtype))
@@ -406,6 +410,7 @@ def from_peft(model: nn.Module, path, example_inputs: dict, *, trainable: bool =
     is put in eval mode, as ``PeftModel.from_pretrained`` does.
     """
     spec = Spec.from_peft(path)
+    spec = spec.replace(methods=tuple(m.as_loaded() for m in spec.methods))
     weights = peft_io.read_peft_weights(path, allow_pickle=allow_pickle)
     cm = compile(model, spec, example_inputs, optimize=optimize, frontend=frontend)
     cm.load_adapter_state_dict(weights, source=str(path))

@@ -177,10 +177,20 @@ def bias_keys(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
 def peft_params(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
     """Every tensor of an adapter's PEFT checkpoint, by key, as the live parameter."""
     out = {}
+    exporters = {o: m for o, m in cm.adapters.named_modules() if hasattr(m, "peft_tensors") and o.endswith(f".{adapter}")}
+    for m in exporters.values():  # modules whose checkpoint is not their parameters (P-tuning)
+        out.update(m.peft_tensors())
     for name, p in cm._adapter_params(adapter):
+        if any(name.startswith(o + ".") for o in exporters):
+            continue
         owner, _, leaf = name.rpartition(".")
         keys = getattr(cm.adapters.get_submodule(owner), "PEFT_KEYS", None)
         out[keys[leaf] if keys else peft_key(name, adapter)] = p  # PEFT_KEYS: non-standard keys
+    for name, buf in cm.adapters.named_buffers():  # frozen tensors PEFT saves (VeRA's projections)
+        owner, _, leaf = name.rpartition(".")
+        keys = getattr(cm.adapters.get_submodule(owner), "PEFT_KEYS", None)
+        if keys and leaf in keys and owner.endswith(f".{adapter}"):
+            out[keys[leaf]] = buf
     out.update(bias_keys(cm, adapter))
     return out
 

@@ -141,6 +141,11 @@ class MethodSpec:
                 raise SpecError(f"{where}.{k}", None, "a value (this field is required)")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
+    def as_loaded(self) -> MethodSpec:
+        """The entry as a PEFT checkpoint of it can be loaded: itself, unless the checkpoint
+        holds less than the method trains (P-tuning saves the encoder's output, not the MLP)."""
+        return self
+
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):

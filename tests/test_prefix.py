@@ -1,0 +1,107 @@
+"""Prefix tuning against HF PEFT (its past_key_values path): logits, keys, round trips, grads."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model, get_peft_model_state_dict
+
+import peftc
+from peftc.errors import CheckpointError, PassError
+from peftc.models import example_inputs, tiny_model
+
+
+def _batch(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("name,projection", [("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", False),
+                                             ("tiny-qwen2", True)])
+def test_prefix_matches_peft(tmp_path, name, projection):
+    base = tiny_model(name)
+    snapshot = copy.deepcopy(base.state_dict())
+    pm = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                 prefix_projection=projection, encoder_hidden_size=24)).eval()
+    fresh = tiny_model(name)
+    fresh.load_state_dict(snapshot)
+    spec = {"methods": [{"prefix": {"tokens": 4, "projection": projection, "hidden": 24}}]}
+    cm = peftc.compile(fresh, spec, example_inputs(name))
+    assert cm.pass_counts["prefix"] == 2  # one per attention layer
+    cm.adapters.get_submodule("prompt_encoder.default").load_state_dict(pm.prompt_encoder["default"].state_dict())
+    assert cm.num_trainable_parameters() == pm.get_nb_trainable_parameters()[0]
+    ids, mask = _batch()
+    plain = tiny_model(name)
+    plain.load_state_dict(snapshot)
+    cm.eval()
+    with torch.no_grad():
+        for kw in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask, "labels": ids}):
+            ref, ours = pm(**kw), cm(**kw)
+            assert ours.logits.shape == (3, 13, 128)
+            torch.testing.assert_close(ours.logits[:, 4:], ref.logits[:, 4:], atol=1e-4, rtol=0)
+            torch.testing.assert_close(ours.logits[1:], ref.logits[1:], atol=1e-4, rtol=0)
+            if "labels" in kw:
+                torch.testing.assert_close(ours.loss, ref.loss, atol=1e-5, rtol=0)
+        assert (plain.eval()(input_ids=ids).logits - cm(input_ids=ids).logits).abs().max() > 1e-2
+    sd, ref_sd = cm.adapter_state_dict(), get_peft_model_state_dict(pm)
+    assert set(sd) == set(ref_sd) == {"prompt_embeddings"}
+    torch.testing.assert_close(sd["prompt_embeddings"], ref_sd["prompt_embeddings"])
+    if projection:
+        with pytest.raises(CheckpointError, match="computed"):
+            cm.load_adapter_state_dict(ref_sd)
+
+    cm.train()
+    cm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for p in cm.trainable_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+    pm.save_pretrained(tmp_path / "peft")
+    for trainable in (False, True):
+        again = tiny_model(name)
+        again.load_state_dict(snapshot)
+        loaded = peftc.from_peft(again, tmp_path / "peft", example_inputs(name), trainable=trainable).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-4, rtol=0)
+        assert loaded.num_trainable_parameters() == (ref_sd["prompt_embeddings"].numel() if trainable else 0)
+    cm.save_adapter(tmp_path / "ours")
+    again = tiny_model(name)
+    again.load_state_dict(snapshot)
+    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
+    cm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(input_ids=ids).logits, cm(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_prefix_training_matches_peft():
+    """Five AdamW steps: same losses as PEFT (gradients flow through the concatenated k/v)."""
+    base = tiny_model("tiny-llama")
+    snapshot = copy.deepcopy(base.state_dict())
+    pm = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    fresh = tiny_model("tiny-llama")
+    fresh.load_state_dict(snapshot)
+    cm = peftc.compile(fresh, {"methods": [{"prefix": {"tokens": 3}}]}, example_inputs("tiny-llama"))
+    cm.adapters.get_submodule("prompt_encoder.default").load_state_dict(pm.prompt_encoder["default"].state_dict())
+    ids, mask = _batch(5)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, cm)]
+    losses = {0: [], 1: []}
+    for _ in range(5):
+        for i, (m, opt) in enumerate(zip((pm, cm), opts)):
+            m.train()
+            loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[i].append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert losses[1][-1] < losses[1][0]
+
+
+def test_prefix_errors():
+    for bad in ({"tokens": 0}, {"projection": "yes"}, {"hidden": 0}, {"init": "ones"}):
+        with pytest.raises(peftc.SpecError, match="prefix." + next(iter(bad))):
+            peftc.Spec.from_dict({"methods": [{"prefix": bad}]})
+    with pytest.raises(PassError, match="attention node per layer"):
+        peftc.compile(tiny_model("tiny-t5"), {"methods": [{"prefix": {"tokens": 2}}]}, example_inputs("tiny-t5"))
