@@ -20,7 +20,8 @@ from peftc.errors import PassError
 from peftc.graph import PEFTC, linear_sites
 from peftc.spec import OPTIMIZATIONS, Spec
 
-__all__ = ["PassResult", "PassContext", "rewrite_passes", "merge_passes", "run_pipeline", "verify", "SITES"]
+__all__ = ["PassResult", "PassContext", "rewrite_passes", "optimize_passes", "merge_passes", "run_pipeline", "verify",
+           "SITES"]
 
 SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
 
@@ -87,6 +88,7 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
     from peftc.passes import (
         bitfit,
+        bottleneck,
         ia3,
         ln_tuning,
         loha,
@@ -114,15 +116,20 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
         ("prompt", prompt.rewrite),  # embed(ids) -> prompt ++ embed(ids); ids, mask, labels widened by P
         ("ptuning", ptuning.rewrite),  # embed(ids) -> MLP(E) ++ embed(ids); widened as prompt
         ("prefix", prefix.rewrite),  # sdpa(q, k, v, m) -> sdpa(q, [Ek;k], [Ev;v], [1;m]); positions + P
+        ("bottleneck", bottleneck.rewrite),  # h + r -> (A(x) + h) + r, A = s*up(f(down(x))), x = h | h+r | r
         ("dce", drop_unused_attrs),  # get_attr without users -> gone
     ]
     used = {m.method for m in spec.methods}
-    passes = [(n, f) for n, f in rewrites if n in ("select", "dce") or n in used]
+    return [(n, f) for n, f in rewrites if n in ("select", "dce") or n in used]
+
+
+def optimize_passes(spec: Spec) -> list[tuple[str, Callable]]:
+    """The optimizations ``spec.optimize`` selects, in ``OPTIMIZE_ORDER``; they run once, after
+    every active adapter's rewrites."""
     missing = set(OPTIMIZATIONS) - set(OPTIMIZE_ORDER)
     if missing:
         raise PassError(f"optimizations {sorted(missing)} have no place in OPTIMIZE_ORDER")
-    passes += [(n, OPTIMIZATIONS[n]) for n in OPTIMIZE_ORDER if n in spec.optimize]
-    return passes
+    return [(n, OPTIMIZATIONS[n]) for n in OPTIMIZE_ORDER if n in spec.optimize]
 
 
 def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
@@ -143,7 +150,9 @@ def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
     ]
 
 
-OPTIMIZE_ORDER: list[str] = []  # optimizations, in the order they run when selected
+OPTIMIZE_ORDER: list[str] = [  # optimizations, in the order they run when selected
+    "fuse",  # linear(x, W, b) + s * B(A(drop(x))) -> lora_linear(x, W, b, A, B, s, p, seed)
+]
 
 
 def verify(gm: fx.GraphModule) -> None:

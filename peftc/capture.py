@@ -23,13 +23,14 @@ from torch.export import Dim
 
 from peftc.errors import CaptureError
 
-__all__ = ["capture", "set_training", "owning_module", "DROPOUT_OPS", "SDPA"]
+__all__ = ["capture", "set_training", "owning_module", "DROPOUT_OPS", "SDPA", "TRAIN_ARG"]
 
 aten = torch.ops.aten
 DROPOUT_OPS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
                aten.feature_alpha_dropout.default)
 SDPA = aten.scaled_dot_product_attention.default
 TRAIN_P = "peftc_train_dropout_p"  # meta key: attention dropout p seen in train mode
+TRAIN_ARG = "peftc_train_arg"  # meta key: index of a fused op's train flag (kernels with dropout)
 
 
 def owning_module(node: fx.Node) -> str | None:
@@ -104,6 +105,11 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
         if node.op == "get_attr":
             root[node.target] = _fetch(model, node.target)
             _set_stack(node, node.target.rpartition(".")[0], modules)
+        elif node.op == "call_function" and TRAIN_ARG in node.meta:
+            i = node.meta[TRAIN_ARG]
+            if node.args[i] is not mode:
+                node.args = (*node.args[:i], mode, *node.args[i + 1:])
+                changed = True
         elif node.op == "call_module":
             mod = modules[node.target]
             if isinstance(mod, nn.Linear):
@@ -183,6 +189,11 @@ def set_training(gm: fx.GraphModule, mode: bool) -> bool:
                     node.args = (*node.args[:4], p, *node.args[5:])
                 else:
                     node.kwargs = {**node.kwargs, "dropout_p": p}
+                changed = True
+        elif node.op == "call_function" and TRAIN_ARG in node.meta:
+            i = node.meta[TRAIN_ARG]
+            if node.args[i] is not mode:
+                node.args = (*node.args[:i], mode, *node.args[i + 1:])
                 changed = True
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)

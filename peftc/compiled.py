@@ -25,7 +25,7 @@ from peftc import peft_io, targets
 from peftc.capture import capture, set_training
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import install_module
-from peftc.passes import PassContext, merge, rewrite_passes, run_pipeline
+from peftc.passes import PassContext, merge, optimize_passes, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
 from peftc.resolve import resolve_all, with_implied_heads
 from peftc.spec import METHODS, Spec
@@ -242,6 +242,10 @@ class CompiledModel(nn.Module):
                     gm.get_submodule(MASKS).register_buffer(name, torch.ones(1), persistent=False)
                     ctx.sample_mask = f"{MASKS}.{name}"
                 gm = run_pipeline(gm, ctx, passes)
+            names = mixed if mixed is not None else self._active if self._enabled else ()
+            if names and not self._merged:  # optimizations see every adapter's nodes at once
+                gm = run_pipeline(gm, self._ctx(names[0], counts, timings),
+                                  optimize_passes(self._states[names[0]].spec))
             set_training(gm, self.training)
             self._graphs[key] = gm
             if key == self._first:

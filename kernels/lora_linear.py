@@ -1,0 +1,378 @@
+"""Fused LoRA linear: the frozen base GEMM and the low-rank path in one opaque op.
+
+    y = x W^T + b + s * drop(x) A^T B^T          drop(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
+
+Op (registered on import)::
+
+    torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed, train) -> (y, h)
+        x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
+        scale: s; p: dropout probability; seed: int64 0-d tensor; train: dropout only when true
+        y (..., out); h = drop(x) A^T (tokens, r), returned (non-differentiable) for autograd to save
+
+``lora_linear(...)`` below calls it and returns y.
+
+Dropout applies only when ``train and p > 0``. Its mask is a pure function of (seed, token,
+feature), so backward regenerates it instead of saving drop(x): autograd keeps x (and the
+parameters it already holds) and the r-wide h, never a (tokens, in) copy. Backward, g = dY::
+
+    dx = g W + s * keep/(1-p) * ((g B) A)      dA = s * (g B)^T drop(x)      dB = s * g^T h
+
+dW = g^T x and db = sum(g) are computed only when weight/bias require grad (never for a frozen
+base). Double backward is not supported.
+
+Devices: CPU (and any dtype Triton does not take) runs fused torch code: one addmm for the base,
+x A^T once, the low-rank term added in place (addmm_), the mask drawn from a torch.Generator
+seeded with ``seed`` (``dropout_mask``). CUDA fp16/bf16/fp32 runs one strided Triton GEMM kernel
+(2 launches forward, 4 backward) whose epilogue adds the bias and the low-rank term, with the
+mask from ``tl.rand(seed, token * in + feature)``. The two devices draw different masks for a
+seed; each is consistent between its forward and backward. x, weight, lora_A and lora_B must
+share a dtype (the caller casts). Forward and backward are opaque custom ops with fake impls,
+so graphs using them survive torch.export and torch.compile without graph breaks.
+
+    >>> y = lora_linear(x, W, b, A, B, scale=2.0, p=0.05, train=True)   # draws a seed
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux-only dependency
+    triton = None
+
+__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask",
+           "triton_forward", "triton_backward", "draw_seed"]
+
+BLOCKS = (64, 64, 32)  # Triton (BLOCK_M, BLOCK_N, BLOCK_K); the rank is tiled by 16
+
+
+# ---------------------------------------------------------------- torch reference and CPU path
+
+
+def draw_seed(device=None) -> torch.Tensor:
+    """A fresh dropout seed from the global RNG (so ``torch.manual_seed`` makes runs repeatable)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed: torch.Tensor, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The fused-torch path's keep mask, scaled by 1/(1-p), drawn from torch.Generator(seed).
+
+    Each 64-bit draw gives four uniform 16-bit lanes (on CPU half the cost of torch.rand, one
+    32-bit draw per element); keep where lane >= p * 2^16, so the keep probability is 1 - p with
+    p rounded to a multiple of 1/65536.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
+    n = math.prod(shape)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+    lanes = words.view(torch.int16)[:n].view(shape).to(torch.float32)  # exact: int16 fits fp32
+    keep = lanes.ge_(round(p * 65536) - 32768)
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, mask=None):
+    """Unfused eager semantics; ``mask`` is a scaled keep mask (e.g. from ``dropout_mask``)."""
+    xd = x if mask is None else x * mask.reshape(x.shape)
+    return torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
+
+
+def _dropout_on(p: float, train: bool) -> bool:
+    return bool(train) and p > 0.0
+
+
+def _check(x, weight, bias, lora_A, lora_B, p):
+    """Shape/dtype checks shared by the wrapper and the fake impl (so tracing reports them too)."""
+    (out, d), (r, d_a) = weight.shape, lora_A.shape
+    if x.shape[-1] != d or d_a != d or tuple(lora_B.shape) != (out, r):
+        raise ValueError(f"lora_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
+                         f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}: want (..., in), (out, in), "
+                         "(r, in), (out, r)")
+    if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype}) > 1:
+        raise ValueError(f"lora_linear: x, weight, lora_A, lora_B must share a dtype, got {x.dtype}, "
+                         f"{weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)}, want ({out},)")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_linear: dropout p={p}, want 0 <= p < 1")
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    if _dropout_on(p, train):
+        x2 = x2 * dropout_mask(seed, x2.shape, p, x.dtype, x.device)
+    h = torch.mm(x2, lora_A.t())
+    y.addmm_(h, lora_B.t(), alpha=scale)  # s * (x A^T) B^T, in place
+    return y.view(*x.shape[:-1], weight.shape[0]), h
+
+
+def _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+    g = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else None
+    xd = x2 if mask is None else x2 * mask
+    gbs = torch.mm(g, lora_B).mul_(scale)  # s * g B: (tokens, r)
+    d_a = torch.mm(gbs.t(), xd)
+    d_b = torch.mm(h.t(), g).mul_(scale).t().contiguous()  # (r, T) @ (T, out): faster than g^T h
+    if not need_dx:
+        return x.new_empty(0), d_a, d_b
+    dx = torch.mm(g, weight)
+    if mask is None:
+        dx.addmm_(gbs, lora_A)
+    else:
+        dx.addcmul_(torch.mm(gbs, lora_A), mask)
+    return dx.view(x.shape), d_a, d_b
+
+
+# ---------------------------------------------------------------- Triton kernel and launchers
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        tl.static_assert(a.dtype == b.dtype, "lora_linear: tl.dot operands must share a dtype")
+        if UPCAST:  # triton 3.9's interpreter multiplies raw bf16 bit patterns: take fp32 there
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _mm_kernel(
+        a_ptr, b_ptr, c_ptr,  # C[M, N] = alpha * A[M, K] @ B[K, N], any strides (views, transposes)
+        bias_ptr,  # (N,): added last, when HAS_BIAS
+        e_ptr, f_ptr,  # epilogue: C += beta * E[M, R] @ F[R, N], when HAS_EPI
+        seed_ptr,  # int64 scalar: dropout seed, read when DROP > 0
+        M, N, K, R,
+        s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_em, s_er, s_fr, s_fn,
+        alpha, beta, p, drop_ld,  # keep(t, i) = rand(seed, t * drop_ld + i) >= p; x is (t, i)
+        HAS_BIAS: tl.constexpr, HAS_EPI: tl.constexpr,
+        DROP: tl.constexpr,  # 0 none; x is operand A as (t=m, i=k): 1; operand B (k, n): 2; epilogue (m, n): 3
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m, in_n = rm[:, None] < M, rn[None, :] < N
+        seed = tl.load(seed_ptr) if DROP > 0 else 0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=in_m & (rk[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=(rk[:, None] < K) & in_n, other=0.0)
+            if DROP == 1:
+                a = tl.where(tl.rand(seed, rm[:, None] * drop_ld + rk[None, :]) >= p, a, 0.0)
+            if DROP == 2:
+                b = tl.where(tl.rand(seed, rk[:, None] * drop_ld + rn[None, :]) >= p, b, 0.0)
+            acc += _dot(a, b, PRECISION, UPCAST)
+        acc = acc * alpha
+        if HAS_EPI:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
+                f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & in_n, other=0.0)
+                low += _dot(e, f, PRECISION, UPCAST)
+            if DROP == 3:
+                low = tl.where(tl.rand(seed, rm[:, None] * drop_ld + rn[None, :]) >= p, low, 0.0)
+            acc += beta * low
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=in_m & in_n)
+
+
+def _mm(a, b, *, out_dtype, alpha=1.0, bias=None, epi=None, beta=1.0, drop=0, seed=None, p=0.0, ld=0,
+        blocks=None):
+    """Launch ``_mm_kernel`` on 2-D (possibly transposed) views: returns alpha*a@b (+ epilogue)."""
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"_mm: inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    if max(a.numel(), b.numel(), m * n) >= 2**31:
+        raise ValueError(f"lora_linear: Triton indexes with int32; got {tuple(a.shape)} @ {tuple(b.shape)}")
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    e, f = epi if epi is not None else (c, c)
+    bm, bn, bk = blocks or BLOCKS
+    bm = min(bm, max(16, triton.next_power_of_2(m)))  # narrow tiles for the r-wide operands
+    bn = min(bn, max(16, triton.next_power_of_2(n)))
+    ieee = a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)  # as torch
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _mm_kernel[grid](
+        a, b, c, c if bias is None else bias, e, f, c if seed is None else seed,
+        m, n, k, e.shape[1] if epi is not None else 0,
+        *a.stride(), *b.stride(), *c.stride(), *e.stride(), *f.stride(),
+        float(alpha), float(beta), float(p), ld,
+        HAS_BIAS=bias is not None, HAS_EPI=epi is not None, DROP=drop,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, PRECISION="ieee" if ieee else "tf32",
+        UPCAST=a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )
+    return c
+
+
+def _triton_seed(x, seed):
+    if triton is None:
+        raise RuntimeError("lora_linear: the Triton path needs the triton package")
+    return seed.to(device=x.device, dtype=torch.int64)
+
+
+def triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, blocks=None):
+    """(y, h) in two launches: h = drop(x) A^T, then y = x W^T + b + s h B^T (epilogue)."""
+    seed = _triton_seed(x, seed)
+    x2 = x.reshape(-1, x.shape[-1])
+    on = _dropout_on(p, train)
+    h = _mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0,
+            drop=1 if on else 0, seed=seed, p=p, ld=x2.shape[1], blocks=blocks)
+    y = _mm(x2, weight.t(), out_dtype=x.dtype, bias=bias, epi=(h, lora_B.t()), beta=scale, blocks=blocks)
+    return y.view(*x.shape[:-1], weight.shape[0]), h
+
+
+def triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, blocks=None):
+    """(dx, dA, dB): g B once, dx's low-rank term masked in the GEMM epilogue."""
+    seed = _triton_seed(x, seed)
+    g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    on, ld = _dropout_on(p, train), x2.shape[1]
+    inv = 1 / (1 - p) if on else 1.0
+    kw = dict(seed=seed, p=p, ld=ld, blocks=blocks)
+    gb = _mm(g, lora_B, out_dtype=x.dtype, blocks=blocks)  # (tokens, r); tl.dot wants equal dtypes
+    d_a = _mm(gb.t(), x2, out_dtype=lora_A.dtype, alpha=scale * inv, drop=2 if on else 0, **kw)
+    d_b = _mm(g.t(), h, out_dtype=lora_B.dtype, alpha=scale, blocks=blocks)
+    if not need_dx:
+        return x.new_empty(0), d_a, d_b
+    dx = _mm(g, weight, out_dtype=x.dtype, epi=(gb, lora_A), beta=scale * inv,
+             drop=3 if on else 0, **kw)
+    return dx.view(x.shape), d_a, d_b
+
+
+def triton_dropout_mask(seed, tokens, features, p, device=None) -> torch.Tensor:
+    """The Triton path's scaled keep mask (drop(ones) through the kernel): for tests and references."""
+    ones = torch.ones(tokens, features, device=device)
+    eye = torch.eye(features, device=device)
+    return _mm(ones, eye, out_dtype=torch.float32, alpha=1 / (1 - p), drop=1,
+               seed=_triton_seed(ones, seed), p=p, ld=features, blocks=(16, 16, 16))
+
+
+def _use_triton(x) -> bool:
+    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------- custom-op registration
+
+
+@torch.library.custom_op("peftc::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
+                    train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
+
+
+@_lora_linear_op.register_kernel("cuda")
+def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+    fn = triton_forward if _use_triton(x) else _torch_forward
+    return fn(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+    _check(x, weight, bias, lora_A, lora_B, p)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
+
+
+@torch.library.custom_op("peftc::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                             lora_B: torch.Tensor, h: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
+                             train: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+
+
+@_lora_linear_backward_op.register_kernel("cuda")
+def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+    fn = triton_backward if _use_triton(x) else _torch_backward
+    return fn(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, p, seed, train = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)  # x and h: drop(x) is regenerated
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (scale, p, train)
+
+
+def _backward(ctx, grad, _grad_h):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    scale, p, train = ctx.args
+    dx, d_a, d_b = torch.ops.peftc.lora_linear_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed,
+                                                        train, need[0])
+    g = grad.reshape(-1, grad.shape[-1])
+    d_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1])) if need[1] else None  # trainable base only
+    d_bias = g.sum(0) if need[2] else None
+    return dx if need[0] else None, d_w, d_bias, d_a, d_b, None, None, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, train: bool = False,
+                seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Call the op; draws a seed from the global RNG when dropout is on and none is given."""
+    _check(x, weight, bias, lora_A, lora_B, p)
+    if seed is None:
+        on = _dropout_on(p, train)
+        seed = draw_seed(x.device) if on else torch.zeros((), dtype=torch.int64, device=x.device)
+    return torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed, bool(train))[0]
+
+
+# ---------------------------------------------------------------- micro-benchmark
+
+
+def _bench(tokens=1024, d=512, r=16, reps=40):
+    """Fused op vs unfused eager torch: forward + backward (dx, dA, dB; frozen W) on CPU, interleaved
+    runs: median (p10-p90) and min ms, each with its overhead over the frozen base linear alone
+    (forward + dx); on a shared machine the min ratio is the steadier one."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(d, d) / d**0.5, torch.randn(d)
+    lora_A = (torch.randn(r, d) / d**0.5).requires_grad_()
+    lora_B = (torch.randn(d, r) / r**0.5).requires_grad_()
+    x, dy = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
+    linear = torch.nn.functional.linear
+
+    def unfused(p):
+        xd = torch.nn.functional.dropout(x, p, training=True) if p else x
+        return linear(x, weight, bias) + 2.0 * ((xd @ lora_A.t()) @ lora_B.t())
+
+    runs = {"base (frozen, no LoRA)": (lambda p: linear(x, weight, bias), [x]),
+            "unfused torch": (unfused, [x, lora_A, lora_B]),
+            "fused op": (lambda p: lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, train=True),
+                         [x, lora_A, lora_B])}
+    print(f"T={tokens} d={d} r={r}, {torch.get_num_threads()} threads")
+    for p in (0.0, 0.05):
+        times = {k: [] for k in runs}
+        for _ in range(reps + 3):  # interleaved; the first 3 rounds are warm-up
+            for name, (fn, leaves) in runs.items():
+                t0 = time.perf_counter()
+                torch.autograd.grad(fn(p), leaves, dy)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        base = times["base (frozen, no LoRA)"][3:]
+        for name, ts in times.items():
+            med, q, low = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10), min(ts[3:])
+            print(f"p={p:<5} {name:22s} median {med:6.2f} ms ({q[0]:.2f}-{q[-1]:.2f}) "
+                  f"{med / statistics.median(base) - 1:+4.0%}   min {low:6.2f} ms {low / min(base) - 1:+4.0%}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))
+    _bench()

@@ -1,0 +1,80 @@
+"""benchmarks/step_time.py in quick mode: the files it writes, their schema, and that peftc's
+and HF PEFT's step-0 losses agree (correctness of what is timed; times are never asserted)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    """The benchmark is a script directory, not an installed package: load it by path."""
+    spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+step_time = _load()
+STAT_KEYS = {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "samples_ms",
+             "overhead_pct", "overhead_paired_pct", "overhead_min_pct"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = step_time.main(["--quick", "--out", str(out), "--reps", "3", "--no-progress",
+                             "--dropout", "0.0", "0.1", "--note", "test run"])
+    return out, result
+
+
+def test_quick_writes_json_png_and_report(quick):
+    out, result = quick
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "step_time.json", "step_time.png"]
+    on_disk = json.loads((out / "step_time.json").read_text())
+    assert on_disk["variants"] == result["variants"]
+    assert on_disk["schema"] == "peftc.bench.step_time/1"
+    names = ["frozen base", "peft p=0.0", "peftc p=0.0", "peft p=0.1", "peftc p=0.1"]
+    assert list(on_disk["variants"]) == names
+    for s in on_disk["variants"].values():
+        assert set(s) == STAT_KEYS
+        assert len(s["samples_ms"]) == 3
+        assert s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
+    base = on_disk["variants"]["frozen base"]
+    assert base["overhead_pct"] == base["overhead_paired_pct"] == base["overhead_min_pct"] == 0.0
+    assert on_disk["config"]["dropouts"] == [0.0, 0.1] and on_disk["config"]["reps"] == 3
+    assert {"device", "cpu_count", "torch", "transformers", "peft"} <= set(on_disk["environment"])
+    assert on_disk["trainable_params"]["frozen base"] == 0
+    for p in ("0.0", "0.1"):  # the lora pass rewrote all 7 linears of both layers
+        assert on_disk["peftc_pass_counts"][f"peftc p={p}"]["lora"] == 7 * 2
+    assert on_disk["trainable_params"]["peftc p=0.0"] == on_disk["trainable_params"]["peft p=0.0"] > 0
+    assert (out / "step_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "RESULTS.md").read_text()
+    assert "--quick --out" in md and "test run" in md and "torch " in md and "peft " in md
+    assert all(f"| {n} |" in md for n in names)
+
+
+def test_step0_losses_peftc_equal_peft(quick):
+    _, result = quick
+    loss = result["step0_loss"]
+    for p in ("0.0", "0.1"):  # same seed before each: dropout masks agree too
+        assert loss[f"peftc p={p}"] == pytest.approx(loss[f"peft p={p}"], abs=1e-5)
+    # the adapters are non-zero, so the comparison is not base == base
+    assert abs(loss["peft p=0.0"] - loss["frozen base"]) > 1e-4
+    assert abs(loss["peft p=0.1"] - loss["peft p=0.0"]) > 1e-6
+
+
+def test_run_api_and_atomic_write(tmp_path):
+    cfg = step_time.BenchConfig.quick(out=str(tmp_path / "o"), report=str(tmp_path / "R.md"), reps=1,
+                                      warmup=1, dropouts=(0.0,), progress=False)
+    result = step_time.run(cfg)
+    assert list(result["variants"]) == ["frozen base", "peft p=0.0", "peftc p=0.0"]
+    assert (tmp_path / "R.md").exists()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["step_time.json", "step_time.png"]
+    with pytest.raises(ZeroDivisionError):  # a failing writer leaves no file and no temp file
+        step_time._atomic(tmp_path / "x.json", lambda p: 1 / 0)
+    assert not [p for p in tmp_path.iterdir() if "x.json" in p.name]
