@@ -105,11 +105,6 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
         if node.op == "get_attr":
             root[node.target] = _fetch(model, node.target)
             _set_stack(node, node.target.rpartition(".")[0], modules)
-        elif node.op == "call_function" and TRAIN_ARG in node.meta:
-            i = node.meta[TRAIN_ARG]
-            if node.args[i] is not mode:
-                node.args = (*node.args[:i], mode, *node.args[i + 1:])
-                changed = True
         elif node.op == "call_module":
             mod = modules[node.target]
             if isinstance(mod, nn.Linear):
@@ -189,6 +184,11 @@ def set_training(gm: fx.GraphModule, mode: bool) -> bool:
                     node.args = (*node.args[:4], p, *node.args[5:])
                 else:
                     node.kwargs = {**node.kwargs, "dropout_p": p}
+                changed = True
+        elif node.op == "call_function" and TRAIN_ARG in node.meta:
+            i = node.meta[TRAIN_ARG]
+            if node.args[i] is not mode:
+                node.args = (*node.args[:i], mode, *node.args[i + 1:])
                 changed = True
         elif node.op == "call_function" and TRAIN_ARG in node.meta:
             i = node.meta[TRAIN_ARG]

@@ -82,6 +82,7 @@ def test_fused_dropout_is_seeded_and_consistent(monkeypatch):
     torch.manual_seed(0)
     assert torch.equal(fused(x=x), y1)
     fused.eval()
+    assert torch.equal(fused(x=x), fused(x=x))  # eval: no dropout
     assert (fused(x=x) - y1).abs().max() > 1e-3  # the mask did something in train mode
     fused.train()
     import peftc.passes.fuse as fuse_mod
