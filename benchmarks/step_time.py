@@ -1,4 +1,4 @@
-"""Training-step time: frozen base vs HF PEFT LoRA vs peftc LoRA (unfused), on CPU or GPU.
+"""Training-step time: frozen base vs HF PEFT LoRA vs peftc LoRA (unfused, fused; + torch.compile), CPU or GPU.
 
     python -m benchmarks.step_time                 # 512-wide 4-layer Llama, batch 4 x 256
     python -m benchmarks.step_time --quick --out /tmp/bench   # tiny shapes, 2 reps
@@ -50,6 +50,9 @@ class BenchConfig:
     r: int = 16
     alpha: float = 32.0
     dropouts: tuple[float, ...] = (0.0, 0.05)
+    fused: bool = True  # also time peftc with optimize=["fuse"]
+    compile: bool = False  # also time torch.compile'd frozen base, PEFT and fused peftc
+    ops: bool = True  # per-op micro-benchmark (one LoRA linear, fused op vs unfused)
     reps: int = 20
     warmup: int = 2
     lr: float = 1e-4
@@ -65,7 +68,7 @@ class BenchConfig:
     def quick(cls, **kw) -> BenchConfig:
         """Tiny shapes, for tests: seconds, not minutes."""
         small = dict(hidden=64, layers=2, intermediate=128, heads=4, vocab=128, batch=2, seq=16,
-                     r=4, alpha=8.0, reps=2, warmup=1)
+                     r=4, alpha=8.0, reps=2, warmup=1, ops=False)
         return cls(**{**small, **kw})
 
 
@@ -108,10 +111,25 @@ def _variants(cfg: BenchConfig, inputs: dict) -> dict[str, tuple[torch.nn.Module
         cm.load_adapter_state_dict(get_peft_model_state_dict(pm))
         if cm.pass_counts.get("lora") != len(LINEARS) * cfg.layers:
             raise RuntimeError(f"peftc's lora pass did not rewrite every linear: {cm.pass_counts}")
-        for name, model in ((f"peft p={p}", pm), (f"peftc p={p}", cm)):
+        models = [(f"peft p={p}", pm), (f"peftc p={p}", cm)]
+        if cfg.fused:
+            fb = _base(cfg)
+            fb.load_state_dict(snapshot)
+            fused = peftc.compile(fb.train(), spec, example_inputs=small, optimize=["fuse"])
+            fused.load_adapter_state_dict(get_peft_model_state_dict(pm))
+            if fused.pass_counts.get("fuse") != len(LINEARS) * cfg.layers:
+                raise RuntimeError(f"peftc's fuse pass did not fuse every LoRA site: {fused.pass_counts}")
+            models.append((f"peftc fused p={p}", fused))
+        for name, model in models:
             model.to(cfg.device)  # before AdamW, so its state lives on the device
             opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg.lr)
             out[name] = (model.train(), opt)
+    if cfg.compile:  # compiled runs are compared with the compiled frozen base
+        for name in [n for n in out if n == "frozen base" or n.startswith(("peft p=", "peftc fused"))]:
+            model, opt = out[name]
+            model = copy.deepcopy(model)  # own weights: the eager twin's steps do not move them
+            out[f"{name} +compile"] = (torch.compile(model), opt if opt is None else torch.optim.AdamW(
+                [w for w in model.parameters() if w.requires_grad], lr=cfg.lr))
     return out
 
 
@@ -201,12 +219,19 @@ def run(config: BenchConfig) -> dict:
         s["overhead_pct"] = 100.0 * (s["median_ms"] / floor["median_ms"] - 1.0)
         s["overhead_paired_pct"] = 100.0 * (statistics.median(t / b for t, b in zip(times[n], base)) - 1.0)
         s["overhead_min_pct"] = 100.0 * (s["min_ms"] / floor["min_ms"] - 1.0)
-    counts = {n: m.pass_counts for n, (m, _) in variants.items() if n.startswith("peftc")}
+    counts = {n: m.pass_counts for n, (m, _) in variants.items() if n.startswith("peftc") and "compile" not in n}
+    ops = {}
+    if config.ops:  # one LoRA linear at the model's shape: fused op vs unfused vs the base linear
+        from peftc.kernels.lora_linear import bench
+
+        ops = {str(p): rows for p, rows in bench(config.batch * config.seq, config.hidden, config.r,
+                                                  reps=config.reps * 2, dropouts=config.dropouts,
+                                                  device=config.device).items()}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in variants.items()}
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     result = {"schema": "peftc.bench.step_time/1", "config": cfg, "environment": _environment(config.device),
               "variants": stats, "step0_loss": step0, "trainable_params": trainable,
-              "peftc_pass_counts": counts, "time_unix": time.time()}
+              "peftc_pass_counts": counts, "ops": ops, "time_unix": time.time()}
     if config.out:
         write(result, config)
     return result
@@ -236,12 +261,14 @@ def _plot(result: dict, path: str) -> None:
     v = [result["variants"][n] for n in names]
     med = [s["median_ms"] for s in v]
     err = [[m - s["min_ms"] for m, s in zip(med, v)], [s["max_ms"] - m for m, s in zip(med, v)]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, med, yerr=err, capsize=4, color=(["0.6"] + ["C0", "C1"] * len(names))[: len(names)])
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4))
+    colour = lambda n: "0.6" if n.startswith("frozen") else "C1" if "fused" in n else "C2" if n.startswith("peftc") else "C0"
+    ax.bar(names, med, yerr=err, capsize=4, color=[colour(n) for n in names],
+           hatch=["//" if "compile" in n else "" for n in names])
     ax.set_ylabel("step time, ms (median, min-max)")
     c = result["config"]
     ax.set_title(f"Llama {c['hidden']}x{c['layers']}, batch {c['batch']}x{c['seq']}, LoRA r={c['r']}")
-    ax.tick_params(axis="x", labelrotation=20)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
@@ -260,7 +287,7 @@ def _markdown(result: dict, files: str) -> str:
         f"Model: Llama (random init), hidden {c['hidden']}, {c['layers']} layers, intermediate "
         f"{c['intermediate']}, {c['heads']} heads, vocab {c['vocab']}, attention dropout 0. "
         f"Batch {c['batch']} x {c['seq']} tokens. LoRA r={c['r']}, alpha={c['alpha']} on all 7 "
-        f"linears of every layer; peftc unfused (`optimize=None`). {c['reps']} timed reps per "
+        f"linears of every layer. {c['reps']} timed reps per "
         f"variant after {c['warmup']} warm-up step(s), interleaved round-robin.", "",
         "A step is forward with labels + `loss.backward()` + `AdamW.step()` on the trainable "
         "parameters. **Frozen base** (the floor): every parameter frozen, no optimizer; the "
@@ -280,7 +307,20 @@ def _markdown(result: dict, files: str) -> str:
                      f"{s['q1_ms']:.1f}-{s['q3_ms']:.1f} | {s['overhead_pct']:+.1f}% | "
                      f"{s['overhead_paired_pct']:+.1f}% | {s['overhead_min_pct']:+.1f}% | "
                      f"{result['trainable_params'][n]:,} | {result['step0_loss'][n]:.6f} |")
-    lines += ["", f"`p` is the LoRA dropout. Raw samples and plot: {files}.", ""]
+    lines += ["", "`p` is the LoRA dropout; `peftc` is the unfused graph (`optimize=None`), `peftc fused` "
+              "uses `optimize=[\"fuse\"]` (peftc::lora_linear); `+compile` runs `torch.compile` (inductor) on "
+              "it, to be compared with the compiled frozen base. "
+              f"Raw samples and plot: {files}.", ""]
+    if result.get("ops"):
+        lines += ["## One LoRA linear (forward + backward, frozen W)", "",
+                  f"T = batch x seq = {c['batch'] * c['seq']} tokens, d = {c['hidden']}, r = {c['r']}; "
+                  "`kernels/lora_linear.py:bench`.", "",
+                  "| p | variant | median ms | p10-p90 ms | over the base linear |", "|---|---|---:|---:|---:|"]
+        for p, rows in result["ops"].items():
+            for n, s in rows.items():
+                lines.append(f"| {p} | {n} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
+                             f"{s['overhead_pct']:+.1f}% |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -308,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--note", default="", help="a 'preliminary' note for RESULTS.md")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused peftc variant")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants (slow to warm up)")
+    ap.add_argument("--no-ops", action="store_true", help="skip the per-op micro-benchmark")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     report = args.report or ("benchmarks/RESULTS.md" if args.out == "benchmarks/results" else None)
@@ -316,11 +359,12 @@ def main(argv: list[str] | None = None) -> dict:
         kw["dropouts"] = tuple(args.dropout)
     base = BenchConfig.quick() if args.quick else BenchConfig()
     config = replace(base, out=args.out, device=args.device, report=report, preliminary=args.note,
-                     progress=not args.no_progress, **kw,
+                     progress=not args.no_progress, fused=not args.no_fused, compile=args.compile,
+                     ops=not args.no_ops and not args.quick, **kw,
                      command=shlex.join(["python", "-m", "benchmarks.step_time", *argv]))
     result = run(config)
     for n, s in result["variants"].items():
-        print(f"{n:>14}: {s['median_ms']:8.1f} ms  (min {s['min_ms']:.1f}, max {s['max_ms']:.1f})  "
+        print(f"{n:>28}: {s['median_ms']:8.1f} ms  (min {s['min_ms']:.1f}, max {s['max_ms']:.1f})  "
               f"{s['overhead_pct']:+6.1f}% (paired {s['overhead_paired_pct']:+.1f}%)  loss0 {result['step0_loss'][n]:.6f}")
     return result
 

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 __all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask",
-           "triton_forward", "triton_backward", "draw_seed"]
+           "triton_forward", "triton_backward", "draw_seed", "bench"]
 
 BLOCKS = (64, 64, 32)  # Triton (BLOCK_M, BLOCK_N, BLOCK_K); the rank is tiled by 16
 
@@ -333,41 +333,46 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, t
 # ---------------------------------------------------------------- micro-benchmark
 
 
-def _bench(tokens=1024, d=512, r=16, reps=40):
-    """Fused op vs unfused eager torch: forward + backward (dx, dA, dB; frozen W) on CPU, interleaved
-    runs: median (p10-p90) and min ms, each with its overhead over the frozen base linear alone
-    (forward + dx); on a shared machine the min ratio is the steadier one."""
+def bench(tokens=1024, d=512, r=16, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
+    """Fused op vs unfused eager torch vs the frozen base linear alone: forward + backward (dx,
+    dA, dB; frozen W), interleaved runs after 3 warm-up rounds. Returns
+    ``{p: {variant: {"median_ms", "p10_ms", "p90_ms", "overhead_pct"}}}``."""
     import statistics
     import time
 
     torch.manual_seed(0)
-    weight, bias = torch.randn(d, d) / d**0.5, torch.randn(d)
-    lora_A = (torch.randn(r, d) / d**0.5).requires_grad_()
-    lora_B = (torch.randn(d, r) / r**0.5).requires_grad_()
-    x, dy = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
+    kw = {"device": device}
+    weight, bias = torch.randn(d, d, **kw) / d**0.5, torch.randn(d, **kw)
+    lora_A = (torch.randn(r, d, **kw) / d**0.5).requires_grad_()
+    lora_B = (torch.randn(d, r, **kw) / r**0.5).requires_grad_()
+    x, dy = torch.randn(tokens, d, requires_grad=True, **kw), torch.randn(tokens, d, **kw)
     linear = torch.nn.functional.linear
 
     def unfused(p):
         xd = torch.nn.functional.dropout(x, p, training=True) if p else x
         return linear(x, weight, bias) + 2.0 * ((xd @ lora_A.t()) @ lora_B.t())
 
-    runs = {"base (frozen, no LoRA)": (lambda p: linear(x, weight, bias), [x]),
+    runs = {"base linear (frozen)": (lambda p: linear(x, weight, bias), [x]),
             "unfused torch": (unfused, [x, lora_A, lora_B]),
             "fused op": (lambda p: lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, train=True),
                          [x, lora_A, lora_B])}
-    print(f"T={tokens} d={d} r={r}, {torch.get_num_threads()} threads")
-    for p in (0.0, 0.05):
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    out = {}
+    for p in dropouts:
         times = {k: [] for k in runs}
-        for _ in range(reps + 3):  # interleaved; the first 3 rounds are warm-up
+        for _ in range(reps + 3):
             for name, (fn, leaves) in runs.items():
+                sync()
                 t0 = time.perf_counter()
                 torch.autograd.grad(fn(p), leaves, dy)
+                sync()
                 times[name].append((time.perf_counter() - t0) * 1e3)
-        base = times["base (frozen, no LoRA)"][3:]
+        base = statistics.median(times["base linear (frozen)"][3:])
+        out[p] = {}
         for name, ts in times.items():
-            med, q, low = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10), min(ts[3:])
-            print(f"p={p:<5} {name:22s} median {med:6.2f} ms ({q[0]:.2f}-{q[-1]:.2f}) "
-                  f"{med / statistics.median(base) - 1:+4.0%}   min {low:6.2f} ms {low / min(base) - 1:+4.0%}")
+            med, q = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10)
+            out[p][name] = {"median_ms": med, "p10_ms": q[0], "p90_ms": q[-1], "overhead_pct": 100 * (med / base - 1)}
+    return out
 
 
 if __name__ == "__main__":
@@ -375,4 +380,8 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1:
         torch.set_num_threads(int(sys.argv[1]))
-    _bench()
+    print(f"T=1024 d=512 r=16, {torch.get_num_threads()} threads")
+    for p, rows in bench().items():
+        for name, s in rows.items():
+            print(f"p={p:<5} {name:22s} {s['median_ms']:7.2f} ms  (p10-p90 {s['p10_ms']:.2f}-{s['p90_ms']:.2f})"
+                  f"  {s['overhead_pct']:+.0f}%")

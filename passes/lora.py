@@ -2,7 +2,9 @@
 
     y = x W^T + b  ->  y + s * B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-``dora: true`` adds DoRA's magnitude rescaling (passes/dora.py).
+``dora: true`` adds DoRA's magnitude rescaling (passes/dora.py). ``gate: true`` is UniPELT's
+gated LoRA as AdapterHub computes it: the gate replaces the scaling,
+``y + g(x) * B(A(dropout(x)))`` with ``g(x) = mean_seq sigmoid(x W_g^T + b_g)`` per sample.
 
 A: (r, in), B: (out, r), the same shapes and init as PEFT (A kaiming-uniform(a=sqrt 5) or
 normal(std=1/r) for ``init: gaussian``, B zero; ``init: random`` keeps both random, PEFT's
@@ -22,8 +24,9 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from peftc.errors import CheckpointError, SpecError
+from peftc.errors import CheckpointError, PeftcError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
+from peftc.passes.bottleneck import init_gate, insert_gate, tokens_3d
 from peftc.passes.dora import insert_dora, weight_norm
 from peftc.passes.pipeline import SITES, PassContext, PassResult
 from peftc.spec import MethodSpec, check_targets, register_method
@@ -70,6 +73,7 @@ class LoraSpec(MethodSpec):
     layers_pattern: Any = None
     rank_pattern: Mapping = field(default_factory=dict)
     alpha_pattern: Mapping = field(default_factory=dict)
+    gate: bool = False
 
     sites: ClassVar[str] = "linear"
 
@@ -88,6 +92,8 @@ class LoraSpec(MethodSpec):
             self._err("dora", "true or false")
         if self.init not in INITS:
             self._err("init", f"one of {list(INITS)}")
+        if not isinstance(self.gate, bool) or (self.gate and self.dora):
+            self._err("gate", "true or false (and false with dora)")
         if self.bias not in BIAS:
             self._err("bias", f"one of {list(BIAS)}")
         layers = self.layers
@@ -161,6 +167,8 @@ class LoraSpec(MethodSpec):
         rank_pattern / alpha_pattern for the modules whose rank or alpha differ.
         """
         first = entries[0]
+        if any(e.gate for e in entries):
+            raise CheckpointError("a gated LoRA (UniPELT) has no HF PEFT checkpoint format")
         for e in entries[1:]:
             for f in ("dropout", "rslora", "dora", "init", "bias"):
                 if getattr(e, f) != getattr(first, f):
@@ -194,6 +202,8 @@ class LoraSpec(MethodSpec):
 
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + s B A, and DoRA's row rescaling."""
+        if self.gate:
+            raise PeftcError("a gated LoRA depends on its input: it cannot be merged into the weight")
         s = self.scaling_for(path)
         delta = module.lora_B.weight @ module.lora_A.weight
         adapted = (w.t() if transposed else w) + s * delta
@@ -211,7 +221,7 @@ class LoraLinear(nn.Module):
     """The parameters of one LoRA adapter on one linear layer (PEFT's names and shapes)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, init: str, like: torch.Tensor,
-                 dora_scaling: float | None = None, transposed: bool = False):
+                 dora_scaling: float | None = None, transposed: bool = False, gate: bool = False):
         super().__init__()
         kw = {"dtype": like.dtype, "device": like.device}
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
@@ -222,6 +232,9 @@ class LoraLinear(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
             nn.init.zeros_(self.lora_B.weight)
+        if gate:  # UniPELT's gate, AdapterHub's name and init
+            self.gate = nn.Linear(in_features, 1, **kw)
+            init_gate(self.gate, zero_bias=False)
         if dora_scaling is not None:  # DoRA's magnitude, PEFT's name and init
             with torch.no_grad():
                 w = like.t() if transposed else like
@@ -256,7 +269,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             r, scaling = entry.rank_for(site.module), entry.scaling_for(site.module)
             path = mount_adapter(ctx.store, gm, f"{site.module}.lora.{adapter}",
                                  partial(LoraLinear, in_f, out_f, r, entry.init, weight,
-                                         scaling if entry.dora else None, site.transposed))
+                                         scaling if entry.dora else None, site.transposed, entry.gate))
             ins = Inserter(node, {"method": "lora", "adapter": adapter, "module": site.module})
             a = ins.get_attr(f"{path}.lora_A.weight")
             b = ins.get_attr(f"{path}.lora_B.weight")
@@ -268,6 +281,10 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if entry.dora:
                 term = insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
                                    recompute_base=entry.dropout > 0)
+            elif entry.gate:
+                g = insert_gate(ins, tokens_3d(site.x), f"{path}.gate.weight", f"{path}.gate.bias")
+                rows = ins.call(sample_rows, (ins.call(aten.view.default, (g, [-1]), "gate_flat"), d), "gate_rows")
+                term = ins.call(aten.mul.Tensor, (d, rows), "gated")
             else:
                 term = ins.call(aten.mul.Tensor, (d, scaling), "scale")
             if ctx.sample_mask:  # mixed batch: this adapter only on the samples that name it

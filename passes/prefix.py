@@ -10,6 +10,10 @@ rotated and already repeated for grouped-query attention, so the prefix is repea
 way), widen the explicit mask by P always-visible columns, and add P to the position ids
 that feed the rotary embedding or a learned position-embedding table. No model-specific code:
 attention nodes, rotary nodes and position tables are found in the graph.
+
+``gate: true`` is UniPELT's gated prefix as AdapterHub computes it (one shared gate per layer):
+``E_k(l), E_v(l) -> g_l(x) E_k(l), g_l(x) E_v(l)``, ``g_l(x) = mean_seq sigmoid(x W_l^T + b_l)``
+per sample, ``x`` the token states entering layer l's query projection.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, Inserter, mount_adapter
+from peftc.passes.bottleneck import attention_input, init_gate, insert_gate
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.passes.prompt import prompt_learning_config
 from peftc.spec import MethodSpec, register_method
@@ -44,6 +49,7 @@ class PrefixSpec(MethodSpec):
     projection: bool = False
     hidden: int | None = None
     init: str = "random"
+    gate: bool = False
 
     sites: ClassVar[str] = "graph"
 
@@ -57,6 +63,8 @@ class PrefixSpec(MethodSpec):
             self._err("hidden", "an integer > 0, or null for the key/value width")
         if self.init not in ("random", "zero"):
             self._err("init", "'random' or 'zero' (PEFT's init_weights='zero')")
+        if not isinstance(self.gate, bool):
+            self._err("gate", "true or false")
 
     @classmethod
     def from_peft(cls, cfg) -> list[MethodSpec]:
@@ -68,6 +76,8 @@ class PrefixSpec(MethodSpec):
     @classmethod
     def to_peft(cls, entries, resolved, model) -> dict:
         (e,) = entries
+        if e.gate:
+            raise PeftcError("a gated prefix (UniPELT) has no HF PEFT checkpoint format")
         layers, heads, head_dim = kv_geometry(model)
         return {**prompt_learning_config(model, e.tokens), "peft_type": "PREFIX_TUNING",
                 "token_dim": heads * head_dim, "num_attention_heads": heads, "num_layers": layers,
@@ -96,7 +106,7 @@ class PrefixEncoder(nn.Module):
     """E (+ PEFT's ``transform``), PEFT's names; its checkpoint is the prefix it produces."""
 
     def __init__(self, tokens: int, layers: int, width: int, projection: bool, hidden: int | None,
-                 init: str, like: torch.Tensor):
+                 init: str, like: torch.Tensor, gate_inputs: int | None = None):
         super().__init__()
         kw = {"device": like.device}
         if projection:
@@ -110,6 +120,10 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(tokens, layers * 2 * width, **kw)
             if init == "zero":
                 nn.init.zeros_(self.embedding.weight)
+        if gate_inputs:  # UniPELT: one gate per layer, AdapterHub's init
+            self.gates = nn.ModuleList(nn.Linear(gate_inputs, 1, **kw) for _ in range(layers))
+            for g in self.gates:
+                init_gate(g, zero_bias=False)
 
     def prefix(self) -> torch.Tensor:
         e = self.embedding.weight
@@ -138,7 +152,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     p, adapter = entry.tokens, ctx.spec.adapter
     like = next(iter(ctx.model.parameters()))
     path = mount_adapter(ctx.store, gm, f"prompt_encoder.{adapter}", partial(
-        PrefixEncoder, p, layers, kv_heads * head_dim, entry.projection, entry.hidden, entry.init, like))
+        PrefixEncoder, p, layers, kv_heads * head_dim, entry.projection, entry.hidden, entry.init, like,
+        attention_input(attn[0]).meta["val"].shape[-1] if entry.gate else None))
     info = {"method": "prefix", "adapter": adapter, "module": "prompt_encoder"}
 
     ins = Inserter(attn[0], info, before=True)
@@ -161,6 +176,9 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         at = Inserter(node, {**info, "module": _owner(node)}, before=True)
         batch = at.call(aten.sym_size.int, (q, 0), "batch")
         rep = _heads(k) // kv_heads  # k arrives repeated for grouped-query attention
+        if entry.gate:
+            g = insert_gate(at, attention_input(node), f"{path}.gates.{layer}.weight", f"{path}.gates.{layer}.bias")
+            g = at.call(aten.view.default, (g, [-1, 1, 1, 1]), "gate_view")
         new_kv = []
         for j, x in enumerate((k, v)):
             pre = at.call(aten.select.int, (kv, 0, 2 * layer + j), "prefix_k" if j == 0 else "prefix_v")
@@ -168,6 +186,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 pre = at.call(aten.repeat_interleave.self_int, (pre, rep, 0), "repeat_kv")
             pre = at.call(aten.expand.default, (at.call(aten.unsqueeze.default, (pre, 0), "unsqueeze"),
                                                 [batch, -1, -1, -1]), "expand")
+            if entry.gate:
+                pre = at.call(aten.mul.Tensor, (pre, g), "gated")
             pre = at.call(aten.to.dtype, (pre, _dtype(x)), "cast")
             new_kv.append(at.call(aten.cat.default, ([pre, x], 2), "concat_k" if j == 0 else "concat_v"))
         if mask not in widened:

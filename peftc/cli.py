@@ -1,9 +1,10 @@
-"""The ``peftc`` command: demo, compile, inspect, methods.
+"""The ``peftc`` command: demo, compile, inspect, methods, bench.
 
     peftc demo                                    # LoRA on a built-in tiny Llama, end to end
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
     peftc methods
+    peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ def cmd_methods(args) -> int:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
         table.add_row(name, cls.peft_type or "-", ", ".join(fields) + (f"\n[dim]{escape(doc)}[/dim]" if doc else ""))
     console.print(table)
+    return 0
+
+
+def cmd_bench(rest: list[str]) -> int:
+    from peftc.benchmarks import step_time
+
+    step_time.main(rest)
     return 0
 
 
@@ -246,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--diff", action="store_true", help="print a diff of captured vs rewritten graph")
     p = sub.add_parser("methods", help="list every method with its fields and defaults")
     p.set_defaults(fn=cmd_methods)
+    p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
+                       "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=lambda args: cmd_bench(args.rest))
     return ap
 
 
@@ -254,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from peftc.errors import PeftcError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its flags belong to the benchmark's own parser
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     try:

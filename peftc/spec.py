@@ -141,6 +141,11 @@ class MethodSpec:
                 raise SpecError(f"{where}.{k}", None, "a value (this field is required)")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
+    def expand(self) -> list[MethodSpec]:
+        """The entries this one stands for: itself, or several for a combination of methods
+        (MAM, UniPELT); ``Spec.from_dict`` stores the expanded entries."""
+        return [self]
+
     def as_loaded(self) -> MethodSpec:
         """The entry as a PEFT checkpoint of it can be loaded: itself, unless the checkpoint
         holds less than the method trains (P-tuning saves the encoder's output, not the MLP)."""
@@ -206,7 +211,7 @@ class Spec:
             (name, body), = entry.items()
             if name not in METHODS:
                 raise SpecError(f"methods[{i}]", name, f"one of the methods {sorted(METHODS)}")
-            methods.append(METHODS[name].from_fields(f"methods[{i}].{name}", body or {}))
+            methods.extend(METHODS[name].from_fields(f"methods[{i}].{name}", body or {}).expand())
         return cls(
             methods=tuple(methods),
             adapter=d.get("adapter", "default"),

@@ -38,7 +38,8 @@ def test_quick_writes_json_png_and_report(quick):
     on_disk = json.loads((out / "step_time.json").read_text())
     assert on_disk["variants"] == result["variants"]
     assert on_disk["schema"] == "peftc.bench.step_time/1"
-    names = ["frozen base", "peft p=0.0", "peftc p=0.0", "peft p=0.1", "peftc p=0.1"]
+    names = ["frozen base", "peft p=0.0", "peftc p=0.0", "peftc fused p=0.0", "peft p=0.1", "peftc p=0.1",
+             "peftc fused p=0.1"]
     assert list(on_disk["variants"]) == names
     for s in on_disk["variants"].values():
         assert set(s) == STAT_KEYS
@@ -51,6 +52,7 @@ def test_quick_writes_json_png_and_report(quick):
     assert on_disk["trainable_params"]["frozen base"] == 0
     for p in ("0.0", "0.1"):  # the lora pass rewrote all 7 linears of both layers
         assert on_disk["peftc_pass_counts"][f"peftc p={p}"]["lora"] == 7 * 2
+        assert on_disk["peftc_pass_counts"][f"peftc fused p={p}"]["fuse"] == 7 * 2
     assert on_disk["trainable_params"]["peftc p=0.0"] == on_disk["trainable_params"]["peft p=0.0"] > 0
     assert (out / "step_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "RESULTS.md").read_text()
@@ -63,6 +65,9 @@ def test_step0_losses_peftc_equal_peft(quick):
     loss = result["step0_loss"]
     for p in ("0.0", "0.1"):  # same seed before each: dropout masks agree too
         assert loss[f"peftc p={p}"] == pytest.approx(loss[f"peft p={p}"], abs=1e-5)
+    # fused: exact without dropout; with dropout its own mask (another generator), so only close
+    assert loss["peftc fused p=0.0"] == pytest.approx(loss["peft p=0.0"], abs=1e-5)
+    assert loss["peftc fused p=0.1"] == pytest.approx(loss["peft p=0.1"], abs=5e-2)
     # the adapters are non-zero, so the comparison is not base == base
     assert abs(loss["peft p=0.0"] - loss["frozen base"]) > 1e-4
     assert abs(loss["peft p=0.1"] - loss["peft p=0.0"]) > 1e-6
@@ -72,7 +77,7 @@ def test_run_api_and_atomic_write(tmp_path):
     cfg = step_time.BenchConfig.quick(out=str(tmp_path / "o"), report=str(tmp_path / "R.md"), reps=1,
                                       warmup=1, dropouts=(0.0,), progress=False)
     result = step_time.run(cfg)
-    assert list(result["variants"]) == ["frozen base", "peft p=0.0", "peftc p=0.0"]
+    assert list(result["variants"]) == ["frozen base", "peft p=0.0", "peftc p=0.0", "peftc fused p=0.0"]
     assert (tmp_path / "R.md").exists()
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["step_time.json", "step_time.png"]
     with pytest.raises(ZeroDivisionError):  # a failing writer leaves no file and no temp file

@@ -84,3 +84,15 @@ def test_demo_on_the_pretrained_minilm(tmp_path, capsys):
     torch.manual_seed(0)
     assert main(["demo", "--model", "minilm", "--steps", "2", "--out", str(tmp_path / "m")]) == 0
     assert "match" in capsys.readouterr().out
+
+
+def test_bench_quick_runs_every_variant(tmp_path):
+    rc = main(["bench", "--quick", "--out", str(tmp_path), "--no-progress", "--dropout", "0.0"])
+    assert rc == 0
+    res = json.loads((tmp_path / "step_time.json").read_text())
+    assert set(res["variants"]) == {"frozen base", "peft p=0.0", "peftc p=0.0", "peftc fused p=0.0"}
+    loss = res["step0_loss"]  # same weights, dropout off: the three adapted variants agree
+    assert loss["peftc fused p=0.0"] == pytest.approx(loss["peft p=0.0"], abs=1e-5)
+    assert loss["peftc p=0.0"] == pytest.approx(loss["peft p=0.0"], abs=1e-5)
+    assert res["peftc_pass_counts"]["peftc fused p=0.0"]["fuse"] == 14
+    assert (tmp_path / "step_time.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,112 @@
+"""Triton kernels of peftc::lora_linear against the unfused reference.
+
+Interpreter tests need TRITON_INTERPRET=1 set before triton is imported, so they run in a fresh
+process (tests/test_kernel_lora_linear.py launches this file that way); in a process that imported
+triton without it they skip. Small blocks (16) and sizes that are not multiples of them exercise
+the tile masks, the K loop and the rank loop. GPU tests run the op itself on CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from peftc.kernels import lora_linear as L
+
+interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                               reason="needs TRITON_INTERPRET=1 before triton's import "
+                                      "(test_kernel_lora_linear.py runs this file in such a process)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SMALL = (16, 16, 16)
+
+
+def make(shape, d_in, d_out, r, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    x, w, b = rnd(*shape, d_in), rnd(d_out, d_in) / d_in**0.5, rnd(d_out) if bias else None
+    return x, w, b, rnd(r, d_in) / d_in**0.5, rnd(d_out, r) / r**0.5
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(x, w, b, a, bb, scale, mask, grad):
+    """Float64 forward and (dx, dA, dB) of the unfused formula."""
+    leaves = [t.double().requires_grad_() for t in (x, a, bb)]
+    y = L.lora_linear_reference(leaves[0], w.double(), None if b is None else b.double(), leaves[1], leaves[2],
+                                scale, mask)
+    y.backward(grad.double())
+    return y, [t.grad for t in leaves]
+
+
+@interpret
+@pytest.mark.parametrize("shape, d_in, d_out, r, bias", [
+    ((11,), 37, 53, 5, True),
+    ((2, 11), 37, 53, 5, False),  # 3-D input, no bias
+    ((9,), 40, 18, 20, True),  # rank above the 16-wide rank tile
+])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_interpreted_kernels_match_reference(shape, d_in, d_out, r, bias, p, dtype, tol):
+    x, w, b, a, bb = make(shape, d_in, d_out, r, dtype=dtype, bias=bias, seed=1)
+    seed, tokens = torch.tensor(2024), x.numel() // d_in
+    mask = L.triton_dropout_mask(seed, tokens, d_in, p).double() if p else None
+    grad = torch.randn(*shape, d_out, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y, h = L.triton_forward(x, w, b, a, bb, 1.5, p, seed, True, blocks=SMALL)
+    dx, d_a, d_b = L.triton_backward(grad, x, w, a, bb, h, 1.5, p, seed, True, True, blocks=SMALL)
+    y_ref, (dx_ref, da_ref, db_ref) = reference(x, w, b, a, bb, 1.5, mask, grad)
+    x2 = x.reshape(-1, d_in).double()
+    h_ref = (x2 if mask is None else x2 * mask) @ a.double().t()
+    assert y.shape == y_ref.shape and dx.shape == x.shape and h.shape == (tokens, r) and dx.dtype == dtype
+    pairs = [(y, y_ref, "y"), (h, h_ref, "h"), (dx, dx_ref, "dx"), (d_a, da_ref, "dA"), (d_b, db_ref, "dB")]
+    for got, want, name in pairs:
+        assert rel(got, want) < tol, name
+
+
+@interpret
+def test_interpreted_mask_depends_on_seed_and_skips_dx():
+    m1, m2 = (L.triton_dropout_mask(torch.tensor(s), 40, 50, 0.2) for s in (1, 2))
+    assert abs((m1 == 0).float().mean().item() - 0.2) < 0.04 and not torch.equal(m1, m2)
+    assert torch.equal(m1, L.triton_dropout_mask(torch.tensor(1), 40, 50, 0.2))
+    assert torch.allclose(m1[m1 != 0], torch.tensor(1 / 0.8))
+    x, w, b, a, bb = make((7,), 20, 12, 3, seed=3)
+    _, h = L.triton_forward(x, w, b, a, bb, 1.0, 0.2, torch.tensor(1), True, blocks=SMALL)
+    dx, d_a, d_b = L.triton_backward(torch.ones(7, 12), x, w, a, bb, h, 1.0, 0.2, torch.tensor(1), True, False,
+                                     blocks=SMALL)
+    assert dx.numel() == 0 and d_a.shape == a.shape and d_b.shape == b.shape[:1] + (3,)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_op_runs_triton_and_matches_reference(dtype, tol, p):
+    x, w, b, a, bb = make((3, 67), 200, 130, 16, dtype=dtype, device="cuda", seed=4)
+    seed, tokens = torch.tensor(77, device="cuda"), 3 * 67
+    mask = L.triton_dropout_mask(seed, tokens, 200, p, device="cuda").double() if p else None
+    grad = torch.randn(3, 67, 130, device="cuda", dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    y = L.lora_linear(leaves[0], w, b, leaves[1], leaves[2], 1.5, p, train=True, seed=seed)
+    y.backward(grad)
+    y_ref, grads_ref = reference(x, w, b, a, bb, 1.5, mask, grad)
+    assert rel(y, y_ref) < tol
+    for t, want in zip(leaves, grads_ref):
+        assert t.grad.dtype == dtype and rel(t.grad, want) < tol
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_compile_no_graph_breaks():
+    x, w, b, a, bb = make((4, 33), 64, 48, 8, device="cuda", seed=5)
+    a.requires_grad_()
+    fn = lambda x, a, seed: L.lora_linear(x, w, b, a, bb, 2.0, 0.1, train=True, seed=seed)
+    seed = torch.tensor(3, device="cuda")
+    assert torch._dynamo.explain(fn)(x, a, seed).graph_break_count == 0
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True)(x, a, seed)
+    torch.testing.assert_close(out, fn(x, a, seed), atol=1e-4, rtol=1e-4)
+    (g_a,) = torch.autograd.grad(out.sum(), a)
+    torch.testing.assert_close(g_a, torch.autograd.grad(fn(x, a, seed).sum(), a)[0], atol=1e-4, rtol=1e-4)
