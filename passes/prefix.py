@@ -229,10 +229,19 @@ def _widen_mask(gm: fx.GraphModule, mask: fx.Node, p: int, info: dict) -> fx.Nod
     return out
 
 
+_INDEX_OPS = {aten.add.Tensor, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.view.default,
+              aten.reshape.default, aten.clone.default, aten._to_copy.default, aten.to.dtype}
+
+
 def _from_arange(node: fx.Node, depth: int = 8) -> bool:
+    """Position ids: an arange, or a ``position_ids`` buffer (BERT slices one), through index
+    arithmetic only (a gather through them, as BERT's token types, is not a position)."""
     if node.target is aten.arange.default or node.target is aten.arange.start:
         return True
-    return depth > 0 and any(_from_arange(a, depth - 1) for a in node.all_input_nodes)
+    if node.op == "get_attr" and str(node.target).endswith("position_ids"):
+        return True
+    return (depth > 0 and node.target in _INDEX_OPS
+            and any(_from_arange(a, depth - 1) for a in node.all_input_nodes))
 
 
 def _in_rotary(node: fx.Node) -> bool:

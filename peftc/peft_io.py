@@ -192,6 +192,9 @@ def peft_params(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
         if keys and leaf in keys and owner.endswith(f".{adapter}"):
             out[keys[leaf]] = buf
     out.update(bias_keys(cm, adapter))
+    if any(m.sites == "graph" and m.peft_type for m in cm._states[adapter].spec.methods):
+        # prompt learning: PEFT wraps the model without a tuner layer, so keys lose one ".model"
+        out = {("base_model." + k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in out.items()}
     return out
 
 

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from roundtrip import assert_peft_loads_same
 
 import peftc
 from peftc.models import example_inputs, tiny_model
@@ -59,13 +60,7 @@ def test_dora_matches_peft(tmp_path, name, kw):
         name_in_peft = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
         name_in_peft = name_in_peft.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
         torch.testing.assert_close(p.grad, peft_grads[name_in_peft], atol=1e-5, rtol=1e-4)
-    cm.save_adapter(tmp_path / "ours")
-    again = tiny_model(name)
-    again.load_state_dict(snapshot)
-    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
-    cm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm2(**ex).logits, cm(**ex).logits, atol=1e-4, rtol=0)
+    assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", **ex)
 
 
 def test_magnitude_init_is_weight_norm_and_identity():

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import IA3Config, get_peft_model, get_peft_model_state_dict
+from roundtrip import assert_peft_loads_same
 
 import peftc
 from peftc import SpecError
@@ -50,13 +51,7 @@ def test_from_peft_matches(tmp_path, name, kw):
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cm.trainable_parameters())
     # save -> PEFT load round trip
-    cm.save_adapter(tmp_path / "ours")
-    again = tiny_model(name)
-    again.load_state_dict(snapshot)
-    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
-    cm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm2(**ex).logits, cm(**ex).logits, atol=1e-4, rtol=0)
+    assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", **ex)
 
 
 def test_identity_at_init_and_feedforward_placement():

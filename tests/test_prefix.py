@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model, get_peft_model_state_dict
+from roundtrip import assert_peft_loads_same
 
 import peftc
 from peftc.errors import CheckpointError, PassError
@@ -66,13 +67,7 @@ def test_prefix_matches_peft(tmp_path, name, projection):
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-4, rtol=0)
         assert loaded.num_trainable_parameters() == (ref_sd["prompt_embeddings"].numel() if trainable else 0)
-    cm.save_adapter(tmp_path / "ours")
-    again = tiny_model(name)
-    again.load_state_dict(snapshot)
-    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
-    cm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm2(input_ids=ids).logits, cm(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", input_ids=ids)
 
 
 def test_prefix_training_matches_peft():
@@ -105,3 +100,30 @@ def test_prefix_errors():
             peftc.Spec.from_dict({"methods": [{"prefix": bad}]})
     with pytest.raises(PassError, match="attention node per layer"):
         peftc.compile(tiny_model("tiny-t5"), {"methods": [{"prefix": {"tokens": 2}}]}, example_inputs("tiny-t5"))
+
+
+def test_prefix_on_bert_sequence_classification(tmp_path):
+    """An encoder with learned positions sliced from a buffer (and token types gathered by
+    position, which must not shift): PEFT's logits, and its checkpoint round-trips."""
+    base = tiny_model("tiny-bert")
+    snapshot = copy.deepcopy(base.state_dict())
+    pm = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    fresh = tiny_model("tiny-bert")
+    fresh.load_state_dict(snapshot)
+    cm = peftc.from_peft(fresh, tmp_path / "peft", example_inputs("tiny-bert"))
+    assert cm.pass_counts["prefix"] == 2 and cm.pass_counts["train"] == 2  # + the classifier, as PEFT
+    ids, mask = _batch(7)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # right padding
+    with torch.no_grad():
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).logits,
+                                   pm(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+    assert set(cm.adapter_state_dict()) == set(get_peft_model_state_dict(pm))
+    cm.save_adapter(tmp_path / "ours")
+    again = tiny_model("tiny-bert")
+    again.load_state_dict(snapshot)
+    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(input_ids=ids, attention_mask=mask).logits,
+                                   cm(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=0)

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, PromptTuningConfig, get_peft_model, get_peft_model_state_dict
+from peft import PromptTuningConfig, get_peft_model, get_peft_model_state_dict
+from roundtrip import assert_peft_loads_same
 
 import peftc
 from peftc.errors import PassError
@@ -41,13 +42,7 @@ def test_prompt_tuning_matches_peft(tmp_path, name):
     assert p.grad is not None and p.grad.abs().sum() > 0
     with torch.no_grad():
         p.add_(0.5)
-    cm.save_adapter(tmp_path / "ours")
-    again = tiny_model(name)
-    again.load_state_dict(snapshot)
-    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
-    cm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm2(input_ids=ids).logits, cm(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", input_ids=ids)
 
 
 def test_prompt_nodes_and_errors():

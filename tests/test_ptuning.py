@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, PromptEncoderConfig, get_peft_model, get_peft_model_state_dict
+from peft import PromptEncoderConfig, get_peft_model, get_peft_model_state_dict
+from roundtrip import assert_peft_loads_same
 
 import peftc
 from peftc.errors import CheckpointError
@@ -64,13 +65,7 @@ def test_ptuning_matches_peft(tmp_path, name):
                                        pm(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
         assert loaded.num_trainable_parameters() == (5 * 64 if trainable else 0)
     # and peftc's save loads in PEFT to the same logits
-    cm.save_adapter(tmp_path / "ours")
-    again = tiny_model(name)
-    again.load_state_dict(snapshot)
-    pm2 = PeftModel.from_pretrained(again, tmp_path / "ours").eval()
-    cm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm2(input_ids=ids).logits, cm(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", input_ids=ids)
 
 
 def test_ptuning_spec_errors():
