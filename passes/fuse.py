@@ -1,4 +1,4 @@
-"""Fusion: each LoRA path and the linear it adapts become one ``peftc::lora_linear`` op.
+"""Fusion: each LoRA path and the linear it adapts become one fused op.
 
     add(linear(x, W, b), mul(linear(linear(dropout(x, p, train), A), B), s))
         -> getitem(lora_linear(x, W, b, A, B, s, p, seed, train), 0)
@@ -12,22 +12,37 @@ call from the global RNG, so ``torch.manual_seed`` repeats a run) instead of sto
 The mask differs from the unfused graph's (another generator), so fused and unfused training
 agree in distribution, and exactly with dropout off or in eval.
 
-Settings (``optimize: {fuse: {...}}``): none yet; the pass fuses every site it can.
+Siblings: sites whose linears read the same x node (q/k/v, gate/up), with equal p, dtypes and
+bias presence, become one ``peftc::lora_siblings`` node (one GEMM against the stacked A's, x and
+h saved once); each former add reads ``getitem(getitem(lora_siblings(...), 0), i)``:
+
+    y_i = add(linear(x, W_i, b_i), s_i * B_i(A_i(drop(x))))   i = 1..n
+        -> ys = lora_siblings(x, [W_i], [b_i], [A_i], [B_i], [s_i], p, seed, train)[0]
+
+With p > 0 the siblings would share one dropout mask where PEFT draws one per module (each
+sibling's marginal dropout is PEFT's, the masks are correlated), so such sites are grouped only
+under ``shared_dropout: true``; otherwise they stay single lora_linear ops. ``ctx.counts``:
+``fuse`` = sites fused (either op), ``fuse_siblings`` = lora_siblings nodes.
+
+Settings (``optimize: {fuse: {...}}``): ``shared_dropout`` (bool, default false). Unknown
+settings are SpecErrors (``check_settings``).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
 from torch import fx
 
 from peftc.capture import TRAIN_ARG
+from peftc.errors import SpecError
 from peftc.graph import PEFTC
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import register_optimization
 
-__all__ = ["fuse", "match_lora", "seed_for"]
+__all__ = ["fuse", "match_lora", "sibling_groups", "seed_for", "check_settings", "SETTINGS"]
 
 aten = torch.ops.aten
 
@@ -80,37 +95,123 @@ def match_lora(add: fx.Node) -> dict | None:
             "base": base, "info": add.meta[PEFTC]}
 
 
-@register_optimization("fuse")
-def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Replaces every matched LoRA site by the fused op (see the module docstring)."""
-    from peftc.kernels import lora_linear  # noqa: F401  (registers torch.ops.peftc.lora_linear)
+SETTINGS = {"shared_dropout": "true or false (default false): siblings with dropout > 0 share one mask"}
 
-    op = torch.ops.peftc.lora_linear.default
-    n = 0
-    for add in list(gm.graph.nodes):
-        m = match_lora(add)
-        if m is None:
+
+def check_settings(settings) -> dict:
+    """``optimize: {fuse: {...}}`` with defaults filled in; an unknown or ill-typed setting is a SpecError."""
+    for key, value in settings.items():
+        if key not in SETTINGS:
+            raise SpecError(f"optimize.fuse.{key}", value, f"one of {sorted(SETTINGS)}", "unknown fuse setting")
+        if not isinstance(value, bool):
+            raise SpecError(f"optimize.fuse.{key}", value, SETTINGS[key])
+    return {"shared_dropout": False, **settings}
+
+
+def _dtype(gm: fx.GraphModule, node) -> torch.dtype | None:
+    """A tensor node's dtype: the attribute's for get_attr, else the traced ``val`` (None if unknown)."""
+    if node.op == "get_attr":
+        return functools.reduce(getattr, node.target.split("."), gm).dtype
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def sibling_groups(gm: fx.GraphModule, sites: list[dict], shared_dropout: bool) -> list[list[dict]]:
+    """Sites (``match_lora`` results, graph order) that read the same x node with the same p,
+    dtypes and bias presence, in groups of >= 2; p > 0 only with ``shared_dropout``."""
+    groups: dict[tuple, list[dict]] = {}
+    for m in sites:
+        if m["p"] > 0 and not shared_dropout:
             continue
-        info = {**m["info"], "method": "fuse", "role": "lora_linear"}
-        stack = m["base"].meta.get("nn_module_stack")
-        with gm.graph.inserting_before(add):
-            new = []
-            w = m["w"]
-            if m["transposed"]:
-                w = gm.graph.call_function(aten.t.default, (w,))
-                new.append(w)
-            seed = gm.graph.call_function(seed_for, (m["x"], m["p"] > 0))
-            fused = gm.graph.call_function(op, (m["x"], w, m["bias"], m["a"], m["b"], m["scale"], m["p"], seed, True))
-            y = gm.graph.call_function(operator.getitem, (fused, 0))
-            new += [seed, fused, y]
-        fused.meta[TRAIN_ARG] = 8
-        for node in new:
-            node.meta[PEFTC] = {**info, "role": {fused: "lora_linear", y: "output", seed: "seed"}.get(node, "weight_t")}
-            if stack:
-                node.meta["nn_module_stack"] = dict(stack)
-        add.replace_all_uses_with(y)
+        key = (m["x"], m["p"], m["bias"] is None, *(_dtype(gm, m[k]) for k in ("w", "a", "b")))
+        groups.setdefault(key, []).append(m)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def _stamp(nodes, info: dict, stack) -> None:
+    for node, role in nodes:
+        node.meta[PEFTC] = {**info, "role": role}
+        if stack:
+            node.meta["nn_module_stack"] = dict(stack)
+
+
+def _weight(gm: fx.GraphModule, m: dict) -> list[tuple[fx.Node, str]]:
+    """W as the op wants it, (out, in): Conv1D's addmm stores (in, out), so insert t(W)."""
+    if not m["transposed"]:
+        return []
+    m["w"] = gm.graph.call_function(aten.t.default, (m["w"],))
+    return [(m["w"], "weight_t")]
+
+
+def _fuse_one(gm: fx.GraphModule, m: dict) -> None:
+    """linear(x, W, b) + s * B(A(drop(x))) -> getitem(lora_linear(x, W, b, A, B, s, p, seed, train), 0)."""
+    add = m["erase"][0]
+    with gm.graph.inserting_before(add):
+        new = _weight(gm, m)
+        seed = gm.graph.call_function(seed_for, (m["x"], m["p"] > 0))
+        args = (m["x"], m["w"], m["bias"], m["a"], m["b"], m["scale"], m["p"], seed, True)
+        fused = gm.graph.call_function(torch.ops.peftc.lora_linear.default, args)
+        y = gm.graph.call_function(operator.getitem, (fused, 0))
+    fused.meta[TRAIN_ARG] = 8
+    _stamp([*new, (seed, "seed"), (fused, "lora_linear"), (y, "output")], {**m["info"], "method": "fuse"},
+           m["base"].meta.get("nn_module_stack"))
+    add.replace_all_uses_with(y)
+    for dead in m["erase"]:
+        gm.graph.erase_node(dead)
+
+
+def _fuse_group(gm: fx.GraphModule, group: list[dict]) -> bool:
+    """Sibling sites -> one lora_siblings node before the first site's add, getitem per sibling.
+    Later siblings' parameters (get_attr) move up to it; any other input defined after it
+    (a computed weight) leaves the group unfused: returns False."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min((m["erase"][0] for m in group), key=order.__getitem__)
+    inputs = [m[k] for m in group for k in ("w", "bias", "a", "b") if isinstance(m[k], fx.Node)]
+    late = [n for n in inputs if order[n] > order[first]]
+    if any(n.op != "get_attr" for n in late):
+        return False
+    for n in late:
+        first.prepend(n)
+    with gm.graph.inserting_before(first):
+        new = [pair for m in group for pair in _weight(gm, m)]
+        x, p = group[0]["x"], group[0]["p"]
+        seed = gm.graph.call_function(seed_for, (x, p > 0))
+        args = (x, *([m[k] for m in group] for k in ("w", "bias", "a", "b")), [m["scale"] for m in group], p,
+                seed, True)
+        fused = gm.graph.call_function(torch.ops.peftc.lora_siblings.default, args)
+        ys = gm.graph.call_function(operator.getitem, (fused, 0))
+        outs = [gm.graph.call_function(operator.getitem, (ys, i)) for i in range(len(group))]
+    fused.meta[TRAIN_ARG] = 8
+    info = {**group[0]["info"], "method": "fuse", "siblings": [m["info"].get("module") for m in group]}
+    stack = group[0]["base"].meta.get("nn_module_stack")
+    _stamp([*new, (seed, "seed"), (fused, "lora_siblings"), (ys, "outputs")], info, stack)
+    for m, y in zip(group, outs):
+        _stamp([(y, "output")], {**m["info"], "method": "fuse"}, m["base"].meta.get("nn_module_stack"))
+        m["erase"][0].replace_all_uses_with(y)
         for dead in m["erase"]:
             gm.graph.erase_node(dead)
-        n += 1
+    return True
+
+
+@register_optimization("fuse")
+def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replaces sibling LoRA sites by lora_siblings, every other matched site by lora_linear
+    (see the module docstring)."""
+    from peftc.kernels import lora_linear, lora_siblings  # noqa: F401  (register the ops)
+
+    settings = check_settings(ctx.spec.optimize.get("fuse") or {})
+    sites = [m for m in map(match_lora, list(gm.graph.nodes)) if m is not None]
+    grouped = set()
+    for group in sibling_groups(gm, sites, settings["shared_dropout"]):
+        if _fuse_group(gm, group):
+            grouped.update(id(m) for m in group)
+            ctx.counts["fuse_siblings"] += 1
+    for m in sites:
+        if id(m) not in grouped:
+            _fuse_one(gm, m)
+    from peftc.passes.fuse_scaling import fuse_dora, fuse_ia3
+
+    scaling = fuse_ia3(gm, ctx) + fuse_dora(gm, ctx)  # IA3 / DoRA sites: counts "fuse_ia3", "fuse_dora"
+    n = len(sites)
     ctx.counts["fuse"] += n
-    return PassResult(gm, n > 0)
+    return PassResult(gm, n > 0 or scaling > 0)

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "tiny-llama")
     p.add_argument("--spec", help="spec file (default: LoRA r=8 on all linear layers)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--out", help="adapter directory (default: a new temp dir)")
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.set_defaults(fn=cmd_demo)

@@ -7,6 +7,7 @@ import torch
 
 import peftc
 from peftc.graph import PEFTC
+from peftc.kernels import lora_siblings  # noqa: F401  (registers torch.ops.peftc.lora_siblings)
 from peftc.models import example_inputs, tiny_model
 
 LORA = {"targets": "all-linear", "r": 4, "alpha": 8, "init": "random"}
@@ -138,3 +139,88 @@ def test_unknown_optimization_is_an_error():
     with pytest.raises(peftc.SpecError, match="fuse"):
         peftc.compile(tiny_model("tiny-llama"), {"methods": [{"lora": LORA}]}, example_inputs("tiny-llama"),
                       optimize=["fusion"])
+
+
+# ---------------------------------------------------------------- sibling LoRA (lora_siblings)
+
+SIBLINGS = torch.ops.peftc.lora_siblings.default
+
+
+def _sibling_pair(dropout, settings):
+    model = tiny_model("tiny-llama")
+    spec = {"methods": [{"lora": {**LORA, "dropout": dropout}}]}
+    ref = peftc.compile(copy.deepcopy(model), spec, example_inputs("tiny-llama"))
+    fused = peftc.compile(model, spec, example_inputs("tiny-llama"), optimize={"fuse": settings})
+    fused.load_adapter_state_dict(ref.adapter_state_dict())
+    return ref, fused
+
+
+def _sibling_groups(cm):
+    """Module names of each lora_siblings node's group, in graph order."""
+    return [[m.rsplit(".", 1)[-1] for m in n.meta[PEFTC]["siblings"]]
+            for n in cm.graph_module.graph.nodes if n.target is SIBLINGS]
+
+
+def _assert_same_logits_and_grads(ref, fused, seed):
+    ids = _ids(seed)
+    ids = torch.cat([ids, ids[:1]])[:, :9]  # (4, 9): neither the example's batch nor its length
+    for cm in (ref, fused):
+        cm.zero_grad()
+        cm(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    g_ref, g_fused = _grads(ref), _grads(fused)
+    assert g_ref.keys() == g_fused.keys()
+    for k in g_ref:
+        assert g_fused[k].abs().sum() > 0, k
+        torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dropout, settings", [(0.0, {}), (0.1, {"shared_dropout": True})])
+def test_siblings_fuse_qkv_and_gate_up(dropout, settings):
+    """q/k/v and gate/up read one normed x: one lora_siblings node each; o/down stay lora_linear.
+    With dropout only under shared_dropout; compared with it off (eval), where both graphs agree."""
+    ref, fused = _sibling_pair(dropout, settings)
+    counts = fused.pass_counts
+    assert counts["fuse"] == ref.pass_counts["lora"] == 14 and counts["fuse_siblings"] == 4
+    assert _sibling_groups(fused) == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
+    nodes = list(fused.graph_module.graph.nodes)
+    assert sum(n.target is torch.ops.peftc.lora_linear.default for n in nodes) == 4  # o_proj, down_proj x 2
+    assert not [n for n in nodes if n.meta.get(PEFTC, {}).get("method") == "lora" and n.op == "call_function"]
+    if dropout:
+        ref.eval(), fused.eval()
+    _assert_same_logits_and_grads(ref, fused, seed=6)
+
+
+def test_siblings_with_dropout_stay_single_without_shared_dropout():
+    ref, fused = _sibling_pair(0.1, {})
+    assert fused.pass_counts["fuse"] == 14 and fused.pass_counts.get("fuse_siblings", 0) == 0
+    assert _sibling_groups(fused) == []
+    ref.eval(), fused.eval()
+    _assert_same_logits_and_grads(ref, fused, seed=7)
+
+
+def test_shared_dropout_is_seeded_active_and_shared():
+    """Train mode: repeatable under torch.manual_seed, different from eval; one seed node feeds a group."""
+    _, fused = _sibling_pair(0.3, {"shared_dropout": True})
+    ids = _ids(8)
+    fused.train()
+    torch.manual_seed(0)
+    a = fused(input_ids=ids).logits
+    torch.manual_seed(0)
+    assert torch.equal(fused(input_ids=ids).logits, a)
+    assert not torch.equal(fused(input_ids=ids).logits, a)  # a fresh mask per call
+    fused.eval()
+    assert (fused(input_ids=ids).logits - a).abs().max() > 1e-4
+    for n in fused.graph_module.graph.nodes:
+        if n.target is SIBLINGS:
+            assert n.args[6] == 0.3 and n.args[7].meta[PEFTC]["role"] == "seed" and n.args[8] is False
+
+
+@pytest.mark.parametrize("settings, field", [({"shared_dropot": True}, "optimize.fuse.shared_dropot"),
+                                             ({"shared_dropout": "yes"}, "optimize.fuse.shared_dropout")])
+def test_bad_fuse_settings_are_spec_errors(settings, field):
+    with pytest.raises(peftc.PeftcError, match=field.replace(".", r"\.")) as err:
+        peftc.compile(tiny_model("tiny-llama"), {"methods": [{"lora": LORA}]}, example_inputs("tiny-llama"),
+                      optimize={"fuse": settings})
+    cause = err.value if isinstance(err.value, peftc.SpecError) else err.value.__cause__
+    assert isinstance(cause, peftc.SpecError) and cause.field == field
