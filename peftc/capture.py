@@ -190,11 +190,6 @@ def set_training(gm: fx.GraphModule, mode: bool) -> bool:
             if node.args[i] is not mode:
                 node.args = (*node.args[:i], mode, *node.args[i + 1:])
                 changed = True
-        elif node.op == "call_function" and TRAIN_ARG in node.meta:
-            i = node.meta[TRAIN_ARG]
-            if node.args[i] is not mode:
-                node.args = (*node.args[:i], mode, *node.args[i + 1:])
-                changed = True
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if mod.training is not mode:

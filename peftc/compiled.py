@@ -222,7 +222,9 @@ class CompiledModel(nn.Module):
     def _graph_for(self, kwargs: dict, mixed: tuple[str, ...] | None = None) -> fx.GraphModule:
         sig = self._signature(kwargs)
         if sig not in self._pristine:
-            self._pristine[sig], self.frontend_used = capture(self.base_model, kwargs, frontend=self.frontend)
+            # torch.export cannot run inside a torch.compile trace: capture eagerly (one graph break)
+            capture_now = torch.compiler.disable(capture)
+            self._pristine[sig], self.frontend_used = capture_now(self.base_model, kwargs, frontend=self.frontend)
         return self._built((sig, mixed))
 
     def _built(self, key) -> fx.GraphModule:
