@@ -112,20 +112,24 @@ def _variants(cfg: BenchConfig, inputs: dict) -> dict[str, tuple[torch.nn.Module
         if cm.pass_counts.get("lora") != len(LINEARS) * cfg.layers:
             raise RuntimeError(f"peftc's lora pass did not rewrite every linear: {cm.pass_counts}")
         models = [(f"peft p={p}", pm), (f"peftc p={p}", cm)]
-        if cfg.fused:
+        # fused; with dropout also with one mask shared by siblings (q/k/v, gate/up), a deviation from PEFT
+        for label, shared in (("peftc fused", False), ("peftc fused+shared", True)) if cfg.fused else ():
+            if shared and p == 0:
+                continue  # without dropout siblings are always grouped
             fb = _base(cfg)
             fb.load_state_dict(snapshot)
-            fused = peftc.compile(fb.train(), spec, example_inputs=small, optimize=["fuse"])
+            fused = peftc.compile(fb.train(), spec, example_inputs=small,
+                                  optimize={"fuse": {"shared_dropout": shared}})
             fused.load_adapter_state_dict(get_peft_model_state_dict(pm))
             if fused.pass_counts.get("fuse") != len(LINEARS) * cfg.layers:
                 raise RuntimeError(f"peftc's fuse pass did not fuse every LoRA site: {fused.pass_counts}")
-            models.append((f"peftc fused p={p}", fused))
+            models.append((f"{label} p={p}", fused))
         for name, model in models:
             model.to(cfg.device)  # before AdamW, so its state lives on the device
             opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg.lr)
             out[name] = (model.train(), opt)
     if cfg.compile:  # compiled runs are compared with the compiled frozen base
-        for name in [n for n in out if n == "frozen base" or n.startswith(("peft p=", "peftc fused"))]:
+        for name in [n for n in out if n == "frozen base" or n.startswith(("peft p=", "peftc fused p="))]:
             model, opt = out[name]
             model = copy.deepcopy(model)  # own weights: the eager twin's steps do not move them
             out[f"{name} +compile"] = (torch.compile(model), opt if opt is None else torch.optim.AdamW(
@@ -308,7 +312,9 @@ def _markdown(result: dict, files: str) -> str:
                      f"{s['overhead_paired_pct']:+.1f}% | {s['overhead_min_pct']:+.1f}% | "
                      f"{result['trainable_params'][n]:,} | {result['step0_loss'][n]:.6f} |")
     lines += ["", "`p` is the LoRA dropout; `peftc` is the unfused graph (`optimize=None`), `peftc fused` "
-              "uses `optimize=[\"fuse\"]` (peftc::lora_linear); `+compile` runs `torch.compile` (inductor) on "
+              "uses `optimize=[\"fuse\"]` (peftc::lora_linear, and peftc::lora_siblings for q/k/v and gate/up "
+              "when dropout is off), `peftc fused+shared` also groups siblings under dropout with one mask "
+              "shared by the group (`{fuse: {shared_dropout: true}}`, a deviation from PEFT's per-module masks); `+compile` runs `torch.compile` (inductor) on "
               "it, to be compared with the compiled frozen base. "
               f"Raw samples and plot: {files}.", ""]
     if result.get("ops"):

@@ -3,9 +3,10 @@
 survive torch.export and torch.compile. Importing a module registers its op.
 
     lora_linear   torch.ops.peftc.lora_linear: y = x W^T + b + s * drop(x) A^T B^T
+    lora_siblings torch.ops.peftc.lora_siblings: several lora_linear on one x, one [A_1; A_2; ...] GEMM
     ia3_linear    torch.ops.peftc.ia3_linear: y = (x W^T + b) * l ("out") or (x * l) W^T + b ("in")
     dora_linear   torch.ops.peftc.dora_linear: y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b
                   (PEFT's DoRA; with dropout in training the base term is x W^T + (mn - 1) drop(x) W^T)
 """
 
-__all__ = ["lora_linear"]
+__all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_siblings"]

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torch import fx, nn
 
-from peftc.errors import PassError
+from peftc.errors import PassError, SpecError
 from peftc.graph import PEFTC, linear_sites
 from peftc.spec import OPTIMIZATIONS, Spec
 
@@ -175,7 +175,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes) -> fx.GraphModule
         try:
             gm, _ = fn(gm, ctx)
             verify(gm)
-        except PassError:
+        except (PassError, SpecError):  # SpecError: a setting only a model can refute
             raise
         except Exception as e:
             raise PassError(f"pass {name!r} failed after {done or 'no passes'}: {e}") from e

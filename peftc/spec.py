@@ -40,6 +40,7 @@ __all__ = [
 
 METHODS: dict[str, type[MethodSpec]] = {}
 OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
+OPTIMIZATION_CHECKS: dict[str, Any] = {}  # name -> settings validator
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
 
@@ -63,13 +64,19 @@ def register_method(name: str, *, peft_type: str | None = None, store_dir: str |
     return deco
 
 
-def register_optimization(name: str):
-    """Decorator for optimization pass functions selectable with ``optimize=[name]``."""
+def register_optimization(name: str, *, check=None):
+    """Decorator for optimization pass functions selectable with ``optimize=[name]``.
+
+    ``check(settings) -> settings`` validates ``optimize: {name: {...}}`` when the spec is
+    built (before any capture), raising SpecError for a bad setting.
+    """
 
     def deco(fn):
         if name in OPTIMIZATIONS:
             raise RuntimeError(f"optimization {name!r} is registered twice")
         OPTIMIZATIONS[name] = fn
+        if check is not None:
+            OPTIMIZATION_CHECKS[name] = check
         return fn
 
     return deco
@@ -290,4 +297,6 @@ def normalize_optimize(opt: Any) -> dict[str, dict]:
         if settings is not None and not isinstance(settings, Mapping):
             raise SpecError(f"optimize.{name}", settings, "a mapping of settings")
         out[name] = dict(settings or {})
+        if name in OPTIMIZATION_CHECKS:
+            OPTIMIZATION_CHECKS[name](out[name])
     return out

@@ -39,7 +39,7 @@ def test_quick_writes_json_png_and_report(quick):
     assert on_disk["variants"] == result["variants"]
     assert on_disk["schema"] == "peftc.bench.step_time/1"
     names = ["frozen base", "peft p=0.0", "peftc p=0.0", "peftc fused p=0.0", "peft p=0.1", "peftc p=0.1",
-             "peftc fused p=0.1"]
+             "peftc fused p=0.1", "peftc fused+shared p=0.1"]
     assert list(on_disk["variants"]) == names
     for s in on_disk["variants"].values():
         assert set(s) == STAT_KEYS

@@ -1,0 +1,278 @@
+"""Fused (IA)^3 linear: the learned vector folded into the GEMM's epilogue or prologue.
+
+    mode "out":  y = (x W^T + b) * l          l: (out,)    PEFT's output scaling
+    mode "in":   y = (x * l) W^T + b          l: (in,)     PEFT's feedforward (input) scaling
+
+Op (registered on import)::
+
+    torch.ops.peftc.ia3_linear(x, weight, bias, vec, mode) -> (y, u)
+        x (..., in); weight (out, in); bias (out,) or None; vec: l as above; mode "out" | "in"
+        y (..., out); u: the unscaled output x W^T + b for "out" (non-differentiable, kept for
+        backward), an empty tensor for "in"
+
+Backward, g = dY (W frozen: no dW unless weight requires grad)::
+
+    out:  dx = (g * l) W          dl = sum_tokens g * u
+    in:   v = g W,  dx = v * l    dl = sum_tokens x * v
+
+For "out" the op saves u instead of recomputing x W^T + b in backward: the unfused graph keeps
+that same (tokens, out) tensor for its ``mul``, so fusing costs no memory, while recomputing
+would add a full GEMM to a backward that is otherwise one GEMM (+50% FLOPs on a frozen layer).
+Deriving u = y / l would save even that but breaks where l has zeros.
+
+Devices: CPU (and dtypes Triton does not take) runs fused torch code (addmm, one elementwise
+scale). CUDA fp16/bf16/fp32 runs ``_scaled_mm_kernel``: one strided GEMM whose prologue scales
+the A operand along K and whose epilogue adds the bias, optionally stores the unscaled tile and
+scales columns; dl is a column-sum kernel (deterministic, no atomics). x, weight, l (and bias)
+must share a dtype (the caller casts).
+
+    >>> y = ia3_linear(x, W, b, l, "out")   # l: (out,)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from peftc.kernels.lora_linear import BLOCKS
+
+try:
+    import triton
+    import triton.language as tl
+
+    from peftc.kernels.lora_linear import _dot
+except ImportError:  # pragma: no cover - triton is a Linux-only dependency
+    triton = None
+
+__all__ = ["ia3_linear", "ia3_linear_reference", "scaled_mm", "colsum", "triton_forward", "triton_backward",
+           "MODES"]
+
+MODES = ("out", "in")
+
+
+# ---------------------------------------------------------------- torch reference and CPU path
+
+
+def ia3_linear_reference(x, weight, bias, vec, mode):
+    """Unfused eager semantics (what passes/ia3.py inserts)."""
+    if mode == "in":
+        return torch.nn.functional.linear(x * vec, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias) * vec
+
+
+def _check(x, weight, bias, vec, mode):
+    """Shape/dtype/mode checks shared by the wrapper and the fake impl."""
+    if mode not in MODES:
+        raise ValueError(f"ia3_linear: mode {mode!r}, want one of {list(MODES)}")
+    out, d = weight.shape
+    want = d if mode == "in" else out
+    if x.shape[-1] != d or tuple(vec.shape) != (want,):
+        raise ValueError(f"ia3_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, vec {tuple(vec.shape)}: "
+                         f"want (..., in), (out, in), ({'in' if mode == 'in' else 'out'},)")
+    if len({x.dtype, weight.dtype, vec.dtype}) > 1:
+        raise ValueError(f"ia3_linear: x, weight, vec must share a dtype, got {x.dtype}, {weight.dtype}, {vec.dtype}")
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"ia3_linear: bias {tuple(bias.shape)}, want ({out},)")
+
+
+def _torch_forward(x, weight, bias, vec, mode):
+    x2 = x.reshape(-1, x.shape[-1])
+    shape = (*x.shape[:-1], weight.shape[0])
+    if mode == "in":
+        x2 = x2 * vec
+    u = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    if mode == "in":
+        return u.view(shape), x.new_empty(0)
+    return (u * vec).view(shape), u.view(shape)
+
+
+def _torch_backward(grad, x, weight, vec, u, mode, need_dx):
+    g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    if mode == "out":
+        dl = (g * u.reshape(g.shape)).sum(0)
+        dx = torch.mm(g * vec, weight).view(x.shape) if need_dx else x.new_empty(0)
+        return dx, dl
+    v = torch.mm(g, weight)
+    dl = (x2 * v).sum(0)
+    return (v.mul_(vec).view(x.shape) if need_dx else x.new_empty(0)), dl
+
+
+# ---------------------------------------------------------------- Triton kernels and launchers
+
+if triton is not None:
+
+    @triton.jit
+    def _scaled_mm_kernel(
+        a_ptr, b_ptr, c_ptr,  # C[M, N] = alpha * (A[M, K] * pro[K]) @ B[K, N], any strides
+        u_ptr,  # (M, N): the tile before the column scale, stored when STORE_U
+        bias_ptr,  # (N,): added after alpha, when HAS_BIAS
+        pro_ptr,  # (K,): scales A's columns before the dot, when PRO
+        col_ptr,  # (N,): scales C's columns last, when COL
+        M, N, K,
+        s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_um, s_un,
+        alpha,
+        HAS_BIAS: tl.constexpr, PRO: tl.constexpr, COL: tl.constexpr, STORE_U: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m, in_n = rm[:, None] < M, rn[None, :] < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=in_m & (rk[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=(rk[:, None] < K) & in_n, other=0.0)
+            if PRO:  # rounded to A's dtype, as the torch path's x * vec
+                s = tl.load(pro_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) * s[None, :]).to(a.dtype)
+            acc += _dot(a, b, PRECISION, UPCAST)
+        acc = acc * alpha
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_U:
+            tl.store(u_ptr + rm[:, None] * s_um + rn[None, :] * s_un, acc.to(u_ptr.dtype.element_ty),
+                     mask=in_m & in_n)
+        if COL:
+            acc = acc * tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=in_m & in_n)
+
+    @triton.jit
+    def _colsum_kernel(
+        a_ptr, b_ptr, out_ptr,  # out[N] = sum_m A[m, n] * B[m, n], fp32 accumulation
+        M, N, s_am, s_an, s_bm, s_bn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            a = tl.load(a_ptr + rm[:, None] * s_am + rn[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + rm[:, None] * s_bm + rn[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(a * b, axis=0)
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def scaled_mm(a, b, *, out_dtype, alpha=1.0, bias=None, pro=None, col=None, store_u=False, blocks=None):
+    """Launch ``_scaled_mm_kernel`` on 2-D (possibly transposed) views: returns C, or (C, U)."""
+    if triton is None:
+        raise RuntimeError("ia3_linear: the Triton path needs the triton package")
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"scaled_mm: inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    if max(a.numel(), b.numel(), m * n) >= 2**31:
+        raise ValueError(f"scaled_mm: Triton indexes with int32; got {tuple(a.shape)} @ {tuple(b.shape)}")
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    u = torch.empty_like(c) if store_u else c
+    bm, bn, bk = blocks or BLOCKS
+    bm, bn = min(bm, max(16, triton.next_power_of_2(m))), min(bn, max(16, triton.next_power_of_2(n)))
+    ieee = a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    _scaled_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        a, b, c, u, c if bias is None else bias, c if pro is None else pro, c if col is None else col,
+        m, n, k, *a.stride(), *b.stride(), *c.stride(), *u.stride(), float(alpha),
+        HAS_BIAS=bias is not None, PRO=pro is not None, COL=col is not None, STORE_U=store_u,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="ieee" if ieee else "tf32",
+        UPCAST=a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )
+    return (c, u) if store_u else c
+
+
+def colsum(a, b, *, out_dtype, block=(32, 64)):
+    """sum over rows of a * b (both (M, N)) as (N,), by ``_colsum_kernel``."""
+    (m, n), bm, bn = a.shape, *block
+    out = torch.empty(n, dtype=out_dtype, device=a.device)
+    _colsum_kernel[(triton.cdiv(n, bn),)](a, b, out, m, n, *a.stride(), *b.stride(), BLOCK_M=bm, BLOCK_N=bn)
+    return out
+
+
+def triton_forward(x, weight, bias, vec, mode, blocks=None):
+    """(y, u) in one launch: "out" stores u and u * vec from the same tile; "in" scales x's tiles."""
+    x2 = x.reshape(-1, x.shape[-1])
+    shape = (*x.shape[:-1], weight.shape[0])
+    if mode == "in":
+        y = scaled_mm(x2, weight.t(), out_dtype=x.dtype, bias=bias, pro=vec, blocks=blocks)
+        return y.view(shape), x.new_empty(0)
+    y, u = scaled_mm(x2, weight.t(), out_dtype=x.dtype, bias=bias, col=vec, store_u=True, blocks=blocks)
+    return y.view(shape), u.view(shape)
+
+
+def triton_backward(grad, x, weight, vec, u, mode, need_dx, blocks=None):
+    """(dx, dl): one GEMM launch (skipped for "out" without need_dx) and one column sum."""
+    g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    if mode == "out":
+        dl = colsum(g, u.reshape(g.shape), out_dtype=vec.dtype)
+        dx = scaled_mm(g, weight, out_dtype=x.dtype, pro=vec, blocks=blocks).view(x.shape) if need_dx else None
+        return (x.new_empty(0) if dx is None else dx), dl
+    dx, v = scaled_mm(g, weight, out_dtype=x.dtype, col=vec, store_u=True, blocks=blocks)
+    return (dx.view(x.shape) if need_dx else x.new_empty(0)), colsum(x2, v, out_dtype=vec.dtype)
+
+
+def _use_triton(x) -> bool:
+    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------- custom-op registration
+
+
+@torch.library.custom_op("peftc::ia3_linear", mutates_args=())
+def _ia3_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vec: torch.Tensor,
+                   mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _torch_forward(x, weight, bias, vec, mode)
+
+
+@_ia3_linear_op.register_kernel("cuda")
+def _(x, weight, bias, vec, mode):
+    return (triton_forward if _use_triton(x) else _torch_forward)(x, weight, bias, vec, mode)
+
+
+@_ia3_linear_op.register_fake
+def _(x, weight, bias, vec, mode):
+    _check(x, weight, bias, vec, mode)
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    return y, (x.new_empty(0) if mode == "in" else torch.empty_like(y))
+
+
+@torch.library.custom_op("peftc::ia3_linear_backward", mutates_args=())
+def _ia3_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, vec: torch.Tensor,
+                            u: torch.Tensor, mode: str, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _torch_backward(grad, x, weight, vec, u, mode, need_dx)
+
+
+@_ia3_linear_backward_op.register_kernel("cuda")
+def _(grad, x, weight, vec, u, mode, need_dx):
+    return (triton_backward if _use_triton(x) else _torch_backward)(grad, x, weight, vec, u, mode, need_dx)
+
+
+@_ia3_linear_backward_op.register_fake
+def _(grad, x, weight, vec, u, mode, need_dx):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), torch.empty_like(vec)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, vec, mode = inputs
+    ctx.save_for_backward(x, weight, vec, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.mode = mode
+
+
+def _backward(ctx, grad, _grad_u):
+    x, weight, vec, u = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dl = torch.ops.peftc.ia3_linear_backward(grad, x, weight, vec, u, ctx.mode, need[0])
+    g = grad.reshape(-1, grad.shape[-1])
+    gl = g * vec if ctx.mode == "out" else g
+    x2 = x.reshape(-1, x.shape[-1])
+    d_w = torch.mm(gl.t(), x2 * vec if ctx.mode == "in" else x2) if need[1] else None  # trainable base only
+    d_bias = gl.sum(0) if need[2] else None
+    return dx if need[0] else None, d_w, d_bias, dl if need[3] else None, None
+
+
+_ia3_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ia3_linear(x, weight, bias, vec, mode: str = "out") -> torch.Tensor:
+    """Call the op and return y (see the module docstring)."""
+    _check(x, weight, bias, vec, mode)
+    return torch.ops.peftc.ia3_linear(x, weight, bias, vec, mode)[0]

@@ -1,0 +1,302 @@
+"""Sibling LoRA: n adapted linears that read the same input (q/k/v, gate/up) in one opaque op.
+
+    y_i = x W_i^T + b_i + s_i * drop(x) A_i^T B_i^T          i = 1..n, one x, one dropout mask
+
+The low-rank inputs of all siblings come from ONE GEMM against the stacked A = [A_1; ...; A_n]
+(R = sum r_i rows): ``h = drop(x) A^T`` (tokens, R), and sibling i reads its column block h_i.
+Op (registered on import)::
+
+    torch.ops.peftc.lora_siblings(x, weights[], biases[], lora_As[], lora_Bs[], scales[], p, seed, train)
+        -> (ys[], h)
+        x (..., in); weights[i] (out_i, in); biases[i] (out_i,) or None; lora_As[i] (r_i, in);
+        lora_Bs[i] (out_i, r_i); scales[i]: s_i; p, seed, train as peftc::lora_linear
+        ys[i] (..., out_i); h (tokens, R), non-differentiable, saved for backward
+
+``lora_siblings(...)`` below calls it and returns ys. Backward, g_i = dY_i, keep/(1-p) the mask::
+
+    gbs = [s_1 g_1 B_1, ..., s_n g_n B_n]   (tokens, R)
+    dx = sum_i g_i W_i + keep/(1-p) * (gbs A)       dA = gbs^T drop(x)  (split by rows)
+    dB_i = s_i g_i^T h_i
+
+so dx's low-rank term and all dA are one GEMM each; autograd saves x and h only (besides the
+parameters it holds); the mask is regenerated from ``seed`` exactly as lora_linear does it
+(``dropout_mask`` on CPU, ``tl.rand(seed, token * in + feature)`` in Triton), so a one-sibling
+call equals lora_linear. dW_i, db_i only when the base requires grad.
+
+Dropout deviation: PEFT draws an independent mask per module; here the siblings share one. Each
+sibling's own dropout is PEFT's in distribution, but the masks are correlated across siblings,
+which is why passes/fuse.py groups sites with p > 0 only under ``shared_dropout: true``.
+
+Devices: CPU runs fused torch (addmm per base, one mm for h, addmm_ in place per sibling); CUDA
+fp16/bf16/fp32 runs lora_linear's strided Triton GEMM ``_mm`` (1 + n launches forward, the
+low-rank epilogue and bias fused into each base GEMM; 2n + 2 + (n - 1) backward).
+
+    >>> y_q, y_k, y_v = lora_siblings(x, [Wq, Wk, Wv], [None] * 3, [Aq, Ak, Av], [Bq, Bk, Bv], [2.0] * 3)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peftc.kernels.lora_linear import (
+    _check,
+    _dropout_on,
+    _mm,
+    _triton_seed,
+    _use_triton,
+    draw_seed,
+    dropout_mask,
+)
+
+__all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward", "bench"]
+
+
+def lora_siblings_reference(x, weights, biases, lora_As, lora_Bs, scales, mask=None):
+    """Unfused eager semantics, one shared scaled keep ``mask`` (or None)."""
+    xd = x if mask is None else x * mask.reshape(x.shape)
+    return [torch.nn.functional.linear(x, w, b) + s * ((xd @ a.t()) @ bb.t())
+            for w, b, a, bb, s in zip(weights, biases, lora_As, lora_Bs, scales)]
+
+
+def _check_all(x, weights, biases, lora_As, lora_Bs, scales, p):
+    n = len(weights)
+    if n == 0 or not len(biases) == len(lora_As) == len(lora_Bs) == len(scales) == n:
+        raise ValueError(f"lora_siblings: want n >= 1 weights, biases, lora_As, lora_Bs, scales alike; got "
+                         f"{n}, {len(biases)}, {len(lora_As)}, {len(lora_Bs)}, {len(scales)}")
+    for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
+        _check(x, w, b, a, bb, p)
+    _check_bias_grad(biases)
+
+
+def _check_bias_grad(biases):
+    if None in biases and any(b is not None and b.requires_grad for b in biases):
+        raise ValueError("lora_siblings: a trainable bias needs every sibling to have one (torch.library "
+                         "passes no gradient to a Tensor?[] holding None)")
+
+
+def _blocks(lora_As):
+    """Column offsets of each sibling's block of h."""
+    offs = [0]
+    for a in lora_As:
+        offs.append(offs[-1] + a.shape[0])
+    return list(zip(offs[:-1], offs[1:]))
+
+
+# ---------------------------------------------------------------- CPU: fused torch
+
+
+def _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = x2 * dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else x2
+    h = torch.mm(xd, torch.cat(lora_As).t())  # all siblings' x A_i^T in one GEMM
+    ys = []
+    for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As)):
+        y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+        y.addmm_(h[:, lo:hi], bb.t(), alpha=s)
+        ys.append(y.view(*x.shape[:-1], w.shape[0]))
+    return ys, h
+
+
+def _torch_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
+    x2 = x.reshape(-1, x.shape[-1])
+    gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+    mask = dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else None
+    gbs = torch.cat([torch.mm(g, bb).mul_(s) for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)  # (tokens, R)
+    d_a = torch.mm(gbs.t(), x2 if mask is None else x2 * mask)  # (R, in): every dA_i
+    d_as = [d_a[lo:hi].clone() for lo, hi in _blocks(lora_As)]  # an op's outputs may not alias each other
+    d_bs = [torch.mm(h[:, lo:hi].t(), g).mul_(s).t().contiguous()
+            for g, s, (lo, hi) in zip(gs, scales, _blocks(lora_As))]
+    if not need_dx:
+        return x.new_empty(0), d_as, d_bs
+    dx = torch.mm(gs[0], weights[0])
+    for g, w in zip(gs[1:], weights[1:]):
+        dx.addmm_(g, w)
+    if mask is None:
+        dx.addmm_(gbs, torch.cat(lora_As))
+    else:
+        dx.addcmul_(torch.mm(gbs, torch.cat(lora_As)), mask)
+    return dx.view(x.shape), d_as, d_bs
+
+
+# ---------------------------------------------------------------- CUDA: lora_linear's Triton GEMM
+
+
+def triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train, blocks=None):
+    """h = drop(x) [A_1; ...]^T in one launch; y_i = x W_i^T + b_i + s_i h_i B_i^T, one launch each."""
+    seed = _triton_seed(x, seed)
+    x2 = x.reshape(-1, x.shape[-1])
+    on = _dropout_on(p, train)
+    h = _mm(x2, torch.cat(lora_As).t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0,
+            drop=1 if on else 0, seed=seed, p=p, ld=x2.shape[1], blocks=blocks)
+    ys = [_mm(x2, w.t(), out_dtype=x.dtype, bias=b, epi=(h[:, lo:hi], bb.t()), beta=s, blocks=blocks)
+          .view(*x.shape[:-1], w.shape[0])
+          for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As))]
+    return ys, h
+
+
+def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx, blocks=None):
+    """(dx, dAs, dBs): gbs once, dA in one launch, dx's masked low-rank term in the first base epilogue."""
+    seed = _triton_seed(x, seed)
+    x2 = x.reshape(-1, x.shape[-1])
+    gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+    on, ld = _dropout_on(p, train), x2.shape[1]
+    inv = 1 / (1 - p) if on else 1.0
+    kw = dict(seed=seed, p=p, ld=ld, blocks=blocks)
+    spans = _blocks(lora_As)
+    gbs = torch.cat([_mm(g, bb, out_dtype=x.dtype, alpha=s, blocks=blocks)
+                     for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)
+    d_a = _mm(gbs.t(), x2, out_dtype=lora_As[0].dtype, alpha=inv, drop=2 if on else 0, **kw)
+    d_as = [d_a[lo:hi].clone() for lo, hi in spans]
+    d_bs = [_mm(g.t(), h[:, lo:hi], out_dtype=bb.dtype, alpha=s, blocks=blocks)
+            for g, bb, s, (lo, hi) in zip(gs, lora_Bs, scales, spans)]
+    if not need_dx:
+        return x.new_empty(0), d_as, d_bs
+    dx = _mm(gs[0], weights[0], out_dtype=x.dtype, epi=(gbs, torch.cat(lora_As)), beta=inv,
+             drop=3 if on else 0, **kw)
+    for g, w in zip(gs[1:], weights[1:]):
+        dx += _mm(g, w, out_dtype=x.dtype, blocks=blocks)
+    return dx.view(x.shape), d_as, d_bs
+
+
+# ---------------------------------------------------------------- custom-op registration
+
+
+@torch.library.custom_op("peftc::lora_siblings", mutates_args=())
+def _lora_siblings_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                      lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], scales: list[float], p: float,
+                      seed: torch.Tensor, train: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train)
+
+
+@_lora_siblings_op.register_kernel("cuda")
+def _(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
+    fn = triton_forward if _use_triton(x) else _torch_forward
+    return fn(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train)
+
+
+@_lora_siblings_op.register_fake
+def _(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
+    _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
+    ys = [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    return ys, x.new_empty(x.numel() // x.shape[-1], sum(a.shape[0] for a in lora_As))
+
+
+@torch.library.custom_op("peftc::lora_siblings_backward", mutates_args=())
+def _lora_siblings_backward_op(grads: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                               lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], h: torch.Tensor,
+                               scales: list[float], p: float, seed: torch.Tensor, train: bool,
+                               need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    return _torch_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
+
+
+@_lora_siblings_backward_op.register_kernel("cuda")
+def _(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
+    fn = triton_backward if _use_triton(x) else _torch_backward
+    return fn(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
+
+
+@_lora_siblings_backward_op.register_fake
+def _(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, [torch.empty_like(a) for a in lora_As], [torch.empty_like(bb) for bb in lora_Bs]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_As, lora_Bs, scales, p, seed, train = inputs
+    n = len(weights)
+    _check_bias_grad(biases)
+    ctx.save_for_backward(x, output[1], seed, *weights, *lora_As, *lora_Bs)  # x and h: drop(x) regenerated
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (n, [b is not None for b in biases], scales, p, train)
+
+
+def _backward(ctx, grads, _grad_h):
+    n, has_bias, scales, p, train = ctx.args
+    x, h, seed, *rest = ctx.saved_tensors
+    weights, lora_As, lora_Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need = ctx.needs_input_grad  # x, [weights], [biases] (or one flag if one is None), [lora_As], ...
+    need_w, need_b = need[1], need[2] if all(has_bias) else [False] * n
+    dx, d_as, d_bs = torch.ops.peftc.lora_siblings_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p,
+                                                            seed, train, bool(need[0]))
+    x2 = x.reshape(-1, x.shape[-1])
+    gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+    d_w = [torch.mm(g.t(), x2) if nw else None for g, nw in zip(gs, need_w)]  # trainable base only
+    d_bias = [g.sum(0) if nb else None for g, nb in zip(gs, need_b)] if all(has_bias) else None
+    return dx if need[0] else None, d_w, d_bias, d_as, d_bs, None, None, None, None
+
+
+_lora_siblings_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_siblings(x, weights, biases, lora_As, lora_Bs, scales, p: float = 0.0, train: bool = False,
+                  seed: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Call the op; draws a seed from the global RNG when dropout is on and none is given."""
+    _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
+    if seed is None:
+        seed = draw_seed(x.device) if _dropout_on(p, train) else torch.zeros((), dtype=torch.int64, device=x.device)
+    ys, _ = torch.ops.peftc.lora_siblings(x, list(weights), list(biases), list(lora_As), list(lora_Bs),
+                                          [float(s) for s in scales], float(p), seed, bool(train))
+    return ys
+
+
+# ---------------------------------------------------------------- micro-benchmark
+
+
+def bench(tokens=1024, d=512, r=16, n=3, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
+    """n q/k/v-like siblings (d -> d, rank r, frozen bases with bias): one lora_siblings op vs n
+    lora_linear ops vs unfused eager torch vs the n frozen base linears alone; forward + backward
+    (dx, dA, dB), interleaved, 3 warm-up rounds. ``{p: {variant: {median_ms, p10_ms, p90_ms,
+    overhead_pct}}}``, overhead relative to the frozen bases."""
+    import statistics
+    import time
+
+    from peftc.kernels.lora_linear import lora_linear
+
+    torch.manual_seed(0)
+    kw = {"device": device}
+    ws = [torch.randn(d, d, **kw) / d**0.5 for _ in range(n)]
+    bs = [torch.randn(d, **kw) for _ in range(n)]
+    As = [(torch.randn(r, d, **kw) / d**0.5).requires_grad_() for _ in range(n)]
+    Bs = [(torch.randn(d, r, **kw) / r**0.5).requires_grad_() for _ in range(n)]
+    x, dys = torch.randn(tokens, d, requires_grad=True, **kw), [torch.randn(tokens, d, **kw) for _ in range(n)]
+    linear, dropout = torch.nn.functional.linear, torch.nn.functional.dropout
+    leaves = [x, *As, *Bs]
+
+    def unfused(p):
+        return [linear(x, w, b) + 2.0 * ((dropout(x, p, training=True) @ a.t()) @ bb.t())
+                for w, b, a, bb in zip(ws, bs, As, Bs)]
+
+    runs = {"base linears (frozen)": (lambda p: [linear(x, w, b) for w, b in zip(ws, bs)], [x]),
+            "unfused torch": (unfused, leaves),
+            f"{n} lora_linear ops": (lambda p: [lora_linear(x, w, b, a, bb, 2.0, p, train=True)
+                                                for w, b, a, bb in zip(ws, bs, As, Bs)], leaves),
+            "lora_siblings op": (lambda p: lora_siblings(x, ws, bs, As, Bs, [2.0] * n, p, train=True), leaves)}
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    out = {}
+    for p in dropouts:
+        times = {k: [] for k in runs}
+        for _ in range(reps + 3):
+            for name, (fn, inputs) in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                torch.autograd.grad(fn(p), inputs, dys)
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        base = statistics.median(times["base linears (frozen)"][3:])
+        out[p] = {}
+        for name, ts in times.items():
+            med, q = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10)
+            out[p][name] = {"median_ms": med, "p10_ms": q[0], "p90_ms": q[-1], "overhead_pct": 100 * (med / base - 1)}
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))
+    print(f"T=1024 d=512 r=16, 3 siblings, {torch.get_num_threads()} threads")
+    for p, rows in bench().items():
+        for name, s in rows.items():
+            print(f"p={p:<5} {name:22s} {s['median_ms']:7.2f} ms  (p10-p90 {s['p10_ms']:.2f}-{s['p90_ms']:.2f})"
+                  f"  {s['overhead_pct']:+.0f}%")

@@ -1,0 +1,206 @@
+"""Fusion of the scaling methods: (IA)^3 and DoRA sites become one opaque op each.
+
+    mul(linear(x, W, b), l)              -> getitem(ia3_linear(x, W, b, l, "out"), 0)
+    linear(mul(x, l), W, b)              -> getitem(ia3_linear(x, W, b, l, "in"), 0)
+    add(linear(x, W, b), dora(...))      -> getitem(dora_linear(x, W, b, A, B, m, s, p, seed, train), 0)
+    (addmm(b, x, W) for GPT-2's Conv1D: the op gets t(W))
+
+Matching reads only ``node.meta["peftc"]`` roles (as passes/ia3.py and passes/dora.py write
+them) and the base linear's shape; a site whose intermediate nodes have users outside it
+(e.g. stacked with another adapter) is left unfused. Pre: the unfused rewrite. Post: no node
+of a fused site remains; outputs and gradients equal the unfused graph's (DoRA with dropout in
+training agrees in distribution: the op draws its own mask from ``seed``, as the LoRA fusion).
+
+Called from passes/fuse.py's ``fuse``; counts go to ``ctx.counts["fuse_ia3"]`` / ``["fuse_dora"]``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from peftc.capture import TRAIN_ARG
+from peftc.graph import PEFTC
+from peftc.passes.pipeline import PassContext
+
+__all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora"]
+
+aten = torch.ops.aten
+
+
+def _role(node, method: str, *roles: str) -> bool:
+    info = node.meta.get(PEFTC) if isinstance(node, fx.Node) else None
+    return bool(info) and info.get("method") == method and info.get("role") in roles
+
+
+def _base(node) -> dict | None:
+    """x, W, bias of an un-annotated linear / Conv1D addmm node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or PEFTC in node.meta or node.kwargs:
+        return None
+    if node.target is aten.linear.default:
+        return {"x": node.args[0], "w": node.args[1], "bias": node.args[2] if len(node.args) > 2 else None,
+                "transposed": False}
+    if node.target is aten.addmm.default and len(node.args) == 3:
+        return {"x": node.args[1], "w": node.args[2], "bias": node.args[0], "transposed": True}
+    return None
+
+
+def match_ia3(mul: fx.Node) -> dict | None:
+    """The pieces of one IA3 site whose scaling ``mul`` this is, or None."""
+    if mul.target is not aten.mul.Tensor or not _role(mul, "ia3", "scale_output", "scale_input"):
+        return None
+    src, vec = mul.args
+    if not _role(vec, "ia3", "flatten"):
+        return None
+    if _role(mul, "ia3", "scale_output"):
+        base = _base(src)
+        if base is None or list(src.users) != [mul]:
+            return None
+        return {**base, "vec": vec, "mode": "out", "anchor": mul, "erase": [mul, src], "site": src}
+    users = list(mul.users)
+    base = _base(users[0]) if len(users) == 1 else None
+    if base is None or base["x"] is not mul:
+        return None
+    return {**base, "x": src, "vec": vec, "mode": "in", "anchor": users[0], "erase": [users[0], mul],
+            "site": users[0]}
+
+
+def match_dora(add: fx.Node) -> dict | None:
+    """The pieces of one unfused DoRA site ending at the LoRA ``add``, or None.
+
+    The site: dropout? -> lora_A -> lora_B; m / detach(||W + s B A||) as a row; the base term
+    (the linear itself, ``y - b``, or the recompute on the dropped input) times mn - 1; plus
+    mn * lora_B * s.
+    """
+    if add.target is not aten.add.Tensor or not _role(add, "lora", "add"):
+        return None
+    y, term = add.args[:2]
+    base = _base(y)
+    if base is None or not _role(term, "lora", "dora"):
+        return None
+    t1, t2 = term.args
+    if not (_role(t1, "lora", "dora_base") and _role(t2, "lora", "scale")):
+        return None
+    minus1, base_term = t1.args
+    dl, scale = t2.args
+    if not (_role(minus1, "lora", "mag_minus_one") and _role(dl, "lora", "dora_lora")
+            and isinstance(scale, (int, float))):
+        return None
+    mag, up = dl.args
+    if not (_role(mag, "lora", "mag_row") and _role(up, "lora", "lora_B") and minus1.args[0] is mag):
+        return None
+    div = mag.args[0]
+    detach = div.args[1] if _role(div, "lora", "mag_norm_scale") else None
+    norm = detach.args[0] if _role(detach, "lora", "detach_norm") else None
+    adapted = norm.args[0] if _role(norm, "lora", "weight_norm") else None
+    if adapted is None or not _role(adapted, "lora", "adapted_weight"):
+        return None
+    scaled = adapted.args[1]
+    delta = scaled.args[0] if _role(scaled, "lora", "scale_delta") else None
+    down, b_w = up.args
+    if not (_role(delta, "lora", "delta_weight") and _role(down, "lora", "lora_A")):
+        return None
+    src, a_w = down.args
+    p, train, drop = 0.0, False, None
+    if _role(src, "lora", "dropout"):
+        drop, (src, p, train) = src, src.args[:3]
+    if src is not base["x"]:
+        return None
+    w = adapted.args[0]  # (out, in): the weight itself, or t(W) for Conv1D
+    if base["transposed"] and not (_role(w, "lora", "weight_t") and w.args[0] is base["w"]):
+        return None
+    if not base["transposed"] and w is not base["w"]:
+        return None
+    nodes = [add, term, t1, t2, minus1, dl, mag, div, detach, norm, adapted, scaled, delta, up, down,
+             *([drop] if drop is not None else []), y]
+    if base_term is not y:
+        if _role(base_term, "lora", "base_no_bias"):
+            ok = base_term.args == (y, base["bias"])
+        else:
+            ok = (_role(base_term, "lora", "base_recompute") and base_term.args[0] is (drop or src)
+                  and base_term.args[1] is w)
+        if not ok:
+            return None
+        nodes.append(base_term)
+    inside = set(nodes) | ({w} if base["transposed"] else set())
+    if any(u not in inside for n in nodes[1:] for u in n.users):  # only the add leaves the site
+        return None
+    return {**base, "w": w, "a": a_w, "b": b_w, "m": div.args[0], "scale": float(scale), "p": float(p),
+            "train": bool(train), "erase": nodes, "info": add.meta[PEFTC], "site": y, "anchor": add}
+
+
+def _erase(gm: fx.GraphModule, nodes) -> None:
+    """Erase a fused site's nodes, users first."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+        gm.graph.erase_node(node)
+
+
+def _replace(gm: fx.GraphModule, m: dict, op, args_of, role: str) -> fx.Node:
+    """Insert ``op`` (plus t(W) for Conv1D when the match has none) before the site's last node,
+    route its users to ``getitem(op, 0)``, erase the site; new nodes get meta and module stack."""
+    info = {**m["info"], "method": "fuse", "role": role}
+    stack = m["site"].meta.get("nn_module_stack")
+    anchor, g = m["anchor"], gm.graph
+    new = []
+    with g.inserting_before(anchor):
+        w = m["w"]
+        if m["transposed"]:  # the op takes W as (out, in): reuse the site's t(W) or add one
+            w = g.call_function(aten.t.default, (w,)) if w is m.get("raw_w") else w
+            new.append((w, "weight_t"))
+        extra = args_of(g, new)
+        fused = g.call_function(op, (m["x"], w, m["bias"], *extra))
+        y = g.call_function(operator.getitem, (fused, 0))
+    for node, r in [*new, (fused, role), (y, "output")]:
+        node.meta[PEFTC] = {**info, "role": r}
+        if stack:
+            node.meta["nn_module_stack"] = dict(stack)
+    anchor.replace_all_uses_with(y)
+    _erase(gm, m["erase"])
+    return fused
+
+
+def fuse_ia3(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Replaces every matched IA3 site by ``peftc::ia3_linear``; returns the number fused."""
+    from peftc.kernels import ia3_linear  # noqa: F401  (registers torch.ops.peftc.ia3_linear)
+
+    n = 0
+    for node in list(gm.graph.nodes):
+        m = match_ia3(node)
+        if m is None:
+            continue
+        info = node.meta[PEFTC]
+        _replace(gm, {**m, "raw_w": m["w"], "info": info}, torch.ops.peftc.ia3_linear.default,
+                 lambda g, new, m=m: (m["vec"], m["mode"]), "ia3_linear")
+        n += 1
+    ctx.counts["fuse_ia3"] += n
+    return n
+
+
+def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Replaces every matched DoRA site by ``peftc::dora_linear``; returns the number fused.
+
+    The op's train flag starts as the LoRA dropout node's and is flipped by ``set_training``
+    (``TRAIN_ARG``); its dropout seed is drawn per call, as for the fused LoRA op.
+    """
+    from peftc.kernels import dora_linear  # noqa: F401  (registers torch.ops.peftc.dora_linear)
+    from peftc.passes.fuse import seed_for
+
+    n = 0
+    for node in list(gm.graph.nodes):
+        m = match_dora(node)
+        if m is None:
+            continue
+
+        def args_of(g, new, m=m):
+            seed = g.call_function(seed_for, (m["x"], m["p"] > 0))
+            new.append((seed, "seed"))
+            return m["a"], m["b"], m["m"], m["scale"], m["p"], seed, m["train"]
+
+        fused = _replace(gm, m, torch.ops.peftc.dora_linear.default, args_of, "dora_linear")
+        fused.meta[TRAIN_ARG] = 9
+        n += 1
+    ctx.counts["fuse_dora"] += n
+    return n
