@@ -5,8 +5,9 @@
     add(addmm(b, x, W), ...)   (GPT-2's Conv1D, W stored (in, out))
         -> getitem(lora_linear(x, t(W), b, A, B, s, p, seed, train), 0)
 
-Pre: LoRA nodes as passes/lora.py inserts them (DoRA and mixed-batch paths are left alone:
-their term is not ``s * B(A(.))``). Post: no LoRA node of a fused site remains; the op saves x
+Pre: LoRA nodes as passes/lora.py inserts them (DoRA and IA3 sites go to passes/fuse_scaling.py,
+called at the end of ``fuse``; mixed-batch and gated paths are left alone: their term is not
+``s * B(A(.))``). Post: no LoRA node of a fused site remains; the op saves x
 and the r-wide ``x A^T`` for backward and regenerates the dropout mask from ``seed`` (drawn per
 call from the global RNG, so ``torch.manual_seed`` repeats a run) instead of storing drop(x).
 The mask differs from the unfused graph's (another generator), so fused and unfused training
