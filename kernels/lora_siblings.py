@@ -247,10 +247,7 @@ def bench(tokens=1024, d=512, r=16, n=3, reps=40, dropouts=(0.0, 0.05), device="
     lora_linear ops vs unfused eager torch vs the n frozen base linears alone; forward + backward
     (dx, dA, dB), interleaved, 3 warm-up rounds. ``{p: {variant: {median_ms, p10_ms, p90_ms,
     overhead_pct}}}``, overhead relative to the frozen bases."""
-    import statistics
-    import time
-
-    from peftc.kernels.lora_linear import lora_linear
+    from peftc.kernels.lora_linear import lora_linear, time_backward
 
     torch.manual_seed(0)
     kw = {"device": device}
@@ -271,23 +268,7 @@ def bench(tokens=1024, d=512, r=16, n=3, reps=40, dropouts=(0.0, 0.05), device="
             f"{n} lora_linear ops": (lambda p: [lora_linear(x, w, b, a, bb, 2.0, p, train=True)
                                                 for w, b, a, bb in zip(ws, bs, As, Bs)], leaves),
             "lora_siblings op": (lambda p: lora_siblings(x, ws, bs, As, Bs, [2.0] * n, p, train=True), leaves)}
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    out = {}
-    for p in dropouts:
-        times = {k: [] for k in runs}
-        for _ in range(reps + 3):
-            for name, (fn, inputs) in runs.items():
-                sync()
-                t0 = time.perf_counter()
-                torch.autograd.grad(fn(p), inputs, dys)
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        base = statistics.median(times["base linears (frozen)"][3:])
-        out[p] = {}
-        for name, ts in times.items():
-            med, q = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10)
-            out[p][name] = {"median_ms": med, "p10_ms": q[0], "p90_ms": q[-1], "overhead_pct": 100 * (med / base - 1)}
-    return out
+    return time_backward(runs, dys, dropouts, reps, device, "base linears (frozen)")
 
 
 if __name__ == "__main__":
@@ -295,8 +276,6 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1:
         torch.set_num_threads(int(sys.argv[1]))
-    print(f"T=1024 d=512 r=16, 3 siblings, {torch.get_num_threads()} threads")
-    for p, rows in bench().items():
-        for name, s in rows.items():
-            print(f"p={p:<5} {name:22s} {s['median_ms']:7.2f} ms  (p10-p90 {s['p10_ms']:.2f}-{s['p90_ms']:.2f})"
-                  f"  {s['overhead_pct']:+.0f}%")
+    from peftc.kernels.lora_linear import print_bench
+
+    print_bench("T=1024 d=512 r=16, 3 siblings", bench())
