@@ -46,17 +46,20 @@ DEFAULT_TARGETS = {
 @register_method("ln_tuning", peft_type="LN_TUNING", store_dir=STORE)
 @dataclass(frozen=True)
 class LNTuningSpec(MethodSpec):
-    """``targets``: modules (norms) trained as copies; None = PEFT's default for the model type."""
+    """``targets``: modules (norms) trained as copies; None = PEFT's default for the model type;
+    ``exclude``: modules left out (PEFT's exclude_modules)."""
 
     targets: Any = None
+    exclude: Any = None
 
     sites: ClassVar[str] = "module"
 
     def __post_init__(self):
-        t = check_targets("ln_tuning.targets", self.targets, allow_none=True)
-        if t == "all-linear":
-            self._err("targets", "module names/suffixes, 're:<regex>' or null (PEFT's norms for the model type)")
-        object.__setattr__(self, "targets", t)
+        for name in ("targets", "exclude"):
+            t = check_targets(f"ln_tuning.{name}", getattr(self, name), allow_none=True)
+            if t == "all-linear":
+                self._err(name, "module names/suffixes, 're:<regex>' or null")
+            object.__setattr__(self, name, t)
 
     def default_targets(self, model: nn.Module):
         mt = getattr(getattr(model, "config", None), "model_type", None)
@@ -77,11 +80,9 @@ class LNTuningSpec(MethodSpec):
         from peftc.passes.train import TrainSpec
         from peftc.targets import SEQ_CLS_HEADS
 
-        if cfg.get("exclude_modules"):  # module-site targets are resolved without exclusions
-            raise SpecError("peft.exclude_modules", cfg["exclude_modules"], "null",
-                            "not supported by peftc's LN tuning: list the targets instead")
-        tm = cfg.get("target_modules")
-        entry = cls(targets=None if not tm else "re:" + tm if isinstance(tm, str) else tuple(sorted(tm)))
+        tm, ex = cfg.get("target_modules"), cfg.get("exclude_modules")
+        sel = lambda v: None if not v else "re:" + v if isinstance(v, str) else tuple(sorted(v))
+        entry = cls(targets=sel(tm), exclude=sel(ex))
         save = [m for m in cfg.get("modules_to_save") or ()
                 if not (cfg.get("task_type") == "SEQ_CLS" and m in SEQ_CLS_HEADS)]
         return [entry] + ([TrainSpec(targets=tuple(save))] if save else [])

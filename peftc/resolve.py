@@ -40,6 +40,8 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
             found = targets.match_names(sel, names)
             if not found:
                 raise targets.no_match(f"methods[{i}].{m.method}.targets", sel, names)
+            if getattr(m, "exclude", None):
+                found = [p for p in found if not targets.matches(m.exclude, p)]
             found = [p for p in found if not any(p.startswith(q + ".") for q in found)] if m.protects else found
             out.append({p: "module" for p in found})
         elif m.sites == "graph":  # acts on the graph as a whole (prompts): no module targets

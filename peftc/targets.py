@@ -14,7 +14,7 @@ from torch import nn
 
 from peftc.errors import SpecError
 
-__all__ = ["linear_kind", "module_kind", "match_names", "resolve", "seq_cls_heads", "infer_task_type", "no_match", "SEQ_CLS_HEADS"]
+__all__ = ["linear_kind", "module_kind", "match_names", "matches", "resolve", "seq_cls_heads", "infer_task_type", "no_match", "SEQ_CLS_HEADS"]
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS
 
@@ -41,7 +41,8 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _matches(selector, name: str) -> bool:
+def matches(selector, name: str) -> bool:
+    """PEFT's selector semantics: exact name or dotted suffix of a list; full-match regex."""
     if isinstance(selector, str):
         return re.fullmatch(selector[3:] if selector.startswith("re:") else selector, name) is not None
     return any(name == t or name.endswith("." + t) for t in selector)
@@ -66,7 +67,7 @@ def match_names(selector, names: list[str], *, layers=None, layers_pattern=None)
     ``layers`` (PEFT's layers_to_transform) keeps only modules in those layer indices; like
     PEFT it applies to list selectors only.
     """
-    out = [n for n in names if n and _matches(selector, n)]
+    out = [n for n in names if n and matches(selector, n)]
     if layers is not None and not isinstance(selector, str):
         keep = {layers} if isinstance(layers, int) else set(layers)
         out = [n for n in out if _layer_index(n, layers_pattern) in keep]
@@ -128,7 +129,7 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
                 warnings.warn(f"{where}.targets: {unmatched} match no module", stacklevel=3)
     exclude = getattr(entry, "exclude", None)
     if exclude:
-        found = [n for n in found if not _matches(exclude, n)]
+        found = [n for n in found if not matches(exclude, n)]
     found = [n for n in found if not any(n == p or n.startswith(p + ".") for p in protected)]
     out = {}
     for n in found:

@@ -128,6 +128,7 @@ LN_CASES = [
     ("tiny-llama", {}),  # PEFT's default norms for llama (RMSNorm): input/post-attention + final
     ("tiny-gpt2", {}),  # LayerNorm with bias: ln_1, ln_2, ln_f
     ("tiny-qwen2", {"target_modules": ["input_layernorm", "norm"]}),
+    ("tiny-llama", {"exclude_modules": ["model.norm"]}),  # PEFT's defaults minus the final norm
 ]
 
 
@@ -184,7 +185,6 @@ def test_bad_fields_are_spec_errors(method, body, field):
 
 @pytest.mark.parametrize("cfg, field", [
     ({"peft_type": "VERA", "target_modules": ["q_proj"], "bias": "all"}, "peft.bias"),
-    ({"peft_type": "LN_TUNING", "exclude_modules": ["norm"]}, "peft.exclude_modules"),
 ])
 def test_unsupported_peft_fields(cfg, field):
     with pytest.raises(SpecError) as e:
