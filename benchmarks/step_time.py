@@ -225,12 +225,13 @@ def run(config: BenchConfig) -> dict:
         s["overhead_min_pct"] = 100.0 * (s["min_ms"] / floor["min_ms"] - 1.0)
     counts = {n: m.pass_counts for n, (m, _) in variants.items() if n.startswith("peftc") and "compile" not in n}
     ops = {}
-    if config.ops:  # one LoRA linear at the model's shape: fused op vs unfused vs the base linear
-        from peftc.kernels.lora_linear import bench
+    if config.ops:  # one LoRA linear / one q,k,v sibling group at the model's shape vs the frozen base
+        from peftc.kernels import lora_linear, lora_siblings
 
-        ops = {str(p): rows for p, rows in bench(config.batch * config.seq, config.hidden, config.r,
-                                                  reps=config.reps * 2, dropouts=config.dropouts,
-                                                  device=config.device).items()}
+        kw = dict(reps=config.reps * 2, dropouts=config.dropouts, device=config.device)
+        tokens = config.batch * config.seq
+        ops = {name: {str(p): rows for p, rows in mod.bench(tokens, config.hidden, config.r, **kw).items()}
+               for name, mod in (("lora_linear", lora_linear), ("lora_siblings", lora_siblings))}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in variants.items()}
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     result = {"schema": "peftc.bench.step_time/1", "config": cfg, "environment": _environment(config.device),
@@ -317,12 +318,13 @@ def _markdown(result: dict, files: str) -> str:
               "shared by the group (`{fuse: {shared_dropout: true}}`, a deviation from PEFT's per-module masks); `+compile` runs `torch.compile` (inductor) on "
               "it, to be compared with the compiled frozen base. "
               f"Raw samples and plot: {files}.", ""]
-    if result.get("ops"):
-        lines += ["## One LoRA linear (forward + backward, frozen W)", "",
+    for op, runs in result.get("ops", {}).items():
+        what = "one LoRA linear" if op == "lora_linear" else "three q/k/v-like sibling LoRA linears on one x"
+        lines += [f"## Per op: {op} ({what}; forward + backward, frozen W)", "",
                   f"T = batch x seq = {c['batch'] * c['seq']} tokens, d = {c['hidden']}, r = {c['r']}; "
-                  "`kernels/lora_linear.py:bench`.", "",
-                  "| p | variant | median ms | p10-p90 ms | over the base linear |", "|---|---|---:|---:|---:|"]
-        for p, rows in result["ops"].items():
+                  f"`kernels/{op}.py:bench`, interleaved.", "",
+                  "| p | variant | median ms | p10-p90 ms | over the frozen base |", "|---|---|---:|---:|---:|"]
+        for p, rows in runs.items():
             for n, s in rows.items():
                 lines.append(f"| {p} | {n} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
                              f"{s['overhead_pct']:+.1f}% |")
@@ -358,7 +360,7 @@ def _targets(result: dict) -> list[str]:
     lines = ["## Issue 4's CPU targets", "", "| comparison | target | measured (medians) | met |", "|---|---|---:|---|"]
     lines += [f"| {a} | {b} | {m} | {'yes' if ok else '**no**'} |" for a, b, m, ok in rows]
     flop = 100.0 * 1.5 * c["r"] * 2 / c["hidden"]
-    ops = result.get("ops", {}).get("0.0", {}).get("fused op")
+    ops = result.get("ops", {}).get("lora_linear", {}).get("0.0", {}).get("fused op")
     lines += ["", f"What bounds them here: LoRA adds 3r(in + out) / (2 in out) = {flop:.1f}% to the FLOPs of a "
               f"square {c['hidden']}-wide frozen linear (forward + input gradient), but its six r-wide GEMMs run "
               "at a lower FLOP rate than the square ones on this CPU"
