@@ -89,14 +89,15 @@ def load_model(ref: str, batch: int = 2, seq: int = 8) -> tuple[nn.Module, dict]
     arch = " ".join(cfg.architectures or ())
     auto = (tf.AutoModelForCausalLM if "CausalLM" in arch or "LMHead" in arch
             else tf.AutoModelForSequenceClassification if "SequenceClassification" in arch
-            else tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModel)
+            else tf.AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else tf.AutoModel)
     model = auto.from_pretrained(path, local_files_only=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     inputs = {"input_ids": ids}
-    if not cfg.is_decoder and auto is not tf.AutoModelForCausalLM:
+    seq2seq = getattr(cfg, "is_encoder_decoder", False)
+    if not getattr(cfg, "is_decoder", False) and auto is not tf.AutoModelForCausalLM:
         inputs["attention_mask"] = torch.ones_like(ids)
-    if cfg.is_encoder_decoder:
+    if seq2seq:
         inputs["decoder_input_ids"] = ids[:, : max(2, seq // 2)].clone()
     return model, inputs
 

@@ -96,3 +96,13 @@ def test_bench_quick_runs_every_variant(tmp_path):
     assert loss["peftc p=0.0"] == pytest.approx(loss["peft p=0.0"], abs=1e-5)
     assert res["peftc_pass_counts"]["peftc fused p=0.0"]["fuse"] == 14
     assert (tmp_path / "step_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compile_a_local_hf_model_dir(tmp_path, capsys):
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "llama")
+    out = tmp_path / "adapter"
+    assert main(["compile", "--model", str(tmp_path / "llama"), "--spec", "examples/llama-lora.yaml",
+                 "--out", str(out), "--batch", "1", "--seq", "5"]) == 0
+    assert "trainable parameters: 14,336" in capsys.readouterr().out  # r=16 on q/k/v/o of 2 layers
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
