@@ -284,7 +284,12 @@ class CompiledModel(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
+        kind = lambda: next(((p.device, p.dtype) for p in self.base_model.parameters()), None)
+        before = kind()
         super()._apply(fn, recurse)
+        if kind() != before:  # exported graphs bake device and dtype into factory ops: re-capture there
+            self._pristine.clear()
+            self._graphs.clear()
         for gm in [*self._pristine.values(), *self._graphs.values()]:
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
         return self

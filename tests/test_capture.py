@@ -1,5 +1,7 @@
 """Capture frontends, the pass pipeline's invariants, call signatures and train/eval."""
 
+import copy
+
 import pytest
 import torch
 
@@ -133,3 +135,22 @@ def test_t5_encoder_decoder():
     out = cm(**ex, labels=ex["decoder_input_ids"])
     out.loss.backward()
     assert all(p.grad is not None for p in cm.trainable_parameters())
+
+
+def test_dtype_change_recaptures_and_matches_eager():
+    """``cm.double()`` (or ``.to(device)``): graphs that baked the old dtype/device are dropped
+    and re-captured on the next call."""
+    model = tiny_model("tiny-llama")
+    cm = peftc.compile(model, {"methods": [{"lora": {"targets": ["q_proj"], "init": "random"}}]},
+                       example_inputs("tiny-llama")).eval()
+    ids = example_inputs("tiny-llama", 3, 5, seed=2)["input_ids"]
+    cm(input_ids=ids)
+    cm.double()
+    out = cm(input_ids=ids).logits
+    assert out.dtype == torch.float64
+    ref = copy.deepcopy(cm.base_model)  # eager float64 reference with the same LoRA folded in by hand
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            lo = cm.adapters.get_submodule(f"model.layers.{i}.self_attn.q_proj.lora.default")
+            layer.self_attn.q_proj.weight += lo.lora_B.weight @ lo.lora_A.weight
+        torch.testing.assert_close(out, ref.eval()(input_ids=ids).logits, atol=1e-10, rtol=1e-10)
