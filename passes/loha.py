@@ -29,7 +29,7 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
 from peftc.passes.lora import _pattern_value, sample_rows
 from peftc.passes.pipeline import SITES, PassContext, PassResult
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["LycorisSpec", "LohaSpec", "LohaWeights", "EAGER", "insert_delta_weights", "rewrite"]
 
@@ -100,14 +100,7 @@ class LycorisSpec(MethodSpec):
             self._err("init", f"one of {sorted(set(self.INITS.values()))}")
         if not isinstance(self.use_effective_conv2d, bool):
             self._err("use_effective_conv2d", "true or false")
-        layers = self.layers
-        if layers is not None and not (
-            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
-            or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
-        ):
-            self._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, (str, tuple)):
-            self._err("layers_pattern", "a module-list name such as 'layers', or a list of them")
+        check_layer_selection(self)
         for name in ("rank_pattern", "alpha_pattern"):
             pat = getattr(self, name)
             if not isinstance(pat, Mapping) or not all(

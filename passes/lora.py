@@ -29,7 +29,7 @@ from peftc.graph import Inserter, as_linear_site, mount_adapter
 from peftc.passes.bottleneck import init_gate, insert_gate, tokens_3d
 from peftc.passes.dora import insert_dora, weight_norm
 from peftc.passes.pipeline import SITES, PassContext, PassResult
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["LoraSpec", "LoraLinear", "rewrite", "sample_rows", "INITS", "BIAS"]
 
@@ -96,16 +96,9 @@ class LoraSpec(MethodSpec):
             self._err("gate", "true or false (and false with dora)")
         if self.bias not in BIAS:
             self._err("bias", f"one of {list(BIAS)}")
-        layers = self.layers
-        if layers is not None and not (
-            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
-            or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
-        ):
-            self._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
-        if isinstance(self.targets, str) and (layers is not None or self.layers_pattern is not None):
+        check_layer_selection(self)
+        if isinstance(self.targets, str) and (self.layers is not None or self.layers_pattern is not None):
             self._err("layers", "unset when targets is a regex or all-linear (as in PEFT): use a name list")
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, (str, tuple)):
-            self._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
         for name, ok in (("rank_pattern", lambda v: isinstance(v, int) and v > 0),
                          ("alpha_pattern", lambda v: isinstance(v, (int, float)) and v > 0)):
             pat = getattr(self, name)

@@ -30,7 +30,7 @@ from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, Inserter, mount_adapter
 from peftc.passes.bottleneck import attention_input, init_gate, insert_gate
 from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.prompt import prompt_learning_config
+from peftc.passes.prompt import prompt_learning_config, prompt_learning_entry
 from peftc.spec import MethodSpec, register_method
 
 __all__ = ["PrefixSpec", "PrefixEncoder", "rewrite", "kv_geometry"]
@@ -136,14 +136,9 @@ class PrefixEncoder(nn.Module):
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: a decoder-only graph, one SDPA node per layer with an explicit mask.
     Post: every attention sees P learned keys/values first; query positions start at P."""
-    entries = [m for m in ctx.spec.methods if isinstance(m, PrefixSpec)]
-    if not entries:
+    entry = prompt_learning_entry(gm, ctx, PrefixSpec)
+    if entry is None:
         return PassResult(gm, False)
-    if len(entries) > 1 or ctx.sample_mask:
-        raise PeftcError("one prefix entry per adapter, and no mixed-batch prefixes")
-    if any(n.meta.get(PEFTC, {}).get("module") == "prompt_encoder" for n in gm.graph.nodes):
-        raise PeftcError("only one prompt-learning adapter can be active at a time")
-    (entry,) = entries
     layers, kv_heads, head_dim = kv_geometry(ctx.model)
     attn = [n for n in gm.graph.nodes if n.target is SDPA]
     if len(attn) != layers:

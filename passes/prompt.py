@@ -22,7 +22,8 @@ from peftc.graph import PEFTC, Inserter, mount_adapter
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import MethodSpec, register_method
 
-__all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config"]
+__all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config",
+           "prompt_learning_entry"]
 
 aten = torch.ops.aten
 PAD = {"input_ids": 0, "attention_mask": 1, "labels": -100}  # fill of the P widened positions
@@ -96,17 +97,25 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return insert_virtual_tokens(gm, ctx, PromptSpec)
 
 
+def prompt_learning_entry(gm: fx.GraphModule, ctx: PassContext, kind: type):
+    """The adapter's one ``kind`` entry (None without one); prompt-learning methods share the
+    ``prompt_encoder`` slot, so one per adapter, one active adapter, no mixed batches."""
+    entries = [m for m in ctx.spec.methods if isinstance(m, kind)]
+    if not entries:
+        return None
+    if len(entries) > 1 or ctx.sample_mask:
+        raise PeftcError(f"one {entries[0].method} entry per adapter, and no mixed-batch {entries[0].method}")
+    if any(n.meta.get(PEFTC, {}).get("module") == "prompt_encoder" for n in gm.graph.nodes):
+        raise PeftcError("only one prompt-learning adapter can be active at a time")
+    return entries[0]
+
+
 def insert_virtual_tokens(gm: fx.GraphModule, ctx: PassContext, kind: type) -> PassResult:
     """Widens the token inputs by P and prepends ``entry.prompt_nodes(...)`` (P, D) after the
     embedding lookup; shared by prompt tuning and P-tuning (which differ only in the source)."""
-    entries = [m for m in ctx.spec.methods if isinstance(m, kind)]
-    if not entries:
+    entry = prompt_learning_entry(gm, ctx, kind)
+    if entry is None:
         return PassResult(gm, False)
-    if len(entries) > 1 or ctx.sample_mask:
-        raise PeftcError("one prompt entry per adapter, and no mixed-batch prompts")
-    if any(n.meta.get(PEFTC, {}).get("module") == "prompt_encoder" for n in gm.graph.nodes):
-        raise PeftcError("only one prompt-learning adapter can be active at a time")
-    (entry,) = entries
     p = entry.tokens
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
     if "input_ids" not in placeholders:

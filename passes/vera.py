@@ -27,7 +27,7 @@ from torch import fx, nn
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import Inserter, as_linear_site, mount_adapter
 from peftc.passes.pipeline import SITES, PassContext, PassResult
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["VeraSpec", "VeraProjection", "VeraVectors", "rewrite", "DEFAULT_TARGETS", "INITS"]
 
@@ -77,14 +77,7 @@ class VeraSpec(MethodSpec):
             self._err("save_projection", "true or false")
         if self.init not in INITS:
             self._err("init", f"one of {list(INITS)}")
-        layers = self.layers
-        if layers is not None and not (
-            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
-            or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
-        ):
-            self._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, (str, tuple)):
-            self._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
+        check_layer_selection(self)
         if self.layers_pattern is not None and self.layers is None:
             self._err("layers_pattern", "null unless 'layers' is set (as in PEFT)")
 

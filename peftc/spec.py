@@ -36,6 +36,7 @@ __all__ = [
     "OPTIMIZATIONS",
     "TASK_TYPES",
     "check_targets",
+    "check_layer_selection",
 ]
 
 METHODS: dict[str, type[MethodSpec]] = {}
@@ -80,6 +81,18 @@ def register_optimization(name: str, *, check=None):
         return fn
 
     return deco
+
+
+def check_layer_selection(entry) -> None:
+    """PEFT's layers_to_transform / layers_pattern, shared by the methods that take them."""
+    layers = entry.layers
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+        or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
+    ):
+        entry._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
+    if entry.layers_pattern is not None and not isinstance(entry.layers_pattern, (str, tuple)):
+        entry._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
 
 
 def check_targets(where: str, value: Any, *, allow_none: bool = False):

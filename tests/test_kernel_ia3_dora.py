@@ -5,11 +5,10 @@ torch.compile without graph breaks; the Triton kernels under TRITON_INTERPRET=1 
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from peftc.kernels import dora_linear as D
 from peftc.kernels import ia3_linear as I
@@ -276,11 +275,7 @@ def triton_cases(device="cpu", blocks=SMALL) -> int:
 
 def test_triton_kernels_under_interpreter():
     """This file as a script in a fresh interpreter: TRITON_INTERPRET must precede triton's import."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, tail
+    tail = run_interpreted([__file__])
     ran = re.search(r"(\d+) triton cases passed", tail)
     assert ran and int(ran.group(1)) == 2 * (len(TRITON_IA3) + len(TRITON_DORA)), tail
 

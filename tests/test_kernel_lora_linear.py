@@ -2,14 +2,12 @@
 from the seed (not saved), torch.export / torch.compile without graph breaks; Triton kernels
 under TRITON_INTERPRET=1 in a subprocess (tests/test_kernel_lora_linear_triton.py)."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from peftc.kernels.lora_linear import dropout_mask, lora_linear, lora_linear_reference
 
@@ -175,12 +173,7 @@ def test_torch_compile_inductor_no_graph_breaks():
 
 def test_triton_kernels_under_interpreter():
     """Runs the Triton test module in a fresh interpreter: TRITON_INTERPRET must precede triton's import."""
-    pytest.importorskip("triton")
     path = Path(__file__).with_name("test_kernel_lora_linear_triton.py")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
+    tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])
     passed = re.search(r"(\d+) passed", tail)
     assert passed and int(passed.group(1)) >= 13 and "skipped" not in tail, tail  # every interpreter case ran

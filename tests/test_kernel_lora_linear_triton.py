@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is a Linux-only dependency (pyproject)")
 
 from peftc.kernels import lora_linear as L
 

@@ -5,12 +5,11 @@ runs this file that way) and on CUDA (marker gpu)."""
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from peftc.kernels import lora_siblings as S
 from peftc.kernels.lora_linear import dropout_mask, lora_linear
@@ -193,12 +192,7 @@ INTERPRETER_CASES = [  # shape, d_in, outs, ranks, bias
 
 def test_triton_kernels_under_interpreter():
     """Runs this file's interpreter cases in a fresh process: TRITON_INTERPRET precedes triton's import."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(Path(__file__))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
+    tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(Path(__file__))])
     passed = re.search(r"(\d+) passed", tail)
     want = 2 * 2 * len(INTERPRETER_CASES) + 1
     assert passed and int(passed.group(1)) == want and "skipped" not in tail, tail
