@@ -194,7 +194,7 @@ def _fuse_group(gm: fx.GraphModule, group: list[dict]) -> bool:
     return True
 
 
-@register_optimization("fuse", check=check_settings)
+@register_optimization("fuse", phase="fuse", check=check_settings)
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replaces sibling LoRA sites by lora_siblings, every other matched site by lora_linear
     (see the module docstring)."""

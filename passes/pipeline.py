@@ -1,7 +1,7 @@
 """The one ordered pipeline of passes, and how a pass is run.
 
 A pass is ``fn(gm, ctx) -> PassResult``. Rewrite passes come first, in the order below; then
-the optimizations the spec selects, in ``OPTIMIZE_ORDER``. After every pass the graph is
+the optimizations the spec selects, in the order of their declared ``OPTIMIZE_PHASES``. After every pass the graph is
 verified; with ``PEFTC_DEBUG=1`` the graph is printed before and after each pass.
 """
 
@@ -18,10 +18,10 @@ from torch import fx, nn
 
 from peftc.errors import PassError, SpecError
 from peftc.graph import PEFTC, linear_sites
-from peftc.spec import OPTIMIZATIONS, Spec
+from peftc.spec import OPTIMIZATION_PHASES, OPTIMIZATIONS, Spec
 
 __all__ = ["PassResult", "PassContext", "rewrite_passes", "optimize_passes", "merge_passes", "run_pipeline", "verify",
-           "SITES"]
+           "SITES", "OPTIMIZE_PHASES"]
 
 SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
 
@@ -124,12 +124,14 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
 
 
 def optimize_passes(spec: Spec) -> list[tuple[str, Callable]]:
-    """The optimizations ``spec.optimize`` selects, in ``OPTIMIZE_ORDER``; they run once, after
-    every active adapter's rewrites."""
-    missing = set(OPTIMIZATIONS) - set(OPTIMIZE_ORDER)
-    if missing:
-        raise PassError(f"optimizations {sorted(missing)} have no place in OPTIMIZE_ORDER")
-    return [(n, OPTIMIZATIONS[n]) for n in OPTIMIZE_ORDER if n in spec.optimize]
+    """The optimizations ``spec.optimize`` selects, in phase order; they run once, after every
+    active adapter's rewrites."""
+    unknown = {n: p for n, p in OPTIMIZATION_PHASES.items() if p not in OPTIMIZE_PHASES}
+    if unknown:
+        raise PassError(f"optimizations {unknown} declare phases not in {list(OPTIMIZE_PHASES)}")
+    chosen = [n for n in OPTIMIZATIONS if n in spec.optimize]
+    chosen.sort(key=lambda n: OPTIMIZE_PHASES.index(OPTIMIZATION_PHASES[n]))
+    return [(n, OPTIMIZATIONS[n]) for n in chosen]
 
 
 def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
@@ -150,9 +152,12 @@ def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
     ]
 
 
-OPTIMIZE_ORDER: list[str] = [  # optimizations, in the order they run when selected
+OPTIMIZE_PHASES: tuple[str, ...] = (  # optimization phases, in the order they run when selected
     "fuse",  # linear(x, W, b) + s * B(A(drop(x))) -> lora_linear(x, W, b, A, B, s, p, seed)
-]
+    "quantize",  # frozen W -> Q(W) stored; dequantized inside the op that reads it
+    "recompute",  # activations saved for backward -> recomputed in backward from what is kept
+    "shard",  # W -> all_gather(W_shard) before its block, freed after it
+)
 
 
 def verify(gm: fx.GraphModule) -> None:

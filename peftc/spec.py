@@ -42,6 +42,7 @@ __all__ = [
 METHODS: dict[str, type[MethodSpec]] = {}
 OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
 OPTIMIZATION_CHECKS: dict[str, Any] = {}  # name -> settings validator
+OPTIMIZATION_PHASES: dict[str, str] = {}  # name -> the pipeline phase it runs in (passes.pipeline)
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
 
@@ -65,8 +66,11 @@ def register_method(name: str, *, peft_type: str | None = None, store_dir: str |
     return deco
 
 
-def register_optimization(name: str, *, check=None):
+def register_optimization(name: str, *, phase: str, check=None):
     """Decorator for optimization pass functions selectable with ``optimize=[name]``.
+
+    ``phase``: one of ``passes.pipeline.OPTIMIZE_PHASES``; the pipeline runs the selected
+    optimizations in phase order, so adding one touches only its own file.
 
     ``check(settings) -> settings`` validates ``optimize: {name: {...}}`` when the spec is
     built (before any capture), raising SpecError for a bad setting.
@@ -76,6 +80,7 @@ def register_optimization(name: str, *, check=None):
         if name in OPTIMIZATIONS:
             raise RuntimeError(f"optimization {name!r} is registered twice")
         OPTIMIZATIONS[name] = fn
+        OPTIMIZATION_PHASES[name] = phase
         if check is not None:
             OPTIMIZATION_CHECKS[name] = check
         return fn
