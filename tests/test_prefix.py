@@ -127,3 +127,63 @@ def test_prefix_on_bert_sequence_classification(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pm2(input_ids=ids, attention_mask=mask).logits,
                                    cm(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+
+
+def _bert_prefix_reference(bert, classifier, prefix, ids, mask):
+    """BERT sequence classification with prefix tuning, written out in eager torch: per layer the
+    P learned keys/values go before the tokens' (always visible), and positions start at P (as
+    PEFT's past_key_values path shifts them); token types are not shifted."""
+    cfg = bert.config
+    b, s = ids.shape
+    heads, dh = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    p = prefix.shape[0]
+    kv = prefix.view(p, cfg.num_hidden_layers * 2, heads, dh).permute(1, 2, 0, 3)  # (L*2, heads, P, dh)
+    e = bert.embeddings
+    pos = torch.arange(p, p + s)
+    x = e.word_embeddings(ids) + e.position_embeddings(pos)[None] + e.token_type_embeddings(torch.zeros_like(ids))
+    x = e.LayerNorm(x)
+    visible = torch.cat([torch.ones(b, p), mask.float()], dim=1)[:, None, None, :]
+    bias = (1.0 - visible) * torch.finfo(x.dtype).min
+
+    def heads_of(t):
+        return t.view(b, s, heads, dh).transpose(1, 2)
+
+    for i, layer in enumerate(bert.encoder.layer):
+        att = layer.attention.self
+        q = heads_of(att.query(x))
+        k = torch.cat([kv[2 * i].expand(b, -1, -1, -1), heads_of(att.key(x))], dim=2)
+        v = torch.cat([kv[2 * i + 1].expand(b, -1, -1, -1), heads_of(att.value(x))], dim=2)
+        w = torch.softmax(q @ k.transpose(-1, -2) / dh**0.5 + bias, dim=-1)
+        ctx = (w @ v).transpose(1, 2).reshape(b, s, heads * dh)
+        x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
+        h = torch.nn.functional.gelu(layer.intermediate.dense(x))
+        x = layer.output.LayerNorm(layer.output.dense(h) + x)
+    pooled = torch.tanh(bert.pooler.dense(x[:, 0]))
+    return classifier(pooled)
+
+
+def test_prefix_on_bert_matches_eager_reference():
+    """Prefix tuning on BERT without HF PEFT: logits and the prefix's gradient against the
+    hand-written reference, at a shape other than the captured one, with right padding."""
+    model = tiny_model("tiny-bert").eval()
+    cm = peftc.compile(model, {"task_type": "SEQ_CLS", "methods": [{"prefix": {"tokens": 4}}]},
+                       example_inputs("tiny-bert"))
+    assert cm.pass_counts["prefix"] == 2
+    (prefix,) = [p for n, p in cm.adapters.named_parameters() if n.startswith("prompt_encoder.default")]
+    with torch.no_grad():
+        prefix.normal_(0, 0.5)
+    classifier = cm.adapters.get_submodule("classifier.modules_to_save.default")  # trained whole, as PEFT
+    with torch.no_grad():
+        classifier.weight.normal_(0, 0.5)
+    ids, _ = _batch(11)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    cm.eval()
+    ours = cm(input_ids=ids, attention_mask=mask).logits
+    ref = _bert_prefix_reference(model.bert, classifier, prefix, ids, mask)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert (model(input_ids=ids, attention_mask=mask).logits - ours).abs().max() > 1e-2  # the prefix acts
+    g_ours, = torch.autograd.grad(ours.square().sum(), prefix)
+    g_ref, = torch.autograd.grad(ref.square().sum(), prefix)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-4)
+    assert g_ours.abs().sum() > 0
