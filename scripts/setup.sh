@@ -20,7 +20,7 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$pins"
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$pins"
 if [ "${PEFTC_LATEST:-0}" = "1" ]; then
   .venv/bin/pip install -q --upgrade --upgrade-strategy eager -c "$pins" -e ".[$extras]"
 else
