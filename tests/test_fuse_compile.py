@@ -3,12 +3,14 @@ eager graph's outputs and gradients."""
 
 import copy
 
+import pytest
 import torch
 
 import peftc
 from peftc.models import example_inputs, tiny_model
 
 
+@pytest.mark.slow
 def test_fused_model_compiles_without_graph_breaks():
     model = tiny_model("tiny-llama")
     spec = {"methods": [{"lora": {"targets": "all-linear", "r": 4, "alpha": 8, "init": "random", "dropout": 0.1}}]}

@@ -273,6 +273,7 @@ def triton_cases(device="cpu", blocks=SMALL) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_interpreter():
     """This file as a script in a fresh interpreter: TRITON_INTERPRET must precede triton's import."""
     tail = run_interpreted([__file__])

@@ -171,6 +171,7 @@ def test_torch_compile_inductor_no_graph_breaks():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_interpreter():
     """Runs the Triton test module in a fresh interpreter: TRITON_INTERPRET must precede triton's import."""
     path = Path(__file__).with_name("test_kernel_lora_linear_triton.py")

@@ -162,6 +162,7 @@ def test_torch_export_keeps_the_op():
     torch.testing.assert_close(ep.module()(x2, torch.tensor(4)), mod(x2, torch.tensor(4)), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_no_graph_breaks():
     mod = Siblings()
     x, seed = torch.randn(3, 6, 24, requires_grad=True), torch.tensor(8)
@@ -190,6 +191,7 @@ INTERPRETER_CASES = [  # shape, d_in, outs, ranks, bias
 ]
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_interpreter():
     """Runs this file's interpreter cases in a fresh process: TRITON_INTERPRET precedes triton's import."""
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(Path(__file__))])

@@ -22,6 +22,7 @@ def _batch(seed=3):
 
 @pytest.mark.parametrize("name,projection", [("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", False),
                                              ("tiny-qwen2", True)])
+@pytest.mark.slow
 def test_prefix_matches_peft(tmp_path, name, projection):
     base = tiny_model(name)
     snapshot = copy.deepcopy(base.state_dict())
@@ -70,6 +71,7 @@ def test_prefix_matches_peft(tmp_path, name, projection):
     assert_peft_loads_same(cm, name, snapshot, tmp_path / "ours", input_ids=ids)
 
 
+@pytest.mark.slow
 def test_prefix_training_matches_peft():
     """Five AdamW steps: same losses as PEFT (gradients flow through the concatenated k/v)."""
     base = tiny_model("tiny-llama")

@@ -12,6 +12,7 @@ from peftc.errors import PassError
 from peftc.models import example_inputs, tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mistral"])
 def test_prompt_tuning_matches_peft(tmp_path, name):
     base = tiny_model(name)

@@ -20,6 +20,7 @@ def _batch(seed=2):
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_ptuning_matches_peft(tmp_path, name):
     base = tiny_model(name)

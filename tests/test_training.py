@@ -47,6 +47,7 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("name, lora_kw, overrides", TRAIN_CASES,
                          ids=["llama", "gpt2", "llama-dropout", "gpt2-all-dropout"])
+@pytest.mark.slow
 def test_adamw_steps_match_peft(name, lora_kw, overrides):
     pm, cm = make_pair(name, lora_kw, overrides)
     assert cm.num_trainable_parameters() == pm.get_nb_trainable_parameters()[0]
