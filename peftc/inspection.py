@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-from peftc.graph import PEFTC, owning_module
+from peftc.graph import PEFTC, fetch_attr, owning_module
 
 __all__ = ["summarize", "graph_text", "node_line", "diff", "to_svg", "owning_module", "adapter_info"]
 
@@ -109,12 +109,10 @@ def diff(before: fx.Graph, after: fx.Graph) -> str:
 
 # ---- summary ----------------------------------------------------------------------------
 def _resolve(owner, target: str):
-    obj = owner
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    try:
+        return fetch_attr(owner, target)
+    except AttributeError:
+        return None
 
 
 def _short_param(target: str, info: dict) -> str:
