@@ -39,6 +39,7 @@ import os
 
 import torch
 
+from peftc.capture import register_train_flag
 from peftc.kernels.ia3_linear import colsum, scaled_mm
 from peftc.kernels.lora_linear import BLOCKS, _dropout_on, _mm, draw_seed, dropout_mask, triton_dropout_mask
 
@@ -355,6 +356,7 @@ def _backward(ctx, grad, _gh, _gz, _gn):
 
 
 _dora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_train_flag(torch.ops.peftc.dora_linear.default)  # set_training flips its ``train``
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, p: float = 0.0, train: bool = False,

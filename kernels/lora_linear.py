@@ -39,6 +39,8 @@ import os
 
 import torch
 
+from peftc.capture import register_train_flag
+
 try:
     import triton
     import triton.language as tl
@@ -318,6 +320,7 @@ def _backward(ctx, grad, _grad_h):
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_train_flag(torch.ops.peftc.lora_linear.default)  # set_training flips its ``train``
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, train: bool = False,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from peftc.capture import register_train_flag
 from peftc.kernels.lora_linear import (
     _check,
     _dropout_on,
@@ -226,6 +227,7 @@ def _backward(ctx, grads, _grad_h):
 
 
 _lora_siblings_op.register_autograd(_backward, setup_context=_setup_context)
+register_train_flag(torch.ops.peftc.lora_siblings.default)  # set_training flips its ``train``
 
 
 def lora_siblings(x, weights, biases, lora_As, lora_Bs, scales, p: float = 0.0, train: bool = False,

@@ -1,29 +1,15 @@
 """peftc.passes: rewrite and optimization passes over fx GraphModules, and their pipeline.
 
-Importing this package registers every method spec and optimization it defines.
+Every module of this package is imported here, found by listing the package: importing a
+method or optimization file registers it (with its phase), so a new one is one new file.
 """
 
-from peftc.passes import (  # importing registers the methods
-    bitfit,
-    bottleneck,
-    fuse,
-    hybrid,
-    ia3,
-    ln_tuning,
-    loha,
-    lokr,
-    lora,
-    merge,
-    prefix,
-    prompt,
-    ptuning,
-    ssf,
-    train,
-    vera,
-)
+import importlib
+import pkgutil
+
 from peftc.passes.pipeline import PassContext, PassResult, optimize_passes, rewrite_passes, run_pipeline
 
-__all__ = [
-    "PassContext", "PassResult", "run_pipeline", "rewrite_passes", "optimize_passes",
-    "bitfit", "bottleneck", "hybrid", "fuse", "ia3", "ln_tuning", "loha", "lokr", "lora", "merge", "prefix", "prompt", "ptuning", "ssf", "train", "vera",
-]
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["PassContext", "PassResult", "run_pipeline", "rewrite_passes", "optimize_passes"]

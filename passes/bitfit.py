@@ -8,30 +8,27 @@ The adapted model equals the base at init. Swapping reuses passes/train.py's mec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
-from peftc.passes.train import swap
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.passes.train import CopyMethod
+from peftc.spec import check_targets, register_method
 
 __all__ = ["BitFitSpec", "BiasCopy", "rewrite"]
 
 
-@register_method("bitfit")
+@register_method("bitfit", phase="swap")
 @dataclass(frozen=True)
-class BitFitSpec(MethodSpec):
+class BitFitSpec(CopyMethod):
     """``targets``: modules whose own ``bias`` trains (None = every module that has one)."""
 
     targets: Any = None
 
-    sites: ClassVar[str] = "module"
-
     def __post_init__(self):
         t = check_targets("bitfit.targets", self.targets, allow_none=True)
         if t == "all-linear":
-            self._err("targets", "module names/suffixes, 're:<regex>' or null (every bias)")
+            self.reject("targets", "module names/suffixes, 're:<regex>' or null (every bias)")
         object.__setattr__(self, "targets", t)
 
     def default_targets(self, model: nn.Module):
@@ -51,4 +48,4 @@ class BiasCopy(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone())
 
 
-rewrite = partial(swap, BitFitSpec)
+rewrite = BitFitSpec.rewrite

@@ -45,11 +45,12 @@ from torch import fx, nn
 from peftc.capture import SDPA
 from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, as_linear_site, mount_adapter
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.spec import MethodSpec, register_method
+from peftc.passes.context import PassContext, PassResult
+from peftc.passes.gates import init_gate, insert_gate
+from peftc.spec import MethodSpec, Sites, register_method
 
-__all__ = ["BottleneckSpec", "BottleneckAdapter", "ResidualSite", "rewrite", "residual_sites",
-           "attention_input", "tokens_3d", "insert_gate", "init_gate", "PLACEMENTS", "ACTIVATIONS"]
+__all__ = ["BottleneckSpec", "BottleneckAdapter", "ResidualSite", "rewrite", "residual_sites", "PLACEMENTS",
+           "ACTIVATIONS"]
 
 aten = torch.ops.aten
 PLACEMENTS = {  # placement -> (locations, reduction, activation, scaling, init)
@@ -64,12 +65,11 @@ ACTIVATIONS = {  # AdapterHub name -> (aten op, extra args), and the nn module i
     "sigmoid": (aten.sigmoid.default, (), {}), "leakyrelu": (aten.leaky_relu.default, (0.01,), {}),
 }
 INITS = ("bert", "mam_adapter", "houlsby")
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 ATTENTION = (SDPA, F.scaled_dot_product_attention)  # exported graphs; plain modules traced by fx
 ADD = (aten.add.Tensor, operator.add)
 
 
-@register_method("bottleneck")
+@register_method("bottleneck", phase="graph")
 @dataclass(frozen=True)
 class BottleneckSpec(MethodSpec):
     """``placement``: houlsby | pfeiffer | parallel; unset fields take that placement's
@@ -85,45 +85,41 @@ class BottleneckSpec(MethodSpec):
     gate: bool = False
     leave_out: Any = ()
 
-    sites: ClassVar[str] = "graph"
+    sites: ClassVar[Sites] = Sites.GRAPH
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
-            self._err("placement", f"one of {list(PLACEMENTS)}")
+            self.reject("placement", f"one of {list(PLACEMENTS)}")
         _, red, act, scale, init = PLACEMENTS[self.placement]
         for name, default in (("reduction", red), ("activation", act), ("scaling", scale), ("init", init)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or self.reduction <= 0:
-            self._err("reduction", "a number > 0 (bottleneck width = hidden // reduction)")
+            self.reject("reduction", "a number > 0 (bottleneck width = hidden // reduction)")
         if self.activation not in ACTIVATIONS:
-            self._err("activation", f"one of {sorted(ACTIVATIONS)}")
+            self.reject("activation", f"one of {sorted(ACTIVATIONS)}")
         if not (self.scaling in ("learned", "channel") or
                 (isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool))):
-            self._err("scaling", "a number, 'learned' or 'channel'")
+            self.reject("scaling", "a number, 'learned' or 'channel'")
         if self.init not in INITS:
-            self._err("init", f"one of {list(INITS)}")
+            self.reject("init", f"one of {list(INITS)}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            self._err("dropout", "a number in [0, 1)")
+            self.reject("dropout", "a number in [0, 1)")
         if not isinstance(self.gate, bool):
-            self._err("gate", "true or false")
+            self.reject("gate", "true or false")
         if isinstance(self.leave_out, int) and not isinstance(self.leave_out, bool):
             object.__setattr__(self, "leave_out", (self.leave_out,))
         if not (isinstance(self.leave_out, tuple) and all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out)):
-            self._err("leave_out", "a list of layer indices (>= 0)")
+            self.reject("leave_out", "a list of layer indices (>= 0)")
 
     @property
     def locations(self) -> tuple[str, ...]:
         return PLACEMENTS[self.placement][0]
 
-
-def init_gate(gate: nn.Linear, zero_bias: bool) -> None:
-    """AdapterHub's gate init: weight normal(0, 0.02); bias zero under "bert"-style inits,
-    else nn.Linear's default (its LoRA and prefix gates)."""
-    nn.init.normal_(gate.weight, std=0.02)
-    if zero_bias:
-        nn.init.zeros_(gate.bias)
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return rewrite(gm, ctx)
 
 
 class BottleneckAdapter(nn.Module):
@@ -251,38 +247,6 @@ def residual_sites(gm: fx.GraphModule) -> list[ResidualSite]:
     return out
 
 
-def tokens_3d(x: fx.Node) -> fx.Node:
-    """The (batch, seq, features) tensor behind ``x`` (Conv1D reads a flattened 2-D view)."""
-    v = x.meta.get("val")
-    if isinstance(v, torch.Tensor) and v.dim() == 2 and x.target in VIEWS:
-        x = x.args[0]
-        v = x.meta.get("val")
-    if not (isinstance(v, torch.Tensor) and v.dim() == 3):
-        raise PeftcError(f"a gate needs (batch, seq, features) inputs; {x.name} is not one")
-    return x
-
-
-def attention_input(sdpa: fx.Node) -> fx.Node:
-    """The token states entering the query projection of an attention node."""
-    seen, todo = set(), [sdpa.args[0]]
-    while todo:
-        n = todo.pop(0)
-        site = as_linear_site(n)
-        if site is not None:
-            return tokens_3d(site.x)
-        if n not in seen:
-            seen.add(n)
-            todo += n.all_input_nodes
-    raise PeftcError(f"no query projection found before attention node {sdpa.name}")
-
-
-def insert_gate(ins: Inserter, x: fx.Node, weight: str, bias: str) -> fx.Node:
-    """``mean_seq sigmoid(x W^T + b)`` -> (batch, outputs): AdapterHub's gate."""
-    g = ins.call(aten.linear.default, (x, ins.get_attr(weight), ins.get_attr(bias)), "gate")
-    g = ins.call(aten.sigmoid.default, (g,), "gate_sigmoid")
-    return ins.call(aten.mean.dim, (g, [1]), "gate_mean")
-
-
 def _bottleneck(ins: Inserter, x: fx.Node, path: str, entry: BottleneckSpec) -> fx.Node:
     """A(x) as nodes (see the module docstring)."""
     d = ins.call(aten.linear.default, (x, ins.get_attr(f"{path}.adapter_down.0.weight"),
@@ -307,8 +271,6 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     entries = [m for m in ctx.spec.methods if isinstance(m, BottleneckSpec)]
     if not entries:
         return PassResult(gm, False)
-    if ctx.sample_mask:
-        raise PeftcError("a mixed batch works with the LoRA family only; this adapter uses bottleneck")
     adapter, like = ctx.spec.adapter, next(iter(ctx.model.parameters()))
     sites = residual_sites(gm)
     layers = list(dict.fromkeys(s.layer for s in sites))

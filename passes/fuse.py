@@ -31,33 +31,20 @@ settings are SpecErrors (``check_settings``).
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
 from torch import fx
 
-from peftc.capture import TRAIN_ARG
 from peftc.errors import SpecError
-from peftc.graph import PEFTC
-from peftc.passes.pipeline import PassContext, PassResult
+from peftc.graph import PEFTC, fetch_attr, has_role
+from peftc.passes.context import PassContext, PassResult
+from peftc.passes.fuse_scaling import fuse_dora, fuse_ia3, seed_for
 from peftc.spec import register_optimization
 
 __all__ = ["fuse", "match_lora", "sibling_groups", "seed_for", "check_settings", "SETTINGS"]
 
 aten = torch.ops.aten
-
-
-def seed_for(x: torch.Tensor, dropout: bool) -> torch.Tensor:
-    """The op's seed: fresh from the global RNG when it may drop, else a constant."""
-    from peftc.kernels.lora_linear import draw_seed
-
-    return draw_seed(x.device) if dropout else torch.zeros((), dtype=torch.int64, device=x.device)
-
-
-def _role(node, role: str) -> bool:
-    info = node.meta.get(PEFTC) if isinstance(node, fx.Node) else None
-    return bool(info) and info.get("method") == "lora" and info.get("role") == role
 
 
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
@@ -66,20 +53,20 @@ def _only_user(node: fx.Node, user: fx.Node) -> bool:
 
 def match_lora(add: fx.Node) -> dict | None:
     """The pieces of one unfused LoRA site ending at ``add``, or None if it is not one."""
-    if not _role(add, "add") or add.target is not aten.add.Tensor:
+    if not has_role(add, "lora", "add") or add.target is not aten.add.Tensor:
         return None
     base, term = add.args[:2]
-    if not (_role(term, "scale") and term.target is aten.mul.Tensor and _only_user(term, add)):
+    if not (has_role(term, "lora", "scale") and term.target is aten.mul.Tensor and _only_user(term, add)):
         return None
     up, scale = term.args
-    if not (_role(up, "lora_B") and _only_user(up, term) and isinstance(scale, (int, float))):
+    if not (has_role(up, "lora", "lora_B") and _only_user(up, term) and isinstance(scale, (int, float))):
         return None
     down, b_w = up.args
-    if not (_role(down, "lora_A") and _only_user(down, up)):
+    if not (has_role(down, "lora", "lora_A") and _only_user(down, up)):
         return None
     src, a_w = down.args
     p, drop = 0.0, None
-    if _role(src, "dropout"):
+    if has_role(src, "lora", "dropout"):
         drop, (src, p, _) = src, src.args[:3]
         if not _only_user(drop, down):
             return None
@@ -112,7 +99,7 @@ def check_settings(settings) -> dict:
 def _dtype(gm: fx.GraphModule, node) -> torch.dtype | None:
     """A tensor node's dtype: the attribute's for get_attr, else the traced ``val`` (None if unknown)."""
     if node.op == "get_attr":
-        return functools.reduce(getattr, node.target.split("."), gm).dtype
+        return fetch_attr(gm, node.target).dtype
     val = node.meta.get("val")
     return val.dtype if isinstance(val, torch.Tensor) else None
 
@@ -153,7 +140,6 @@ def _fuse_one(gm: fx.GraphModule, m: dict) -> None:
         args = (m["x"], m["w"], m["bias"], m["a"], m["b"], m["scale"], m["p"], seed, True)
         fused = gm.graph.call_function(torch.ops.peftc.lora_linear.default, args)
         y = gm.graph.call_function(operator.getitem, (fused, 0))
-    fused.meta[TRAIN_ARG] = 8
     _stamp([*new, (seed, "seed"), (fused, "lora_linear"), (y, "output")], {**m["info"], "method": "fuse"},
            m["base"].meta.get("nn_module_stack"))
     add.replace_all_uses_with(y)
@@ -182,7 +168,6 @@ def _fuse_group(gm: fx.GraphModule, group: list[dict]) -> bool:
         fused = gm.graph.call_function(torch.ops.peftc.lora_siblings.default, args)
         ys = gm.graph.call_function(operator.getitem, (fused, 0))
         outs = [gm.graph.call_function(operator.getitem, (ys, i)) for i in range(len(group))]
-    fused.meta[TRAIN_ARG] = 8
     info = {**group[0]["info"], "method": "fuse", "siblings": [m["info"].get("module") for m in group]}
     stack = group[0]["base"].meta.get("nn_module_stack")
     _stamp([*new, (seed, "seed"), (fused, "lora_siblings"), (ys, "outputs")], info, stack)
@@ -210,8 +195,6 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for m in sites:
         if id(m) not in grouped:
             _fuse_one(gm, m)
-    from peftc.passes.fuse_scaling import fuse_dora, fuse_ia3
-
     scaling = fuse_ia3(gm, ctx) + fuse_dora(gm, ctx)  # IA3 / DoRA sites: counts "fuse_ia3", "fuse_dora"
     n = len(sites)
     ctx.counts["fuse"] += n

@@ -21,18 +21,19 @@ import operator
 import torch
 from torch import fx
 
-from peftc.capture import TRAIN_ARG
-from peftc.graph import PEFTC
-from peftc.passes.pipeline import PassContext
+from peftc.graph import PEFTC, has_role
+from peftc.passes.context import PassContext
 
-__all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora"]
+__all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora", "seed_for"]
 
 aten = torch.ops.aten
 
 
-def _role(node, method: str, *roles: str) -> bool:
-    info = node.meta.get(PEFTC) if isinstance(node, fx.Node) else None
-    return bool(info) and info.get("method") == method and info.get("role") in roles
+def seed_for(x: torch.Tensor, dropout: bool) -> torch.Tensor:
+    """A fused op's dropout seed: fresh from the global RNG when it may drop, else a constant."""
+    from peftc.kernels.lora_linear import draw_seed  # kernels load on first fusion, not on import
+
+    return draw_seed(x.device) if dropout else torch.zeros((), dtype=torch.int64, device=x.device)
 
 
 def _base(node) -> dict | None:
@@ -49,12 +50,12 @@ def _base(node) -> dict | None:
 
 def match_ia3(mul: fx.Node) -> dict | None:
     """The pieces of one IA3 site whose scaling ``mul`` this is, or None."""
-    if mul.target is not aten.mul.Tensor or not _role(mul, "ia3", "scale_output", "scale_input"):
+    if mul.target is not aten.mul.Tensor or not has_role(mul, "ia3", "scale_output", "scale_input"):
         return None
     src, vec = mul.args
-    if not _role(vec, "ia3", "flatten"):
+    if not has_role(vec, "ia3", "flatten"):
         return None
-    if _role(mul, "ia3", "scale_output"):
+    if has_role(mul, "ia3", "scale_output"):
         base = _base(src)
         if base is None or list(src.users) != [mul]:
             return None
@@ -74,52 +75,52 @@ def match_dora(add: fx.Node) -> dict | None:
     (the linear itself, ``y - b``, or the recompute on the dropped input) times mn - 1; plus
     mn * lora_B * s.
     """
-    if add.target is not aten.add.Tensor or not _role(add, "lora", "add"):
+    if add.target is not aten.add.Tensor or not has_role(add, "lora", "add"):
         return None
     y, term = add.args[:2]
     base = _base(y)
-    if base is None or not _role(term, "lora", "dora"):
+    if base is None or not has_role(term, "lora", "dora"):
         return None
     t1, t2 = term.args
-    if not (_role(t1, "lora", "dora_base") and _role(t2, "lora", "scale")):
+    if not (has_role(t1, "lora", "dora_base") and has_role(t2, "lora", "scale")):
         return None
     minus1, base_term = t1.args
     dl, scale = t2.args
-    if not (_role(minus1, "lora", "mag_minus_one") and _role(dl, "lora", "dora_lora")
+    if not (has_role(minus1, "lora", "mag_minus_one") and has_role(dl, "lora", "dora_lora")
             and isinstance(scale, (int, float))):
         return None
     mag, up = dl.args
-    if not (_role(mag, "lora", "mag_row") and _role(up, "lora", "lora_B") and minus1.args[0] is mag):
+    if not (has_role(mag, "lora", "mag_row") and has_role(up, "lora", "lora_B") and minus1.args[0] is mag):
         return None
     div = mag.args[0]
-    detach = div.args[1] if _role(div, "lora", "mag_norm_scale") else None
-    norm = detach.args[0] if _role(detach, "lora", "detach_norm") else None
-    adapted = norm.args[0] if _role(norm, "lora", "weight_norm") else None
-    if adapted is None or not _role(adapted, "lora", "adapted_weight"):
+    detach = div.args[1] if has_role(div, "lora", "mag_norm_scale") else None
+    norm = detach.args[0] if has_role(detach, "lora", "detach_norm") else None
+    adapted = norm.args[0] if has_role(norm, "lora", "weight_norm") else None
+    if adapted is None or not has_role(adapted, "lora", "adapted_weight"):
         return None
     scaled = adapted.args[1]
-    delta = scaled.args[0] if _role(scaled, "lora", "scale_delta") else None
+    delta = scaled.args[0] if has_role(scaled, "lora", "scale_delta") else None
     down, b_w = up.args
-    if not (_role(delta, "lora", "delta_weight") and _role(down, "lora", "lora_A")):
+    if not (has_role(delta, "lora", "delta_weight") and has_role(down, "lora", "lora_A")):
         return None
     src, a_w = down.args
     p, train, drop = 0.0, False, None
-    if _role(src, "lora", "dropout"):
+    if has_role(src, "lora", "dropout"):
         drop, (src, p, train) = src, src.args[:3]
     if src is not base["x"]:
         return None
     w = adapted.args[0]  # (out, in): the weight itself, or t(W) for Conv1D
-    if base["transposed"] and not (_role(w, "lora", "weight_t") and w.args[0] is base["w"]):
+    if base["transposed"] and not (has_role(w, "lora", "weight_t") and w.args[0] is base["w"]):
         return None
     if not base["transposed"] and w is not base["w"]:
         return None
     nodes = [add, term, t1, t2, minus1, dl, mag, div, detach, norm, adapted, scaled, delta, up, down,
              *([drop] if drop is not None else []), y]
     if base_term is not y:
-        if _role(base_term, "lora", "base_no_bias"):
+        if has_role(base_term, "lora", "base_no_bias"):
             ok = base_term.args == (y, base["bias"])
         else:
-            ok = (_role(base_term, "lora", "base_recompute") and base_term.args[0] is (drop or src)
+            ok = (has_role(base_term, "lora", "base_recompute") and base_term.args[0] is (drop or src)
                   and base_term.args[1] is w)
         if not ok:
             return None
@@ -183,10 +184,9 @@ def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Replaces every matched DoRA site by ``peftc::dora_linear``; returns the number fused.
 
     The op's train flag starts as the LoRA dropout node's and is flipped by ``set_training``
-    (``TRAIN_ARG``); its dropout seed is drawn per call, as for the fused LoRA op.
+    (the op registers its ``train`` argument); its dropout seed is drawn per call, as for the fused LoRA op.
     """
     from peftc.kernels import dora_linear  # noqa: F401  (registers torch.ops.peftc.dora_linear)
-    from peftc.passes.fuse import seed_for
 
     n = 0
     for node in list(gm.graph.nodes):
@@ -199,8 +199,7 @@ def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> int:
             new.append((seed, "seed"))
             return m["a"], m["b"], m["m"], m["scale"], m["p"], seed, m["train"]
 
-        fused = _replace(gm, m, torch.ops.peftc.dora_linear.default, args_of, "dora_linear")
-        fused.meta[TRAIN_ARG] = 9
+        _replace(gm, m, torch.ops.peftc.dora_linear.default, args_of, "dora_linear")
         n += 1
     ctx.counts["fuse_dora"] += n
     return n

@@ -34,7 +34,7 @@ from peftc.errors import SpecError
 from peftc.passes.bottleneck import BottleneckSpec
 from peftc.passes.lora import LoraSpec
 from peftc.passes.prefix import PrefixSpec
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.spec import MethodSpec, Sites, check_targets, register_method
 
 __all__ = ["MamSpec", "UniPeltSpec", "QV_TARGETS"]
 
@@ -44,7 +44,7 @@ QV_TARGETS = r"re:(.*\.)?(q_proj|v_proj|query|value|c_attn)"  # AdapterHub's att
 def _positive_int(spec: MethodSpec, name: str):
     v = getattr(spec, name)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        spec._err(name, "an integer > 0")
+        spec.reject(name, "an integer > 0")
 
 
 def _expand_checked(spec: MethodSpec) -> None:
@@ -57,7 +57,7 @@ def _expand_checked(spec: MethodSpec) -> None:
         raise SpecError(f"{spec.method}.{name}", e.value, e.allowed) from None
 
 
-@register_method("mam")
+@register_method("mam", phase=None)  # expands into prefix + bottleneck entries
 @dataclass(frozen=True)
 class MamSpec(MethodSpec):
     """Mix-and-match adapter: prefix tuning + a parallel FFN adapter (AdapterHub's defaults)."""
@@ -68,7 +68,7 @@ class MamSpec(MethodSpec):
     scaling: Any = 4.0
     activation: str = "relu"
 
-    sites: ClassVar[str] = "graph"
+    sites: ClassVar[Sites] = Sites.GRAPH
 
     def __post_init__(self):
         _positive_int(self, "prefix_tokens")
@@ -81,7 +81,7 @@ class MamSpec(MethodSpec):
                                activation=self.activation)]
 
 
-@register_method("unipelt")
+@register_method("unipelt", phase=None)  # expands into lora + prefix + bottleneck entries
 @dataclass(frozen=True)
 class UniPeltSpec(MethodSpec):
     """UniPELT: gated LoRA + gated prefix + gated Pfeiffer adapter (AdapterHub's defaults).
@@ -94,7 +94,7 @@ class UniPeltSpec(MethodSpec):
     prefix_hidden: int = 512
     reduction: float = 16
 
-    sites: ClassVar[str] = "graph"
+    sites: ClassVar[Sites] = Sites.GRAPH
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", check_targets("unipelt.lora_targets", self.lora_targets))

@@ -13,16 +13,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
-from peftc.errors import CheckpointError, PeftcError, SpecError
-from peftc.graph import Inserter, as_linear_site, mount_adapter
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.errors import CheckpointError
+from peftc.graph import Inserter
+from peftc.passes.context import PassContext
+from peftc.passes.linear import LinearMethod, LinearTarget
+from peftc.passes.train import TrainSpec
 from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.targets import for_model_type
 
 __all__ = ["IA3Spec", "IA3Vector", "rewrite", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD"]
 
@@ -44,17 +46,9 @@ DEFAULT_FEEDFORWARD = {
 }
 
 
-def _model_type(model: nn.Module, table: dict, field: str) -> list[str]:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in table:
-        raise SpecError(f"ia3.{field}", None, f"explicit module names (no default for model type {mt!r}; "
-                        f"defaults exist for {sorted(table)})")
-    return table[mt]
-
-
-@register_method("ia3", peft_type="IA3")
+@register_method("ia3", peft_type="IA3", phase="scale")
 @dataclass(frozen=True)
-class IA3Spec(MethodSpec):
+class IA3Spec(LinearMethod):
     """``targets``/``feedforward``: selectors (None = PEFT's default for the model type)."""
 
     targets: Any = None
@@ -62,28 +56,26 @@ class IA3Spec(MethodSpec):
     exclude: Any = None
     init: str = "ones"
 
-    sites: ClassVar[str] = "linear"
+    DEFAULT_TARGETS: ClassVar = DEFAULT_TARGETS
 
     def __post_init__(self):
         object.__setattr__(self, "targets", check_targets("ia3.targets", self.targets, allow_none=True))
         object.__setattr__(self, "exclude", check_targets("ia3.exclude", self.exclude, allow_none=True))
         ff = self.feedforward
         if ff is not None and not (isinstance(ff, str) or isinstance(ff, (list, tuple))):
-            self._err("feedforward", "a list of module names/suffixes, 're:<regex>' or null")
+            self.reject("feedforward", "a list of module names/suffixes, 're:<regex>' or null")
         if isinstance(ff, list):
             object.__setattr__(self, "feedforward", tuple(ff))
         if isinstance(self.targets, tuple) and isinstance(self.feedforward, tuple):
             extra = [f for f in self.feedforward if f not in self.targets]
             if extra:
-                self._err("feedforward", f"a subset of targets {list(self.targets)}", f"{extra} are not targets")
+                self.reject("feedforward", f"a subset of targets {list(self.targets)}", f"{extra} are not targets")
         if self.init not in ("ones", "random"):
-            self._err("init", "'ones' or 'random'")
-
-    def default_targets(self, model: nn.Module):
-        return tuple(_model_type(model, DEFAULT_TARGETS, "targets"))
+            self.reject("init", "'ones' or 'random'")
 
     def is_feedforward(self, path: str, model: nn.Module) -> bool:
-        ff = self.feedforward if self.feedforward is not None else _model_type(model, DEFAULT_FEEDFORWARD, "feedforward")
+        ff = self.feedforward if self.feedforward is not None else \
+            for_model_type(model, DEFAULT_FEEDFORWARD, "ia3.feedforward")
         if isinstance(ff, str):
             return re.fullmatch(ff[3:] if ff.startswith("re:") else ff, path) is not None
         return any(path.endswith(f) for f in ff)  # PEFT: plain suffix, no dot boundary
@@ -97,10 +89,26 @@ class IA3Spec(MethodSpec):
             w2 = w * (v[None, :] if ff else v[:, None])
         return w2, (b * v if b is not None and not ff else None)
 
+    # ---- the rewrite (passes/linear.py): the vector, and where it scales ---------------------
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        ff = self.is_feedforward(target.module, ctx.model)
+        shape = (1, target.in_features) if ff else (target.out_features, 1)
+        return IA3Vector(shape, self.init, target.weight, ff)
+
+    def output(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node | None:
+        """Output scaling: ``(x W^T + b) * l`` read by y's users; feedforward: ``x * l`` fed to
+        the linear itself (None: nothing to redirect)."""
+        site = target.site
+        if not self.is_feedforward(target.module, ctx.model):
+            vec = ins.call(aten.reshape.default, (ins.get_attr(f"{path}.ia3_l"), [-1]), "flatten")
+            return ins.call(aten.mul.Tensor, (site.node, vec), "scale_output")
+        before = Inserter(site.node, ins.info, before=True)
+        vec = before.call(aten.reshape.default, (before.get_attr(f"{path}.ia3_l"), [-1]), "flatten")
+        site.node.replace_input_with(site.x, before.call(aten.mul.Tensor, (site.x, vec), "scale_input"))
+        return None
+
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
-        from peftc.passes.train import TrainSpec
-
         def sel(v):
             if v is None or isinstance(v, (list, tuple, set)):
                 return tuple(sorted(v)) if v is not None else None
@@ -108,9 +116,7 @@ class IA3Spec(MethodSpec):
         entry = cls(targets=sel(cfg.get("target_modules")), feedforward=sel(cfg.get("feedforward_modules")),
                     exclude=sel(cfg.get("exclude_modules")),
                     init="ones" if cfg.get("init_ia3_weights", True) else "random")
-        save = [m for m in cfg.get("modules_to_save") or () if not (cfg.get("task_type") == "SEQ_CLS"
-                                                                   and m in ("classifier", "score"))]
-        return [entry] + ([TrainSpec(targets=tuple(save))] if save else [])
+        return [entry, *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list, resolved: list[dict[str, str]], model: nn.Module) -> dict:
@@ -135,35 +141,4 @@ class IA3Vector(nn.Module):
         self.ia3_l = nn.Parameter(torch.ones_like(v) if init == "ones" else v)
 
 
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: linear nodes annotated with IA3 entries. Post: their output (or, on feedforward
-    layers, their input) is multiplied by the flattened vector."""
-    adapter = ctx.spec.adapter
-    if ctx.sample_mask:
-        raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
-                         f"adapter {adapter!r} uses ia3")
-    n = 0
-    for node in list(gm.graph.nodes):
-        for i in node.meta.get(SITES, ()):
-            entry = ctx.spec.methods[i]
-            if not isinstance(entry, IA3Spec):
-                continue
-            site = as_linear_site(node)
-            weight = gm.get_parameter(site.weight.target)
-            in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
-            ff = entry.is_feedforward(site.module, ctx.model)
-            shape = (1, in_f) if ff else (out_f, 1)
-            path = mount_adapter(ctx.store, gm, f"{site.module}.ia3.{adapter}",
-                                 partial(IA3Vector, shape, entry.init, weight, ff))
-            info = {"method": "ia3", "adapter": adapter, "module": site.module}
-            ins = Inserter(node, info, before=ff)
-            vec = ins.call(aten.reshape.default, (ins.get_attr(f"{path}.ia3_l"), [-1]), "flatten")
-            if ff:  # y = (x * l) W^T + b
-                scaled = ins.call(aten.mul.Tensor, (site.x, vec), "scale_input")
-                node.replace_input_with(site.x, scaled)
-            else:  # y = (x W^T + b) * l
-                out = ins.call(aten.mul.Tensor, (node, vec), "scale_output")
-                ins.redirect(node, out)
-            n += 1
-    ctx.counts["ia3"] += n
-    return PassResult(gm, n > 0)
+rewrite = IA3Spec.rewrite  # the method's pass (passes/linear.py's skeleton)

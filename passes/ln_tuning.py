@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 
 from torch import fx, nn
 
-from peftc.errors import SpecError
 from peftc.graph import PEFTC, install_module
+from peftc.passes.context import PassContext, PassResult
 from peftc.passes.merge import HOLDER
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.train import swap, trainable_copy
+from peftc.passes.train import CopyMethod, TrainSpec, swap
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["LNTuningSpec", "rewrite", "merge", "DEFAULT_TARGETS", "STORE"]
@@ -43,49 +42,30 @@ DEFAULT_TARGETS = {
 }
 
 
-@register_method("ln_tuning", peft_type="LN_TUNING", store_dir=STORE)
+@register_method("ln_tuning", peft_type="LN_TUNING", store_dir=STORE, phase="swap")
 @dataclass(frozen=True)
-class LNTuningSpec(MethodSpec):
+class LNTuningSpec(CopyMethod):
     """``targets``: modules (norms) trained as copies; None = PEFT's default for the model type;
     ``exclude``: modules left out (PEFT's exclude_modules)."""
 
     targets: Any = None
     exclude: Any = None
 
-    sites: ClassVar[str] = "module"
+    DEFAULT_TARGETS: ClassVar = DEFAULT_TARGETS
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
             t = check_targets(f"ln_tuning.{name}", getattr(self, name), allow_none=True)
             if t == "all-linear":
-                self._err(name, "module names/suffixes, 're:<regex>' or null")
+                self.reject(name, "module names/suffixes, 're:<regex>' or null")
             object.__setattr__(self, name, t)
-
-    def default_targets(self, model: nn.Module):
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        if mt not in DEFAULT_TARGETS:
-            raise SpecError("ln_tuning.targets", None, f"explicit module names (no default for model type {mt!r}; "
-                            f"defaults exist for {sorted(DEFAULT_TARGETS)})")
-        return tuple(DEFAULT_TARGETS[mt])
-
-    def trains(self, name: str) -> bool:
-        return True
-
-    def copy_of(self, module: nn.Module) -> nn.Module:
-        return trainable_copy(module)
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """LNTuningConfig dict -> [LNTuningSpec] (+ a TrainSpec for modules_to_save)."""
-        from peftc.passes.train import TrainSpec
-        from peftc.targets import SEQ_CLS_HEADS
-
         tm, ex = cfg.get("target_modules"), cfg.get("exclude_modules")
         sel = lambda v: None if not v else "re:" + v if isinstance(v, str) else tuple(sorted(v))
-        entry = cls(targets=sel(tm), exclude=sel(ex))
-        save = [m for m in cfg.get("modules_to_save") or ()
-                if not (cfg.get("task_type") == "SEQ_CLS" and m in SEQ_CLS_HEADS)]
-        return [entry] + ([TrainSpec(targets=tuple(save))] if save else [])
+        return [cls(targets=sel(tm), exclude=sel(ex)), *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list, resolved: list[dict[str, str]], model: nn.Module) -> dict:
@@ -93,28 +73,32 @@ class LNTuningSpec(MethodSpec):
         return {"peft_type": "LN_TUNING", "target_modules": sorted(p for t in resolved for p in t),
                 "exclude_modules": None}
 
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Pre: nodes inside the targeted modules annotated. Post: they read trainable copies,
+        each copy tagged with its PEFT checkpoint keys (``PEFT_KEYS``, read by peftc.peft_io)."""
+        result = swap(cls, gm, ctx)
+        adapter = ctx.spec.adapter
+        for entry, paths in zip(ctx.spec.methods, ctx.targets):
+            if not isinstance(entry, cls):
+                continue
+            for path in paths:
+                try:
+                    copy = ctx.store.get_submodule(f"{path}.{STORE}.{adapter}")
+                except AttributeError:
+                    continue  # a module without parameters the graph reads
+                copy.PEFT_KEYS = {n: f"base_model.model.{path}.{STORE}.{n}" for n, _ in copy.named_parameters()}
+        return result
 
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: nodes inside the targeted modules annotated. Post: they read trainable copies,
-    each copy tagged with its PEFT checkpoint keys (``PEFT_KEYS``, read by peftc.peft_io)."""
-    result = swap(LNTuningSpec, gm, ctx)
-    adapter = ctx.spec.adapter
-    for entry, paths in zip(ctx.spec.methods, ctx.targets):
-        if not isinstance(entry, LNTuningSpec):
-            continue
-        for path in paths:
-            try:
-                copy = ctx.store.get_submodule(f"{path}.{STORE}.{adapter}")
-            except AttributeError:
-                continue  # a module without parameters the graph reads
-            copy.PEFT_KEYS = {n: f"base_model.model.{path}.{STORE}.{n}" for n, _ in copy.named_parameters()}
-    return result
+    @classmethod
+    def merged_rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return merge(gm, ctx)
 
 
 def merge(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Pre: as ``rewrite``. Post: the targeted modules read frozen snapshots of their trained
     copies (buffers under merge.HOLDER), so no ln_tuning node remains."""
-    gm, _ = rewrite(gm, ctx)
+    gm, _ = LNTuningSpec.rewrite(gm, ctx)
     try:
         holder = gm.get_submodule(HOLDER)
     except AttributeError:
@@ -125,7 +109,7 @@ def merge(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         info = node.meta.get(PEFTC, {})
         if node.op != "get_attr" or info.get("method") != "ln_tuning" or info.get("adapter") != ctx.spec.adapter:
             continue
-        name = f"t{len(holder._buffers)}"
+        name = f"t{sum(1 for _ in holder.buffers(recurse=False))}"  # merge.py names them so too
         holder.register_buffer(name, gm.get_parameter(node.target).detach().clone(), persistent=False)
         node.target = f"{HOLDER}.{name}"
         node.meta[PEFTC] = {**info, "method": "merge", "role": "merged_weight"}
@@ -133,3 +117,5 @@ def merge(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counts["merge"] += n
     return PassResult(gm, n > 0)
 
+
+rewrite = LNTuningSpec.rewrite

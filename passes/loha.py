@@ -8,8 +8,7 @@ w1a, w2a: (out, r); w1b, w2b: (r, in) (PEFT's ``hada_w1_a`` ... keys). PEFT buil
 kaiming-uniform(a=sqrt 5), w2b zero (``init: random``: w2b random too).
 
 This file also holds what LoHa and LoKr (passes/lokr.py) share: ``LycorisSpec`` (the fields of
-PEFT's LycorisConfig and their PEFT IO) and ``insert_delta_weights`` (the rewrite around a
-method's dW builder). PEFT's rank_dropout / module_dropout are not implemented: a non-zero
+PEFT's LycorisConfig, their PEFT IO, and the term ``x dW^T`` around a method's dW builder). PEFT's rank_dropout / module_dropout are not implemented: a non-zero
 value is a SpecError. Only nn.Linear layers: PEFT has no LoHa/LoKr for GPT-2's Conv1D.
 """
 
@@ -26,12 +25,14 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import CheckpointError, SpecError
-from peftc.graph import Inserter, as_linear_site, mount_adapter
-from peftc.passes.lora import _pattern_value, sample_rows
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.graph import Inserter
+from peftc.passes.context import PassContext
+from peftc.passes.linear import LinearMethod, LinearTarget
+from peftc.passes.lora import pattern_value
+from peftc.passes.train import TrainSpec
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
-__all__ = ["LycorisSpec", "LohaSpec", "LohaWeights", "EAGER", "insert_delta_weights", "rewrite"]
+__all__ = ["LycorisSpec", "LohaSpec", "LohaWeights", "EAGER", "kaiming_init", "rewrite"]
 
 aten = torch.ops.aten
 
@@ -61,7 +62,7 @@ def _peft_selector(v):
 
 
 @dataclass(frozen=True)
-class LycorisSpec(MethodSpec):
+class LycorisSpec(LinearMethod):
     """Fields of PEFT's LycorisConfig shared by LoHa and LoKr (not registered itself).
 
     ``targets``: names/suffixes, "re:<regex>" or "all-linear"; ``alpha``: scaling numerator
@@ -82,7 +83,7 @@ class LycorisSpec(MethodSpec):
     alpha_pattern: Mapping = field(default_factory=dict)
 
     kinds: ClassVar[tuple[str, ...]] = ("linear",)
-    sites: ClassVar[str] = "linear"
+    mixed_batch: ClassVar[bool] = True
     INITS: ClassVar[dict[Any, str]] = {True: "default", False: "random"}  # PEFT init_weights -> init
 
     def __post_init__(self):
@@ -90,30 +91,36 @@ class LycorisSpec(MethodSpec):
         object.__setattr__(self, "targets", check_targets(f"{m}.targets", self.targets))
         object.__setattr__(self, "exclude", check_targets(f"{m}.exclude", self.exclude, allow_none=True))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            self._err("r", "an integer > 0")
+            self.reject("r", "an integer > 0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            self._err("alpha", "a number > 0")
+            self.reject("alpha", "a number > 0")
         for name in ("rank_dropout", "module_dropout"):
             if getattr(self, name) not in (0, 0.0) or isinstance(getattr(self, name), bool):
-                self._err(name, "0.0", f"peftc does not implement {m}'s {name}")
+                self.reject(name, "0.0", f"peftc does not implement {m}'s {name}")
         if self.init not in self.INITS.values():
-            self._err("init", f"one of {sorted(set(self.INITS.values()))}")
+            self.reject("init", f"one of {sorted(set(self.INITS.values()))}")
         if not isinstance(self.use_effective_conv2d, bool):
-            self._err("use_effective_conv2d", "true or false")
+            self.reject("use_effective_conv2d", "true or false")
         check_layer_selection(self)
         for name in ("rank_pattern", "alpha_pattern"):
             pat = getattr(self, name)
             if not isinstance(pat, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                     and (name == "alpha_pattern" or isinstance(v, int)) for k, v in pat.items()):
-                self._err(name, "a mapping of module-name pattern -> positive number")
+                self.reject(name, "a mapping of module-name pattern -> positive number")
 
     def rank_for(self, path: str) -> int:
-        return _pattern_value(self.rank_pattern, path, self.r)
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def scaling_for(self, path: str) -> float:
         """PEFT's LycorisLayer scaling: alpha / r (per-module from the patterns)."""
-        return _pattern_value(self.alpha_pattern, path, self.alpha) / self.rank_for(path)
+        return pattern_value(self.alpha_pattern, path, self.alpha) / self.rank_for(path)
+
+    def delta(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node:
+        """``linear(x, dW)`` after the base linear (PEFT's order), dW from the module's builder."""
+        module = target.gm.get_submodule(path)
+        dw = module.delta(ins, lambda leaf: ins.get_attr(f"{path}.{leaf}"), self.scaling_for(target.module))
+        return ins.call(aten.linear.default, (target.site.x, dw), "delta")
 
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + dW, dW computed by the same builder as the graph."""
@@ -126,9 +133,6 @@ class LycorisSpec(MethodSpec):
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """PEFT config dict -> [spec] (+ a TrainSpec for modules_to_save)."""
-        from peftc.passes.train import TrainSpec
-        from peftc.targets import SEQ_CLS_HEADS
-
         targets = _selector(cfg.get("target_modules"))
         if targets is None:
             raise SpecError("peft.target_modules", cfg.get("target_modules"), "a list of module names or a regex")
@@ -146,10 +150,7 @@ class LycorisSpec(MethodSpec):
             rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
             **{k: cfg[k] for k in cls.EXTRA if k in cfg},
         )
-        save = list(cfg.get("modules_to_save") or ())
-        if cfg.get("task_type") == "SEQ_CLS":  # implied by the task type; see targets.resolve
-            save = [m for m in save if m not in SEQ_CLS_HEADS]
-        return [entry] + ([TrainSpec(targets=tuple(save))] if save else [])
+        return [entry, *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list, resolved: list[dict[str, str]], model: nn.Module) -> dict:
@@ -175,7 +176,7 @@ class LycorisSpec(MethodSpec):
         paths = {p: e for e, t in zip(entries, resolved) for p in t}
         cfg["target_modules"] = sorted(paths)
         cfg["rank_pattern"] = {re.escape(p): e.rank_for(p) for p, e in paths.items() if e.rank_for(p) != first.r}
-        alpha = {p: _pattern_value(e.alpha_pattern, p, e.alpha) for p, e in paths.items()}
+        alpha = {p: pattern_value(e.alpha_pattern, p, e.alpha) for p, e in paths.items()}
         cfg["alpha_pattern"] = {re.escape(p): v for p, v in alpha.items() if v != first.alpha}
         return cfg
 
@@ -185,13 +186,17 @@ class LycorisSpec(MethodSpec):
         return {k: v for k, v in d.items() if v not in (None, {}) or k == "targets"}
 
 
-@register_method("loha", peft_type="LOHA")
+@register_method("loha", peft_type="LOHA", phase="reparameterize")
 @dataclass(frozen=True)
 class LohaSpec(LycorisSpec):
     """LoHa: dW = (w1a w1b) ⊙ (w2a w2b) * alpha / r on each targeted linear."""
 
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        return LohaWeights(target.in_features, target.out_features, self.rank_for(target.module), self.init,
+                           target.weight)
 
-def _kaiming(t: torch.Tensor) -> torch.Tensor:
+
+def kaiming_init(t: torch.Tensor) -> torch.Tensor:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
     return t
 
@@ -204,7 +209,7 @@ class LohaWeights(nn.Module):
         kw = {"dtype": like.dtype, "device": like.device}
         for name, shape in (("hada_w1_a", (out_features, r)), ("hada_w1_b", (r, in_features)),
                             ("hada_w2_a", (out_features, r)), ("hada_w2_b", (r, in_features))):
-            setattr(self, name, nn.Parameter(_kaiming(torch.empty(shape, **kw))))
+            setattr(self, name, nn.Parameter(kaiming_init(torch.empty(shape, **kw))))
         if init == "default":  # one zero factor: the adapted model starts equal to the base
             nn.init.zeros_(self.hada_w2_b)
 
@@ -217,41 +222,4 @@ class LohaWeights(nn.Module):
         return ops.call(aten.mul.Tensor, (prod, scale), "scale")
 
 
-def insert_delta_weights(gm: fx.GraphModule, ctx: PassContext, spec_cls: type[LycorisSpec],
-                         make: Callable[[LycorisSpec, str, int, int, torch.Tensor], nn.Module]) -> int:
-    """For every linear annotated with a ``spec_cls`` entry: mounts ``make(entry, path, in, out,
-    W)`` at ``<module>.<store_dir>.<adapter>``, inserts the module's dW nodes after the linear and
-    redirects its users to ``y + linear(x, dW)`` (PEFT's order). Returns the number of sites."""
-    adapter, method = ctx.spec.adapter, spec_cls.method
-    n = 0
-    for node in list(gm.graph.nodes):
-        for i in node.meta.get(SITES, ()):
-            entry = ctx.spec.methods[i]
-            if not isinstance(entry, spec_cls):
-                continue
-            site = as_linear_site(node)
-            weight = gm.get_parameter(site.weight.target)
-            out_f, in_f = weight.shape
-            path = mount_adapter(ctx.store, gm, f"{site.module}.{spec_cls.store_dir}.{adapter}",
-                                 partial(make, entry, site.module, in_f, out_f, weight))
-            module = gm.get_submodule(path)
-            ins = Inserter(node, {"method": method, "adapter": adapter, "module": site.module})
-            dw = module.delta(ins, lambda leaf, p=path, ins=ins: ins.get_attr(f"{p}.{leaf}"),
-                              entry.scaling_for(site.module))
-            term = ins.call(aten.linear.default, (site.x, dw), "delta")
-            if ctx.sample_mask:  # mixed batch: this adapter only on the samples that name it
-                rows = ins.call(sample_rows, (ins.get_attr(ctx.sample_mask, "mask"), term), "mask_rows")
-                term = ins.call(aten.mul.Tensor, (term, rows), "mask")
-            ins.redirect(node, ins.call(aten.add.Tensor, (node, term), "add"))
-            n += 1
-    ctx.counts[method] += n
-    return n
-
-
-def _make_loha(entry: LohaSpec, path: str, in_f: int, out_f: int, weight: torch.Tensor) -> LohaWeights:
-    return LohaWeights(in_f, out_f, entry.rank_for(path), entry.init, weight)
-
-
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: linear nodes annotated with LoHa entries. Post: each output gets ``+ x dW^T``."""
-    return PassResult(gm, insert_delta_weights(gm, ctx, LohaSpec, _make_loha) > 0)
+rewrite = LohaSpec.rewrite  # the method's pass (passes/linear.py's skeleton)

@@ -9,7 +9,7 @@ same way only with ``decompose_both``. Keys as PEFT's: ``lokr_w1``/``lokr_w1_a``
 ``lokr_w2``/``lokr_w2_a``/``lokr_w2_b``. Init (PEFT's ``init_weights``): "default" zeroes w1 (or
 w1_a), "lycoris" zeroes w2 (or w2_b), "random" zeroes nothing.
 
-The spec fields, PEFT IO, fold and the rewrite around the dW builder are shared with LoHa
+The spec fields, PEFT IO, fold and the term around the dW builder are shared with LoHa
 (passes/loha.py). ``rank_dropout_scale`` and ``use_effective_conv2d`` are kept for PEFT config
 round trips; neither changes a linear layer while rank_dropout is 0 (peftc requires it).
 """
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from peftc.passes.loha import LycorisSpec, _kaiming, insert_delta_weights
-from peftc.passes.pipeline import PassContext, PassResult
+from peftc.passes.context import PassContext
+from peftc.passes.linear import LinearTarget
+from peftc.passes.loha import LycorisSpec, kaiming_init
 from peftc.spec import register_method
 
 __all__ = ["LokrSpec", "LokrWeights", "factorization", "rewrite"]
@@ -48,7 +49,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-@register_method("lokr", peft_type="LOKR")
+@register_method("lokr", peft_type="LOKR", phase="reparameterize")
 @dataclass(frozen=True)
 class LokrSpec(LycorisSpec):
     """LoKr: dW = kron(w1, w2) * alpha / r; ``decompose_both`` also factors w1 at rank r,
@@ -65,10 +66,14 @@ class LokrSpec(LycorisSpec):
         super().__post_init__()
         for name in ("decompose_both", "rank_dropout_scale"):
             if not isinstance(getattr(self, name), bool):
-                self._err(name, "true or false")
+                self.reject(name, "true or false")
         f = self.decompose_factor
         if isinstance(f, bool) or not isinstance(f, int) or not (f == -1 or f > 0):
-            self._err("decompose_factor", "-1 (split near the square root) or an integer > 0")
+            self.reject("decompose_factor", "-1 (split near the square root) or an integer > 0")
+
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        return LokrWeights(target.in_features, target.out_features, self.rank_for(target.module), self.init,
+                           target.weight, self.decompose_both, self.decompose_factor)
 
 
 class LokrWeights(nn.Module):
@@ -83,10 +88,10 @@ class LokrWeights(nn.Module):
         zero = {"default": "w1", "lycoris": "w2", "random": None}[init]
         for name, (rows, cols, low_rank) in parts.items():
             if not low_rank:
-                p = _kaiming(torch.empty(rows, cols, **kw))
+                p = kaiming_init(torch.empty(rows, cols, **kw))
                 setattr(self, f"lokr_{name}", nn.Parameter(p.zero_() if zero == name else p))
                 continue
-            fa, fb = _kaiming(torch.empty(rows, r, **kw)), _kaiming(torch.empty(r, cols, **kw))
+            fa, fb = kaiming_init(torch.empty(rows, r, **kw)), kaiming_init(torch.empty(r, cols, **kw))
             if zero == "w1" and name == "w1":
                 fa.zero_()  # PEFT: w1_a zero, w1_b random
             elif zero == "w2" and name == "w2":
@@ -106,11 +111,4 @@ class LokrWeights(nn.Module):
         return ops.call(aten.mul.Tensor, (kron, scale), "scale")
 
 
-def _make_lokr(entry: LokrSpec, path: str, in_f: int, out_f: int, weight: torch.Tensor) -> LokrWeights:
-    return LokrWeights(in_f, out_f, entry.rank_for(path), entry.init, weight,
-                       entry.decompose_both, entry.decompose_factor)
-
-
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: linear nodes annotated with LoKr entries. Post: each output gets ``+ x dW^T``."""
-    return PassResult(gm, insert_delta_weights(gm, ctx, LokrSpec, _make_lokr) > 0)
+rewrite = LokrSpec.rewrite  # the method's pass (passes/linear.py's skeleton)

@@ -18,20 +18,22 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from peftc.errors import CheckpointError, PeftcError, SpecError
-from peftc.graph import Inserter, as_linear_site, mount_adapter
-from peftc.passes.bottleneck import init_gate, insert_gate, tokens_3d
+from peftc.graph import Inserter
+from peftc.passes.context import PassContext
 from peftc.passes.dora import insert_dora, weight_norm
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.passes.gates import init_gate, insert_gate, tokens_3d
+from peftc.passes.linear import LinearMethod, LinearTarget, sample_rows
+from peftc.passes.train import TrainSpec
+from peftc.peft_io import PREFIX
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
-__all__ = ["LoraSpec", "LoraLinear", "rewrite", "sample_rows", "INITS", "BIAS"]
+__all__ = ["LoraSpec", "LoraLinear", "rewrite", "pattern_value", "INITS", "BIAS"]
 
 aten = torch.ops.aten
 INITS = ("default", "gaussian", "random")
@@ -47,7 +49,7 @@ _PEFT_UNSUPPORTED = {  # LoraConfig fields peftc does not implement: value must 
 }
 
 
-def _pattern_value(patterns: Mapping, path: str, default):
+def pattern_value(patterns: Mapping, path: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: first key matching a dotted suffix."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -55,9 +57,9 @@ def _pattern_value(patterns: Mapping, path: str, default):
     return default
 
 
-@register_method("lora", peft_type="LORA")
+@register_method("lora", peft_type="LORA", phase="reparameterize")
 @dataclass(frozen=True)
-class LoraSpec(MethodSpec):
+class LoraSpec(LinearMethod):
     """``targets``: names/suffixes, "re:<regex>" or "all-linear"; ``alpha``: scaling numerator."""
 
     targets: Any
@@ -75,50 +77,47 @@ class LoraSpec(MethodSpec):
     alpha_pattern: Mapping = field(default_factory=dict)
     gate: bool = False
 
-    sites: ClassVar[str] = "linear"
+    mixed_batch: ClassVar[bool] = True
 
     def __post_init__(self):
         object.__setattr__(self, "targets", check_targets("lora.targets", self.targets))
         object.__setattr__(self, "exclude", check_targets("lora.exclude", self.exclude, allow_none=True))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            self._err("r", "an integer > 0")
+            self.reject("r", "an integer > 0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            self._err("alpha", "a number > 0")
+            self.reject("alpha", "a number > 0")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            self._err("dropout", "a number in [0, 1)")
+            self.reject("dropout", "a number in [0, 1)")
         if not isinstance(self.rslora, bool):
-            self._err("rslora", "true or false")
+            self.reject("rslora", "true or false")
         if not isinstance(self.dora, bool):
-            self._err("dora", "true or false")
+            self.reject("dora", "true or false")
         if self.init not in INITS:
-            self._err("init", f"one of {list(INITS)}")
+            self.reject("init", f"one of {list(INITS)}")
         if not isinstance(self.gate, bool) or (self.gate and self.dora):
-            self._err("gate", "true or false (and false with dora)")
+            self.reject("gate", "true or false (and false with dora)")
         if self.bias not in BIAS:
-            self._err("bias", f"one of {list(BIAS)}")
+            self.reject("bias", f"one of {list(BIAS)}")
         check_layer_selection(self)
         if isinstance(self.targets, str) and (self.layers is not None or self.layers_pattern is not None):
-            self._err("layers", "unset when targets is a regex or all-linear (as in PEFT): use a name list")
+            self.reject("layers", "unset when targets is a regex or all-linear (as in PEFT): use a name list")
         for name, ok in (("rank_pattern", lambda v: isinstance(v, int) and v > 0),
                          ("alpha_pattern", lambda v: isinstance(v, (int, float)) and v > 0)):
             pat = getattr(self, name)
             if not isinstance(pat, Mapping) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
-                self._err(name, "a mapping of module-name pattern -> positive number")
+                self.reject(name, "a mapping of module-name pattern -> positive number")
 
     def rank_for(self, path: str) -> int:
-        return _pattern_value(self.rank_pattern, path, self.r)
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def scaling_for(self, path: str) -> float:
-        r, alpha = self.rank_for(path), _pattern_value(self.alpha_pattern, path, self.alpha)
+        r, alpha = self.rank_for(path), pattern_value(self.alpha_pattern, path, self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     # ---- HF PEFT LoraConfig <-> LoraSpec ----------------------------------------------------
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """LoraConfig dict -> [LoraSpec] (+ a TrainSpec for modules_to_save)."""
-        from peftc.passes.train import TrainSpec
-        from peftc.targets import SEQ_CLS_HEADS
-
         for key, ok in _PEFT_UNSUPPORTED.items():
             if key in cfg and not ok(cfg[key]):
                 raise SpecError(f"peft.{key}", cfg[key], "its PEFT default", "not supported by peftc's LoRA")
@@ -147,10 +146,7 @@ class LoraSpec(MethodSpec):
             rank_pattern=dict(cfg.get("rank_pattern") or {}),
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
         )
-        save = list(cfg.get("modules_to_save") or ())
-        if cfg.get("task_type") == "SEQ_CLS":  # implied by the task type; see targets.resolve
-            save = [m for m in save if m not in SEQ_CLS_HEADS]
-        return [lora] + ([TrainSpec(targets=tuple(save))] if save else [])
+        return [lora, *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list[LoraSpec], resolved: list[dict[str, str]], model: nn.Module) -> dict:
@@ -188,11 +184,67 @@ class LoraSpec(MethodSpec):
         paths = {p: e for e, t in zip(entries, resolved) for p in t}
         cfg["target_modules"] = sorted(paths)
         rank = {p: e.rank_for(p) for p, e in paths.items()}
-        alpha = {p: _pattern_value(e.alpha_pattern, p, e.alpha) for p, e in paths.items()}
+        alpha = {p: pattern_value(e.alpha_pattern, p, e.alpha) for p, e in paths.items()}
         cfg["rank_pattern"] = {re.escape(p): v for p, v in rank.items() if v != first.r}
         cfg["alpha_pattern"] = {re.escape(p): v for p, v in alpha.items() if v != first.alpha}
         return cfg
 
+    # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        dora_scaling = self.scaling_for(target.module) if self.dora else None
+        return LoraLinear(target.in_features, target.out_features, self.rank_for(target.module), self.init,
+                          target.weight, dora_scaling, target.site.transposed, self.gate)
+
+    def delta(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node:
+        """``s * B(A(drop(x)))`` (DoRA: its rescaled term; gated: ``g(x) * B(A(drop(x)))``). The
+        dropout node comes right after the base linear, as PEFT calls it, so random streams
+        line up with PEFT's in training."""
+        site, scaling = target.site, self.scaling_for(target.module)
+        a = ins.get_attr(f"{path}.lora_A.weight")
+        b = ins.get_attr(f"{path}.lora_B.weight")
+        x = site.x
+        if self.dropout > 0:
+            x = ins.call(aten.dropout.default, (x, float(self.dropout), True), "dropout")
+        h = ins.call(aten.linear.default, (x, a), "lora_A")
+        d = ins.call(aten.linear.default, (h, b), "lora_B")
+        if self.dora:
+            return insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
+                               recompute_base=self.dropout > 0)
+        if self.gate:
+            g = insert_gate(ins, tokens_3d(site.x), f"{path}.gate.weight", f"{path}.gate.bias")
+            rows = ins.call(sample_rows, (ins.call(aten.view.default, (g, [-1]), "gate_flat"), d), "gate_rows")
+            return ins.call(aten.mul.Tensor, (d, rows), "gated")
+        return ins.call(aten.mul.Tensor, (d, scaling), "scale")
+
+    @classmethod
+    def peft_base_tensors(cls, adapters, adapter: str) -> dict[str, nn.Parameter]:
+        """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers.
+
+        Keys follow PEFT's module wrapping: ``<path>.base_layer.bias`` for an adapted layer;
+        inside a module trained whole PEFT also saves ``original_module``/``modules_to_save``.
+        """
+        lora = adapters.entries(adapter, cls)
+        modes = {m.bias for m, _ in lora}
+        if modes <= {"none"}:
+            return {}
+        lora_paths = {p for _, t in lora for p in t}
+        whole = [(type(m), p) for m, t in adapters.entries(adapter) if m.owns_modules for p in t]
+        out = {}
+        for name, param in adapters.base_model.named_parameters():
+            path, _, leaf = name.rpartition(".")
+            if not ("all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths):
+                continue
+            owner, root = next(((c, w) for c, w in whole if name.startswith(w + ".")), (None, None))
+            if root is None:
+                out[PREFIX + (f"{path}.base_layer.{leaf}" if path in lora_paths else name)] = param
+                continue
+            rel = name[len(root) + 1:]
+            out[f"{PREFIX}{root}.original_module.{rel}"] = param
+            out[f"{PREFIX}{root}.modules_to_save.{rel}"] = adapters.store.get_parameter(
+                f"{root}.{owner.store_dir}.{adapter}.{rel}")
+        return out
+
+    # ---- merging (passes/merge.py) ----------------------------------------------------------
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + s B A, and DoRA's row rescaling."""
         if self.gate:
@@ -235,56 +287,4 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(like.dtype))
 
 
-def sample_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (batch,) mask shaped to broadcast over ``like``: (B, ..., F), or (B*S, F) for the
-    flattened tokens Conv1D's addmm works on."""
-    if like.dim() == 2 and like.shape[0] != mask.shape[0]:
-        return mask.repeat_interleave(like.shape[0] // mask.shape[0])[:, None].to(like.dtype)
-    return mask.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: linear nodes annotated with LoRA entries. Post: each gets ``+ s * B(A(drop(x)))``.
-
-    The dropout node is inserted right after the base linear, as PEFT calls it, so random
-    streams line up with PEFT's in training.
-    """
-    adapter = ctx.spec.adapter
-    n_sites = 0
-    for node in list(gm.graph.nodes):
-        for i in node.meta.get(SITES, ()):
-            entry = ctx.spec.methods[i]
-            if not isinstance(entry, LoraSpec):
-                continue
-            site = as_linear_site(node)
-            weight = gm.get_parameter(site.weight.target)
-            in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
-            r, scaling = entry.rank_for(site.module), entry.scaling_for(site.module)
-            path = mount_adapter(ctx.store, gm, f"{site.module}.lora.{adapter}",
-                                 partial(LoraLinear, in_f, out_f, r, entry.init, weight,
-                                         scaling if entry.dora else None, site.transposed, entry.gate))
-            ins = Inserter(node, {"method": "lora", "adapter": adapter, "module": site.module})
-            a = ins.get_attr(f"{path}.lora_A.weight")
-            b = ins.get_attr(f"{path}.lora_B.weight")
-            x = site.x
-            if entry.dropout > 0:
-                x = ins.call(aten.dropout.default, (x, float(entry.dropout), True), "dropout")
-            h = ins.call(aten.linear.default, (x, a), "lora_A")
-            d = ins.call(aten.linear.default, (h, b), "lora_B")
-            if entry.dora:
-                term = insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
-                                   recompute_base=entry.dropout > 0)
-            elif entry.gate:
-                g = insert_gate(ins, tokens_3d(site.x), f"{path}.gate.weight", f"{path}.gate.bias")
-                rows = ins.call(sample_rows, (ins.call(aten.view.default, (g, [-1]), "gate_flat"), d), "gate_rows")
-                term = ins.call(aten.mul.Tensor, (d, rows), "gated")
-            else:
-                term = ins.call(aten.mul.Tensor, (d, scaling), "scale")
-            if ctx.sample_mask:  # mixed batch: this adapter only on the samples that name it
-                rows = ins.call(sample_rows, (ins.get_attr(ctx.sample_mask, "mask"), term), "mask_rows")
-                term = ins.call(aten.mul.Tensor, (term, rows), "mask")
-            out = ins.call(aten.add.Tensor, (node, term), "add")
-            ins.redirect(node, out)
-            n_sites += 1
-    ctx.counts["lora"] += n_sites
-    return PassResult(gm, n_sites > 0)
+rewrite = LoraSpec.rewrite  # the method's pass (passes/linear.py's skeleton)

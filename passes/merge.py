@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError
 from peftc.graph import PEFTC, as_linear_site, install_module
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.passes.context import SITES, PassContext, PassResult
 
 __all__ = ["merge", "merged_state_dict", "save_merged", "fold_state_dict"]
 
@@ -88,7 +88,7 @@ def fold_state_dict(cm, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = dict(sd)
     kinds = {}
     for name in cm.active_adapters:
-        state = cm._states[name]
+        state = cm.registry.state(name)
         for entry, targets in zip(state.spec.methods, state.targets):
             for path, kind in targets.items():
                 if entry.sites == "module":  # trained copies (modules_to_save, BitFit)

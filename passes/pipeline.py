@@ -1,47 +1,47 @@
 """The one ordered pipeline of passes, and how a pass is run.
 
-A pass is ``fn(gm, ctx) -> PassResult``. Rewrite passes come first, in the order below; then
-the optimizations the spec selects, in the order of their declared ``OPTIMIZE_PHASES``. After every pass the graph is
-verified; with ``PEFTC_DEBUG=1`` the graph is printed before and after each pass.
+A pass is ``fn(gm, ctx) -> PassResult``. The order lives here only, as two lists of phases;
+every method and optimization declares its phase where it registers (``register_method``,
+``register_optimization``), so adding one touches only its own file. Per adapter: ``select``,
+then the rewrites of the methods its spec uses, phase by phase (within a phase, in the order
+the spec names them), then ``dce``; after every active adapter's rewrites, the optimizations
+the spec selects, phase by phase. After every pass the graph is verified; with
+``PEFTC_DEBUG=1`` the graph is printed before and after each pass.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from functools import partial
 
-from torch import fx, nn
+from torch import fx
 
-from peftc.errors import PassError, SpecError
-from peftc.graph import PEFTC, linear_sites
-from peftc.spec import OPTIMIZATION_PHASES, OPTIMIZATIONS, Spec
+from peftc.errors import PassError, PeftcError, SpecError
+from peftc.graph import PEFTC, linear_sites, stack_owner
+from peftc.passes import merge
+from peftc.passes.context import SITES, PassContext, PassResult
+from peftc.spec import OPTIMIZATION_PHASES, OPTIMIZATIONS, Merging, Spec
 
 __all__ = ["PassResult", "PassContext", "rewrite_passes", "optimize_passes", "merge_passes", "run_pipeline", "verify",
-           "SITES", "OPTIMIZE_PHASES"]
+           "select_sites", "SITES", "REWRITE_PHASES", "OPTIMIZE_PHASES"]
 
-SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
+REWRITE_PHASES: tuple[str, ...] = (  # method phases, in the order they run for one adapter
+    "whole_modules",  # W -> W' (a trainable copy of a module trained whole); first: others leave it alone
+    "swap",  # b -> b', norm(x; w, b) -> norm(x; w', b'): trainable copies of chosen parameters
+    "reparameterize",  # y = x W^T -> y + x dW^T, dW low-rank or structured (LoRA, VeRA, LoHa, LoKr)
+    "scale",  # y -> y * l (+ beta), or x -> x * l, per channel (IA3, SSF)
+    "prompt",  # embed(ids) -> P ++ embed(ids); sdpa(q, k, v, m) -> sdpa(q, [E;k], [E;v], [1;m])
+    "graph",  # h + r -> (A(x) + h) + r: new sub-networks at the residual adds (bottleneck adapters)
+)
 
-
-class PassResult(NamedTuple):
-    graph_module: fx.GraphModule
-    modified: bool
-
-
-@dataclass
-class PassContext:
-    """What passes read besides the graph; ``counts`` records how often each pass matched."""
-
-    spec: Spec
-    targets: list[dict[str, str]]  # per spec entry: module path -> kind ("linear", "module", ...)
-    model: nn.Module  # the user's eager model, for module attributes
-    store: nn.Module  # root of the adapter modules, shared by every capture
-    counts: Counter = field(default_factory=Counter)
-    timings: dict[str, float] = field(default_factory=dict)
-    sample_mask: str | None = None  # get_attr target of a (batch,) 0/1 mask: mixed-batch adapters
+OPTIMIZE_PHASES: tuple[str, ...] = (  # optimization phases, in the order they run when selected
+    "fuse",  # linear(x, W, b) + s * B(A(drop(x))) -> lora_linear(x, W, b, A, B, s, p, seed)
+    "quantize",  # frozen W -> Q(W) stored; dequantized inside the op that reads it
+    "recompute",  # activations saved for backward -> recomputed in backward from what is kept
+    "shard",  # W -> all_gather(W_shard) before its block, freed after it
+)
 
 
 def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -61,18 +61,13 @@ def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     whole = [(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "module"]
     if whole:
         for node in gm.graph.nodes:
-            owner = _owner(node)
+            owner = stack_owner(node)
             for i, p in whole:
                 if owner and (owner == p or owner.startswith(p + ".")):
                     node.meta.setdefault(SITES, []).append(i)
                     marked += 1
     ctx.counts["select"] += marked
     return PassResult(gm, marked > 0)
-
-
-def _owner(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else None
 
 
 def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -84,43 +79,27 @@ def drop_unused_attrs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, bool(dead))
 
 
-def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
-    """The ordered pass list for a spec: rewrites for the methods it uses, then optimizations."""
-    from peftc.passes import (
-        bitfit,
-        bottleneck,
-        ia3,
-        ln_tuning,
-        loha,
-        lokr,
-        lora,
-        prefix,
-        prompt,
-        ptuning,
-        ssf,
-        train,
-        vera,
-    )
+def _method_pass(cls, gm: fx.GraphModule, ctx: PassContext, *, merged: bool = False) -> PassResult:
+    """Runs a method's pass; a mixed batch reaches only methods that can adapt part of a batch."""
+    if ctx.sample_mask and not cls.mixed_batch:
+        raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
+                         f"adapter {ctx.spec.adapter!r} uses {cls.method}")
+    return cls.merged_rewrite(gm, ctx) if merged else cls.rewrite(gm, ctx)
 
-    rewrites = [
-        ("select", select_sites),  # spec targets -> node.meta[SITES]
-        ("train", train.rewrite),  # W of a module trained whole -> its trainable copy
-        ("bitfit", bitfit.rewrite),  # b -> b' (trainable copy)
-        ("ln_tuning", ln_tuning.rewrite),  # norm(x; w, b) -> norm(x; w', b') (trainable copy)
-        ("lora", lora.rewrite),  # y = x W^T -> y + s * B(A(dropout(x)))
-        ("vera", vera.rewrite),  # y -> y + l_b * (B[:out] (l_d * (A[:, :in] dropout(x))))
-        ("loha", loha.rewrite),  # y -> y + x dW^T, dW = (w1a w1b) * (w2a w2b) * alpha/r
-        ("lokr", lokr.rewrite),  # y -> y + x dW^T, dW = kron(w1, w2) * alpha/r
-        ("ia3", ia3.rewrite),  # y -> y * l ; feedforward: x -> x * l
-        ("ssf", ssf.rewrite),  # y -> y * gamma + beta
-        ("prompt", prompt.rewrite),  # embed(ids) -> prompt ++ embed(ids); ids, mask, labels widened by P
-        ("ptuning", ptuning.rewrite),  # embed(ids) -> MLP(E) ++ embed(ids); widened as prompt
-        ("prefix", prefix.rewrite),  # sdpa(q, k, v, m) -> sdpa(q, [Ek;k], [Ev;v], [1;m]); positions + P
-        ("bottleneck", bottleneck.rewrite),  # h + r -> (A(x) + h) + r, A = s*up(f(down(x))), x = h | h+r | r
-        ("dce", drop_unused_attrs),  # get_attr without users -> gone
-    ]
-    used = {m.method for m in spec.methods}
-    return [(n, f) for n, f in rewrites if n in ("select", "dce") or n in used]
+
+def _methods_in_phase_order(spec: Spec) -> list[type]:
+    """The method classes a spec uses, by phase, then by first appearance in the spec."""
+    classes = list(dict.fromkeys(type(m) for m in spec.methods))
+    unknown = {c.method: c.phase for c in classes if c.phase not in REWRITE_PHASES}
+    if unknown:
+        raise PassError(f"methods {unknown} declare phases not in {list(REWRITE_PHASES)}")
+    return sorted(classes, key=lambda c: REWRITE_PHASES.index(c.phase))
+
+
+def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
+    """The ordered rewrite passes for one adapter's spec: select, its methods, dce."""
+    methods = [(c.method, partial(_method_pass, c)) for c in _methods_in_phase_order(spec)]
+    return [("select", select_sites), *methods, ("dce", drop_unused_attrs)]
 
 
 def optimize_passes(spec: Spec) -> list[tuple[str, Callable]]:
@@ -135,29 +114,17 @@ def optimize_passes(spec: Spec) -> list[tuple[str, Callable]]:
 
 
 def merge_passes(spec: Spec) -> list[tuple[str, Callable]]:
-    """Folding an adapter into the weights instead of inserting its nodes."""
-    graph_level = [m.method for m in spec.methods if m.sites == "graph"]
-    if graph_level:
-        raise PassError(f"{graph_level} add graph inputs/nodes, not weights: they cannot be merged")
-    from peftc.passes import merge, train
-
-    used = {m.method for m in spec.methods}
-    from peftc.passes import bitfit, ln_tuning
-
-    swaps = [(n, f) for n, f in (("train", train.rewrite), ("bitfit", bitfit.rewrite),
-                                 ("ln_tuning", ln_tuning.merge)) if n in used]
+    """Folding an adapter into the weights instead of inserting its nodes: methods that merge
+    by rewriting (trained copies) run their merged rewrite, then every folding method's
+    linear sites read folded weights (passes/merge.py)."""
+    unmergeable = [m.method for m in spec.methods if m.merging is Merging.NONE]
+    if unmergeable:
+        raise PassError(f"{unmergeable} add graph inputs/nodes, not weights: they cannot be merged")
+    swaps = [(c.method, partial(_method_pass, c, merged=True))
+             for c in _methods_in_phase_order(spec) if c.merging is Merging.REWRITE]
     return [("select", select_sites), *swaps,
-        ("merge", merge.merge),  # W -> W' read from a merged buffer
-        ("dce", drop_unused_attrs),
-    ]
-
-
-OPTIMIZE_PHASES: tuple[str, ...] = (  # optimization phases, in the order they run when selected
-    "fuse",  # linear(x, W, b) + s * B(A(drop(x))) -> lora_linear(x, W, b, A, B, s, p, seed)
-    "quantize",  # frozen W -> Q(W) stored; dequantized inside the op that reads it
-    "recompute",  # activations saved for backward -> recomputed in backward from what is kept
-    "shard",  # W -> all_gather(W_shard) before its block, freed after it
-)
+            ("merge", merge.merge),  # W -> W' read from a merged buffer
+            ("dce", drop_unused_attrs)]
 
 
 def verify(gm: fx.GraphModule) -> None:
@@ -190,3 +157,4 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes) -> fx.GraphModule
             print(f"--- after {name} ---\n{gm.graph}")
     gm.recompile()
     return gm
+

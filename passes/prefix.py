@@ -21,16 +21,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import fx, nn
 
-from peftc.errors import PeftcError, SpecError
-from peftc.graph import PEFTC, Inserter, mount_adapter
-from peftc.passes.bottleneck import attention_input, init_gate, insert_gate
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.prompt import prompt_learning_config, prompt_learning_entry
+from peftc.errors import PeftcError
+from peftc.graph import PEFTC, Inserter, mount_adapter, stack_owner
+from peftc.passes.context import PassContext, PassResult
+from peftc.passes.gates import attention_input, init_gate, insert_gate
+from peftc.passes.prompt import PromptLearning, prompt_learning_config, prompt_learning_entry
 from peftc.spec import MethodSpec, register_method
 
 __all__ = ["PrefixSpec", "PrefixEncoder", "rewrite", "kv_geometry"]
@@ -39,9 +38,9 @@ aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
-@register_method("prefix", peft_type="PREFIX_TUNING", store_dir="prompt_encoder")
+@register_method("prefix", peft_type="PREFIX_TUNING", store_dir="prompt_encoder", phase="prompt")
 @dataclass(frozen=True)
-class PrefixSpec(MethodSpec):
+class PrefixSpec(PromptLearning):
     """``tokens``: P prefix positions per layer; ``projection``: PEFT's prefix_projection MLP
     of width ``hidden`` (None = the key/value width); ``init``: "random" or "zero"."""
 
@@ -51,25 +50,21 @@ class PrefixSpec(MethodSpec):
     init: str = "random"
     gate: bool = False
 
-    sites: ClassVar[str] = "graph"
-
     def __post_init__(self):
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
-            self._err("tokens", "an integer > 0")
+        self.check_tokens()
         if not isinstance(self.projection, bool):
-            self._err("projection", "true or false")
+            self.reject("projection", "true or false")
         if self.hidden is not None and (isinstance(self.hidden, bool) or not isinstance(self.hidden, int)
                                         or self.hidden <= 0):
-            self._err("hidden", "an integer > 0, or null for the key/value width")
+            self.reject("hidden", "an integer > 0, or null for the key/value width")
         if self.init not in ("random", "zero"):
-            self._err("init", "'random' or 'zero' (PEFT's init_weights='zero')")
+            self.reject("init", "'random' or 'zero' (PEFT's init_weights='zero')")
         if not isinstance(self.gate, bool):
-            self._err("gate", "true or false")
+            self.reject("gate", "true or false")
 
     @classmethod
     def from_peft(cls, cfg) -> list[MethodSpec]:
-        if cfg.get("num_transformer_submodules", 1) not in (1, None):
-            raise SpecError("peft.num_transformer_submodules", cfg["num_transformer_submodules"], "1 (decoder-only)")
+        cls.check_decoder_only(cfg)
         return [cls(tokens=cfg["num_virtual_tokens"], projection=bool(cfg.get("prefix_projection", False)),
                     hidden=cfg.get("encoder_hidden_size"), init="zero" if cfg.get("init_weights") == "zero" else "random")]
 
@@ -84,9 +79,13 @@ class PrefixSpec(MethodSpec):
                 "prefix_projection": e.projection, "encoder_hidden_size": e.hidden or heads * head_dim,
                 "init_weights": "zero" if e.init == "zero" else None}
 
-    def as_loaded(self) -> PrefixSpec:
+    def checkpoint_form(self) -> PrefixSpec:
         """A PEFT checkpoint holds the projected prefix (P, L*2*D), not the MLP that made it."""
         return dataclasses.replace(self, projection=False)
+
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return rewrite(gm, ctx)
 
 
 def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -168,7 +167,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if not isinstance(mask, fx.Node) or node.kwargs.get("is_causal"):
             raise PeftcError(f"attention node {node.name} has no explicit mask to widen by the prefix")
-        at = Inserter(node, {**info, "module": _owner(node)}, before=True)
+        at = Inserter(node, {**info, "module": stack_owner(node) or ""}, before=True)
         batch = at.call(aten.sym_size.int, (q, 0), "batch")
         rep = _heads(k) // kv_heads  # k arrives repeated for grouped-query attention
         if entry.gate:
@@ -199,11 +198,6 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PeftcError("prefix tuning found no position ids (rotary embedding or position table) to shift")
     ctx.counts["prefix"] += len(attn)
     return PassResult(gm, True)
-
-
-def _owner(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _heads(node: fx.Node) -> int:
@@ -265,6 +259,6 @@ def _shift_positions(gm: fx.GraphModule, ctx: PassContext, p: int, info: dict) -
         if (user, pos) in done:
             continue
         done.add((user, pos))
-        ins = Inserter(user, {**info, "module": _owner(user)}, before=True)
+        ins = Inserter(user, {**info, "module": stack_owner(user) or ""}, before=True)
         user.replace_input_with(pos, ins.call(aten.add.Tensor, (pos, p), "shift_positions"))
     return len(done)

@@ -18,37 +18,52 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import PeftcError, SpecError
-from peftc.graph import PEFTC, Inserter, mount_adapter
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.spec import MethodSpec, register_method
+from peftc.graph import PEFTC, Inserter, fetch_attr, mount_adapter
+from peftc.passes.context import PassContext, PassResult
+from peftc.spec import MethodSpec, Sites, register_method
 
-__all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config",
+__all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config", "PromptLearning",
            "prompt_learning_entry"]
 
 aten = torch.ops.aten
 PAD = {"input_ids": 0, "attention_mask": 1, "labels": -100}  # fill of the P widened positions
 
 
-@register_method("prompt", peft_type="PROMPT_TUNING", store_dir="prompt_encoder")
 @dataclass(frozen=True)
-class PromptSpec(MethodSpec):
+class PromptLearning(MethodSpec):
+    """Base of the prompt-learning methods (prompt tuning, P-tuning, prefix tuning): graph-level,
+    one per adapter, saved without PEFT's tuner-layer ``.model`` in the keys."""
+
+    sites: ClassVar[Sites] = Sites.GRAPH
+    peft_prefix: ClassVar[str] = "base_model."
+
+    def check_tokens(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
+            self.reject("tokens", "an integer > 0")
+
+    @staticmethod
+    def check_decoder_only(cfg) -> None:
+        """A PEFT config for an encoder-decoder prompt (two transformer submodules) is refused."""
+        if cfg.get("num_transformer_submodules", 1) not in (1, None):
+            raise SpecError("peft.num_transformer_submodules", cfg["num_transformer_submodules"], "1 (decoder-only)")
+
+
+@register_method("prompt", peft_type="PROMPT_TUNING", store_dir="prompt_encoder", phase="prompt")
+@dataclass(frozen=True)
+class PromptSpec(PromptLearning):
     """``tokens``: number of virtual tokens P; ``init``: "random" or "sample_vocab"."""
 
     tokens: int = 20
     init: str = "random"
 
-    sites: ClassVar[str] = "graph"
-
     def __post_init__(self):
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
-            self._err("tokens", "an integer > 0")
+        self.check_tokens()
         if self.init not in ("random", "sample_vocab"):
-            self._err("init", "'random' or 'sample_vocab' ('text' needs a tokenizer download)")
+            self.reject("init", "'random' or 'sample_vocab' ('text' needs a tokenizer download)")
 
     @classmethod
     def from_peft(cls, cfg) -> list[MethodSpec]:
-        if cfg.get("num_transformer_submodules", 1) not in (1, None):
-            raise SpecError("peft.num_transformer_submodules", cfg["num_transformer_submodules"], "1 (decoder-only)")
+        cls.check_decoder_only(cfg)
         init = str(cfg.get("prompt_tuning_init", "RANDOM")).upper().rpartition(".")[2]
         if init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
             raise SpecError("peft.prompt_tuning_init", init, "RANDOM, SAMPLE_VOCAB or TEXT")
@@ -67,6 +82,11 @@ class PromptSpec(MethodSpec):
 
     def prompt_nodes(self, ins: Inserter, path: str) -> fx.Node:
         return ins.get_attr(f"{path}.weight")
+
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Pre: a captured decoder-only graph with an ``input_ids`` input. Post: P virtual tokens."""
+        return insert_virtual_tokens(gm, ctx, cls)
 
 
 def prompt_learning_config(model: nn.Module, tokens: int) -> dict:
@@ -92,19 +112,14 @@ class PromptEmbedding(nn.Module):
             self.weight = nn.Parameter(torch.randn(tokens, w.shape[1], device=w.device))
 
 
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: a captured decoder-only graph with an ``input_ids`` input. Post: P virtual tokens."""
-    return insert_virtual_tokens(gm, ctx, PromptSpec)
-
-
 def prompt_learning_entry(gm: fx.GraphModule, ctx: PassContext, kind: type):
     """The adapter's one ``kind`` entry (None without one); prompt-learning methods share the
-    ``prompt_encoder`` slot, so one per adapter, one active adapter, no mixed batches."""
+    ``prompt_encoder`` slot, so one per adapter and one active adapter."""
     entries = [m for m in ctx.spec.methods if isinstance(m, kind)]
     if not entries:
         return None
-    if len(entries) > 1 or ctx.sample_mask:
-        raise PeftcError(f"one {entries[0].method} entry per adapter, and no mixed-batch {entries[0].method}")
+    if len(entries) > 1:
+        raise PeftcError(f"one {entries[0].method} entry per adapter")
     if any(n.meta.get(PEFTC, {}).get("module") == "prompt_encoder" for n in gm.graph.nodes):
         raise PeftcError("only one prompt-learning adapter can be active at a time")
     return entries[0]
@@ -125,7 +140,7 @@ def insert_virtual_tokens(gm: fx.GraphModule, ctx: PassContext, kind: type) -> P
         raise PeftcError(f"{entry.method} does not support the inputs {bad} (PEFT ignores or refuses them)")
     word = ctx.model.get_input_embeddings()
     emb = [n for n in gm.graph.nodes if n.target is aten.embedding.default
-           and n.args[0].op == "get_attr" and _fetch(gm, n.args[0].target) is word.weight]
+           and n.args[0].op == "get_attr" and fetch_attr(gm, n.args[0].target) is word.weight]
     if len(emb) != 1:
         raise PeftcError(f"expected one lookup of the input embeddings, found {len(emb)}")
     adapter = ctx.spec.adapter
@@ -155,8 +170,4 @@ def insert_virtual_tokens(gm: fx.GraphModule, ctx: PassContext, kind: type) -> P
     return PassResult(gm, True)
 
 
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+rewrite = PromptSpec.rewrite

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import fx, nn
 
 from peftc.errors import SpecError
 from peftc.graph import Inserter
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.prompt import insert_virtual_tokens, prompt_learning_config
+from peftc.passes.context import PassContext, PassResult
+from peftc.passes.prompt import PromptLearning, insert_virtual_tokens, prompt_learning_config
 from peftc.spec import MethodSpec, register_method
 
 __all__ = ["PTuningSpec", "PromptEncoder", "rewrite"]
@@ -30,9 +29,9 @@ aten = torch.ops.aten
 ENCODERS = ("mlp", "none")
 
 
-@register_method("ptuning", peft_type="P_TUNING", store_dir="prompt_encoder")
+@register_method("ptuning", peft_type="P_TUNING", store_dir="prompt_encoder", phase="prompt")
 @dataclass(frozen=True)
-class PTuningSpec(MethodSpec):
+class PTuningSpec(PromptLearning):
     """``tokens``: P; ``encoder``: "mlp" (PEFT's prompt encoder) or "none" (prompts trained
     directly); ``hidden``: the MLP width (None = the model's embedding width, PEFT's default)."""
 
@@ -40,21 +39,17 @@ class PTuningSpec(MethodSpec):
     encoder: str = "mlp"
     hidden: int | None = None
 
-    sites: ClassVar[str] = "graph"
-
     def __post_init__(self):
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
-            self._err("tokens", "an integer > 0")
+        self.check_tokens()
         if self.encoder not in ENCODERS:
-            self._err("encoder", f"one of {list(ENCODERS)} (PEFT's LSTM encoder is not supported)")
+            self.reject("encoder", f"one of {list(ENCODERS)} (PEFT's LSTM encoder is not supported)")
         if self.hidden is not None and (isinstance(self.hidden, bool) or not isinstance(self.hidden, int)
                                         or self.hidden <= 0):
-            self._err("hidden", "an integer > 0, or null for the embedding width")
+            self.reject("hidden", "an integer > 0, or null for the embedding width")
 
     @classmethod
     def from_peft(cls, cfg) -> list[MethodSpec]:
-        if cfg.get("num_transformer_submodules", 1) not in (1, None):
-            raise SpecError("peft.num_transformer_submodules", cfg["num_transformer_submodules"], "1 (decoder-only)")
+        cls.check_decoder_only(cfg)
         kind = str(cfg.get("encoder_reparameterization_type", "MLP")).upper().rpartition(".")[2]
         if kind != "MLP":
             raise SpecError("peft.encoder_reparameterization_type", kind, "MLP", "the LSTM encoder is not supported")
@@ -68,7 +63,7 @@ class PTuningSpec(MethodSpec):
                 "encoder_reparameterization_type": "MLP", "encoder_hidden_size": e.hidden or dim,
                 "encoder_num_layers": 2, "encoder_dropout": 0.0}
 
-    def as_loaded(self) -> PTuningSpec:
+    def checkpoint_form(self) -> PTuningSpec:
         return dataclasses.replace(self, encoder="none")
 
     def make_module(self, word: nn.Embedding) -> nn.Module:
@@ -83,6 +78,11 @@ class PTuningSpec(MethodSpec):
                 if i < 4:
                     h = ins.call(aten.relu.default, (h,), f"relu{i}")
         return h
+
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Pre: a decoder-only graph with ``input_ids``. Post: P prompts from the encoder prepended."""
+        return insert_virtual_tokens(gm, ctx, cls)
 
 
 class PromptEncoder(nn.Module):
@@ -104,6 +104,4 @@ class PromptEncoder(nn.Module):
         return {"prompt_embeddings": self.mlp_head(e) if hasattr(self, "mlp_head") else e}
 
 
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: a decoder-only graph with ``input_ids``. Post: P prompts from the encoder prepended."""
-    return insert_virtual_tokens(gm, ctx, PTuningSpec)
+rewrite = PTuningSpec.rewrite

@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from peftc.errors import PeftcError, SpecError
-from peftc.graph import Inserter, as_linear_site, mount_adapter
-from peftc.passes.pipeline import SITES, PassContext, PassResult
+from peftc.errors import SpecError
+from peftc.graph import Inserter, mount_adapter
+from peftc.passes.context import PassContext
+from peftc.passes.linear import LinearMethod, LinearTarget
+from peftc.passes.train import TrainSpec
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["VeraSpec", "VeraProjection", "VeraVectors", "rewrite", "DEFAULT_TARGETS", "INITS"]
@@ -46,9 +48,9 @@ DEFAULT_TARGETS = {
 _PEFT_DEFAULTS = {"bias": "none"}  # VeraConfig fields peftc does not implement: must keep the default
 
 
-@register_method("vera", peft_type="VERA")
+@register_method("vera", peft_type="VERA", phase="reparameterize")
 @dataclass(frozen=True)
-class VeraSpec(MethodSpec):
+class VeraSpec(LinearMethod):
     """``targets``: selectors (None = PEFT's default for the model type); ``r``: projection rank."""
 
     targets: Any = None
@@ -61,32 +63,45 @@ class VeraSpec(MethodSpec):
     layers: Any = None
     layers_pattern: Any = None
 
-    sites: ClassVar[str] = "linear"
+    DEFAULT_TARGETS: ClassVar = DEFAULT_TARGETS
 
     def __post_init__(self):
         object.__setattr__(self, "targets", check_targets("vera.targets", self.targets, allow_none=True))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            self._err("r", "an integer > 0")
+            self.reject("r", "an integer > 0")
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
-            self._err("d_initial", "a number (PEFT recommends <= 0.1)")
+            self.reject("d_initial", "a number (PEFT recommends <= 0.1)")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            self._err("dropout", "a number in [0, 1)")
+            self.reject("dropout", "a number in [0, 1)")
         if isinstance(self.prng_key, bool) or not isinstance(self.prng_key, int) or self.prng_key < 0:
-            self._err("prng_key", "an integer >= 0 (the seed of the shared projections)")
+            self.reject("prng_key", "an integer >= 0 (the seed of the shared projections)")
         if not isinstance(self.save_projection, bool):
-            self._err("save_projection", "true or false")
+            self.reject("save_projection", "true or false")
         if self.init not in INITS:
-            self._err("init", f"one of {list(INITS)}")
+            self.reject("init", f"one of {list(INITS)}")
         check_layer_selection(self)
         if self.layers_pattern is not None and self.layers is None:
-            self._err("layers_pattern", "null unless 'layers' is set (as in PEFT)")
+            self.reject("layers_pattern", "null unless 'layers' is set (as in PEFT)")
 
-    def default_targets(self, model: nn.Module):
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        if mt not in DEFAULT_TARGETS:
-            raise SpecError("vera.targets", None, f"explicit module names (no default for model type {mt!r}; "
-                            f"defaults exist for {sorted(DEFAULT_TARGETS)})")
-        return tuple(DEFAULT_TARGETS[mt])
+    # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        shared = ctx.store.get_submodule(_projection(target.gm, ctx, target.weight))
+        return VeraVectors(self.r, target.out_features, self, shared, target.weight)
+
+    def delta(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node:
+        """``l_b * linear(l_d * linear(dropout(x), A[:, :in]), B[:out])``, PEFT's op order; the
+        dropout node comes right after the base linear, as PEFT calls it."""
+        proj = _projection(target.gm, ctx, target.weight)
+        a = ins.call(aten.slice.Tensor, (ins.get_attr(f"{proj}.vera_A", "projection"), 1, 0, target.in_features),
+                     "slice_A")
+        b = ins.call(aten.slice.Tensor, (ins.get_attr(f"{proj}.vera_B", "projection"), 0, 0, target.out_features),
+                     "slice_B")
+        lam_d, lam_b = ins.get_attr(f"{path}.vera_lambda_d"), ins.get_attr(f"{path}.vera_lambda_b")
+        x = target.site.x
+        if self.dropout > 0:
+            x = ins.call(aten.dropout.default, (x, float(self.dropout), True), "dropout")
+        h = ins.call(aten.mul.Tensor, (lam_d, ins.call(aten.linear.default, (x, a), "vera_A")), "lambda_d")
+        return ins.call(aten.mul.Tensor, (lam_b, ins.call(aten.linear.default, (h, b), "vera_B")), "lambda_b")
 
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + (l_b B[:out]) (l_d A[:, :in]), as PEFT's delta."""
@@ -99,9 +114,6 @@ class VeraSpec(MethodSpec):
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
         """VeraConfig dict -> [VeraSpec] (+ a TrainSpec for modules_to_save)."""
-        from peftc.passes.train import TrainSpec
-        from peftc.targets import SEQ_CLS_HEADS
-
         for key, default in _PEFT_DEFAULTS.items():
             if cfg.get(key, default) != default:
                 raise SpecError(f"peft.{key}", cfg[key], repr(default), "not supported by peftc's VeRA")
@@ -113,9 +125,7 @@ class VeraSpec(MethodSpec):
                     dropout=cfg.get("vera_dropout", 0.0), prng_key=cfg.get("projection_prng_key", 0),
                     save_projection=cfg.get("save_projection", True),
                     init="default" if cfg.get("init_weights", True) else "random", **listed)
-        save = [m for m in cfg.get("modules_to_save") or ()
-                if not (cfg.get("task_type") == "SEQ_CLS" and m in SEQ_CLS_HEADS)]
-        return [entry] + ([TrainSpec(targets=tuple(save))] if save else [])
+        return [entry, *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list, resolved: list[dict[str, str]], model: nn.Module) -> dict:
@@ -192,40 +202,4 @@ def _projection(gm: fx.GraphModule, ctx: PassContext, like: torch.Tensor) -> str
                                  first.save_projection, like))
 
 
-def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Pre: linear nodes annotated with VeRA entries. Post: each gets
-    ``+ l_b * linear(l_d * linear(dropout(x), A[:, :in]), B[:out])``, PEFT's op order.
-
-    The dropout node is inserted right after the base linear, as PEFT calls it.
-    """
-    adapter = ctx.spec.adapter
-    n_sites, proj = 0, None
-    for node in list(gm.graph.nodes):
-        for i in node.meta.get(SITES, ()):
-            entry = ctx.spec.methods[i]
-            if not isinstance(entry, VeraSpec):
-                continue
-            if ctx.sample_mask:
-                raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
-                                 f"adapter {adapter!r} uses vera")
-            site = as_linear_site(node)
-            weight = gm.get_parameter(site.weight.target)
-            in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
-            proj = proj or _projection(gm, ctx, weight)
-            shared = ctx.store.get_submodule(proj)
-            path = mount_adapter(ctx.store, gm, f"{site.module}.vera.{adapter}",
-                                 partial(VeraVectors, entry.r, out_f, entry, shared, weight))
-            ins = Inserter(node, {"method": "vera", "adapter": adapter, "module": site.module})
-            a = ins.call(aten.slice.Tensor, (ins.get_attr(f"{proj}.vera_A", "projection"), 1, 0, in_f), "slice_A")
-            b = ins.call(aten.slice.Tensor, (ins.get_attr(f"{proj}.vera_B", "projection"), 0, 0, out_f), "slice_B")
-            lam_d, lam_b = ins.get_attr(f"{path}.vera_lambda_d"), ins.get_attr(f"{path}.vera_lambda_b")
-            x = site.x
-            if entry.dropout > 0:
-                x = ins.call(aten.dropout.default, (x, float(entry.dropout), True), "dropout")
-            h = ins.call(aten.mul.Tensor, (lam_d, ins.call(aten.linear.default, (x, a), "vera_A")), "lambda_d")
-            d = ins.call(aten.mul.Tensor, (lam_b, ins.call(aten.linear.default, (h, b), "vera_B")), "lambda_b")
-            out = ins.call(aten.add.Tensor, (node, d), "add")
-            ins.redirect(node, out)
-            n_sites += 1
-    ctx.counts["vera"] += n_sites
-    return PassResult(gm, n_sites > 0)
+rewrite = VeraSpec.rewrite  # the method's pass (passes/linear.py's skeleton)

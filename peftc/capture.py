@@ -22,23 +22,26 @@ from torch import fx, nn
 from torch.export import Dim
 
 from peftc.errors import CaptureError
+from peftc.graph import fetch_attr, owning_module
 
-__all__ = ["capture", "set_training", "owning_module", "DROPOUT_OPS", "SDPA", "TRAIN_ARG"]
+__all__ = ["capture", "set_training", "owning_module", "register_train_flag", "DROPOUT_OPS", "SDPA",
+           "TRAIN_FLAGS"]
 
 aten = torch.ops.aten
 DROPOUT_OPS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
                aten.feature_alpha_dropout.default)
 SDPA = aten.scaled_dot_product_attention.default
 TRAIN_P = "peftc_train_dropout_p"  # meta key: attention dropout p seen in train mode
-TRAIN_ARG = "peftc_train_arg"  # meta key: index of a fused op's train flag (kernels with dropout)
+TRAIN_FLAGS: dict = {op: 2 for op in DROPOUT_OPS}  # op -> index of its ``train`` argument (set_training)
 
 
-def owning_module(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0]
-    info = node.meta.get("peftc")
-    return info.get("module") if info else None
+def register_train_flag(op) -> None:
+    """Makes ``set_training`` flip ``op``'s boolean ``train`` argument (a fused op with dropout
+    registers itself when it is defined)."""
+    names = [a.name for a in op._schema.arguments]
+    if "train" not in names:
+        raise ValueError(f"{op} has no 'train' argument: {names}")
+    TRAIN_FLAGS[op] = names.index("train")
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -103,7 +106,7 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
     graph = traced.graph
     for node in list(graph.nodes):
         if node.op == "get_attr":
-            root[node.target] = _fetch(model, node.target)
+            root[node.target] = fetch_attr(model, node.target)
             _set_stack(node, node.target.rpartition(".")[0], modules)
         elif node.op == "call_module":
             mod = modules[node.target]
@@ -131,13 +134,6 @@ class _Attr(str):
     """A parameter path among a replacement op's arguments (becomes a get_attr node)."""
 
 
-def _fetch(model: nn.Module, target: str):
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set_stack(node: fx.Node, path: str, modules: dict) -> None:
     if path in modules:
         node.meta["nn_module_stack"] = {path: (path, type(modules[path]).__qualname__)}
@@ -148,7 +144,7 @@ def _replace(graph, node, op, root, model, modules, args) -> None:
         real = []
         for a in args:
             if isinstance(a, _Attr):
-                root[a] = _fetch(model, a)
+                root[a] = fetch_attr(model, a)
                 a = graph.get_attr(a)
                 _set_stack(a, node.target, modules)
             real.append(a)
@@ -173,9 +169,10 @@ def set_training(gm: fx.GraphModule, mode: bool) -> bool:
     """Sets every dropout in the graph to train/eval; returns whether the graph changed."""
     changed = False
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in DROPOUT_OPS:
-            if node.args[2] is not mode:
-                node.args = (*node.args[:2], mode, *node.args[3:])
+        if node.op == "call_function" and node.target in TRAIN_FLAGS:
+            i = TRAIN_FLAGS[node.target]
+            if node.args[i] is not mode:
+                node.args = (*node.args[:i], mode, *node.args[i + 1:])
                 changed = True
         elif node.op == "call_function" and node.target is SDPA and TRAIN_P in node.meta:
             p = node.meta[TRAIN_P] if mode else 0.0
@@ -184,11 +181,6 @@ def set_training(gm: fx.GraphModule, mode: bool) -> bool:
                     node.args = (*node.args[:4], p, *node.args[5:])
                 else:
                     node.kwargs = {**node.kwargs, "dropout_p": p}
-                changed = True
-        elif node.op == "call_function" and TRAIN_ARG in node.meta:
-            i = node.meta[TRAIN_ARG]
-            if node.args[i] is not mode:
-                node.args = (*node.args[:i], mode, *node.args[i + 1:])
                 changed = True
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)

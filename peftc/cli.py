@@ -86,7 +86,7 @@ def cmd_inspect(args) -> int:
     cm = peftc.compile(model, spec, inputs, optimize=_optimize(args.optimize))
     print(cm.graph_summary())
     if args.graph:
-        from peftc.inspect import node_line, owning_module
+        from peftc.inspection import node_line, owning_module
 
         for node in cm.graph_module.graph.nodes:
             owner = owning_module(node) or ""

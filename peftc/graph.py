@@ -1,18 +1,46 @@
-"""Graph utilities shared by passes: linear sites, ordered node insertion, adapter modules."""
+"""Graph utilities shared by capture and the passes: where a node belongs, attribute lookup,
+linear sites, ordered node insertion, adapter modules."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from peftc.capture import owning_module
-
-__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC"]
+__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC",
+           "owning_module", "stack_owner", "fetch_attr", "has_role"]
 
 aten = torch.ops.aten
 PEFTC = "peftc"  # node.meta key carried by every inserted node
+
+
+def stack_owner(node: fx.Node) -> str | None:
+    """The innermost module of the node's ``nn_module_stack`` (as captured), or None."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def owning_module(node: fx.Node) -> str | None:
+    """The module a node belongs to: its module stack, else (an inserted node) its peftc meta."""
+    owner = stack_owner(node)
+    if owner is not None:
+        return owner
+    info = node.meta.get(PEFTC)
+    return info.get("module") if info else None
+
+
+def fetch_attr(root: nn.Module, target: str):
+    """The object at dotted ``target`` under ``root`` (a parameter, buffer or module), as a
+    ``get_attr`` node reads it."""
+    return functools.reduce(getattr, target.split("."), root)
+
+
+def has_role(node, method: str, *roles: str) -> bool:
+    """Whether ``node`` was inserted by ``method`` with one of ``roles`` (fusion matches on it)."""
+    info = node.meta.get(PEFTC) if isinstance(node, fx.Node) else None
+    return bool(info) and info.get("method") == method and info.get("role") in roles
 
 
 @dataclass(frozen=True)

@@ -1,37 +1,37 @@
-"""HF PEFT checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""HF PEFT checkpoints of peftc adapters: which tensor goes under which key, and the config.
 
 peftc parameter names map 1:1 onto PEFT keys by dropping the ``<kind>.<adapter>`` segment::
 
     model.layers.0.q_proj.lora.default.lora_A.weight    <->  base_model.model.model.layers.0.q_proj.lora_A.weight
     classifier.modules_to_save.default.weight           <->  base_model.model.classifier.weight
 
-Pickled ``adapter_model.bin`` files are refused unless ``allow_pickle=True`` (and even then
-read with ``weights_only=True``).
+Everything method-specific comes from the method classes (``store_dir``, ``peft_prefix``,
+``peft_field``, ``to_peft``, ``peft_base_tensors``) and from adapter modules (``PEFT_KEYS``,
+``peft_tensors``). The files themselves are read and written by ``peftc.peft_files``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any
-
 import torch
 
-from peftc.errors import CheckpointError, SpecError
-from peftc.spec import METHODS, Spec
+from peftc.errors import CheckpointError, PeftcError
+from peftc.peft_files import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    read_peft_config,
+    read_peft_weights,
+    write_adapter,
+)
+from peftc.spec import METHODS, spec_from_peft_config
 
 __all__ = [
     "PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME",
     "read_peft_config", "spec_from_peft_config", "read_peft_weights", "write_adapter", "peft_key",
-    "check_loadable", "bias_keys", "peft_params", "peft_config",
+    "check_loadable", "base_tensors", "train_base_tensors", "peft_params", "peft_config",
 ]
 
 PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 
 
 def peft_key(name: str, adapter: str) -> str:
@@ -41,85 +41,6 @@ def peft_key(name: str, adapter: str) -> str:
         if sep:
             return f"{PREFIX}{head}.{tail}"
     raise ValueError(f"{name!r} is not an adapter parameter of adapter {adapter!r}")
-
-
-def read_peft_config(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / CONFIG_NAME
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such file (expected a PEFT adapter dir or its {CONFIG_NAME})")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict) or "peft_type" not in d:
-        raise CheckpointError(f"{p}: not a PEFT adapter config (no 'peft_type' field)")
-    return d
-
-
-def spec_from_peft_config(cfg: dict) -> Spec:
-    """A trainable peftc Spec equivalent to a PEFT config dict."""
-    ptype = cfg.get("peft_type")
-    ptype = getattr(ptype, "value", ptype)
-    methods = {m.peft_type: m for m in METHODS.values() if m.peft_type}
-    if ptype not in methods:
-        raise SpecError("peft_type", ptype, f"one of {sorted(methods)}")
-    task = cfg.get("task_type")
-    task = getattr(task, "value", task)
-    entries = methods[ptype].from_peft(cfg)
-    return Spec(methods=tuple(entries), task_type=task,
-                base_model=cfg.get("base_model_name_or_path"))
-
-
-def read_peft_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    d = Path(path)
-    st, pk = d / WEIGHTS_NAME, d / PICKLE_NAME
-    if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(st))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{st}: not a readable safetensors file ({e})") from None
-    if pk.is_file():
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{pk}: pickle checkpoints can run code when loaded; pass allow_pickle=True to "
-                "read it (with torch.load(weights_only=True)), or convert it to safetensors"
-            )
-        try:
-            return torch.load(pk, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{pk}: could not be read ({e})") from None
-    raise CheckpointError(f"{d}: has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
-
-
-def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Writes config + weights; each file goes to a temp name first, then is renamed."""
-    from safetensors.torch import save_file
-
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    tmps = []
-    try:
-        fd, cfg_tmp = tempfile.mkstemp(dir=d, prefix=".cfg-")
-        tmps.append(cfg_tmp)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        fd, w_tmp = tempfile.mkstemp(dir=d, prefix=".w-")
-        os.close(fd)
-        tmps.append(w_tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, w_tmp,
-                  metadata={"format": "pt"})
-        os.replace(w_tmp, d / WEIGHTS_NAME)
-        os.replace(cfg_tmp, d / CONFIG_NAME)
-    finally:
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)
-    return d
 
 
 def check_loadable(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str) -> None:
@@ -138,84 +59,64 @@ def check_loadable(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def _entries(cm, adapter: str, kind) -> list:
-    state = cm._states[adapter]
-    return [(m, t) for m, t in zip(state.spec.methods, state.targets) if isinstance(m, kind)]
-
-
-def bias_keys(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
-    """PEFT's LoRA ``bias``: "all" trains every bias, "lora_only" those of adapted layers.
-
-    Keys follow PEFT's module wrapping: ``<path>.base_layer.bias`` for an adapted layer;
-    inside a module trained whole PEFT also saves ``original_module``/``modules_to_save``.
-    """
-    from peftc.passes.lora import LoraSpec
-    from peftc.passes.train import TrainSpec
-
-    lora = _entries(cm, adapter, LoraSpec)
-    modes = {m.bias for m, _ in lora}
-    if modes <= {"none"}:
-        return {}
-    lora_paths = {p for _, t in lora for p in t}
-    whole = [p for _, t in _entries(cm, adapter, TrainSpec) for p in t]
+def base_tensors(adapters, name: str) -> dict[str, torch.nn.Parameter]:
+    """Base-model parameters adapter ``name``'s checkpoint holds, by key (each method's
+    ``peft_base_tensors``, e.g. LoRA's ``bias``); ``adapters`` is an AdapterRegistry."""
     out = {}
-    for name, param in cm.base_model.named_parameters():
-        path, _, leaf = name.rpartition(".")
-        if not ("all" in modes and "bias" in name or "lora_only" in modes and leaf == "bias" and path in lora_paths):
-            continue
-        root = next((w for w in whole if name.startswith(w + ".")), None)
-        if root is None:
-            out[PREFIX + (f"{path}.base_layer.{leaf}" if path in lora_paths else name)] = param
-            continue
-        rel = name[len(root) + 1:]
-        out[f"{PREFIX}{root}.original_module.{rel}"] = param
-        out[f"{PREFIX}{root}.modules_to_save.{rel}"] = cm.adapters.get_parameter(
-            f"{root}.modules_to_save.{adapter}.{rel}")
+    for cls in dict.fromkeys(type(m) for m in adapters.state(name).spec.methods):
+        out.update(cls.peft_base_tensors(adapters, name))
     return out
 
 
-def peft_params(cm, adapter: str) -> dict[str, torch.nn.Parameter]:
+def train_base_tensors(adapters, name: str, on: bool) -> None:
+    """Those base parameters train with the adapter; PEFT saves, but freezes, the original of a
+    module trained whole (its ``original_module`` keys)."""
+    for key, p in base_tensors(adapters, name).items():
+        p.requires_grad_(on and ".original_module." not in key)
+
+
+def peft_params(adapters, adapter: str) -> dict[str, torch.nn.Parameter]:
     """Every tensor of an adapter's PEFT checkpoint, by key, as the live parameter."""
+    store = adapters.store
     out = {}
-    exporters = {o: m for o, m in cm.adapters.named_modules() if hasattr(m, "peft_tensors") and o.endswith(f".{adapter}")}
+    exporters = {o: m for o, m in store.named_modules() if hasattr(m, "peft_tensors") and o.endswith(f".{adapter}")}
     for m in exporters.values():  # modules whose checkpoint is not their parameters (P-tuning)
         out.update(m.peft_tensors())
-    for name, p in cm._adapter_params(adapter):
+    for name, p in adapters.params(adapter):
         if any(name.startswith(o + ".") for o in exporters):
             continue
         owner, _, leaf = name.rpartition(".")
-        keys = getattr(cm.adapters.get_submodule(owner), "PEFT_KEYS", None)
+        keys = getattr(store.get_submodule(owner), "PEFT_KEYS", None)
         out[keys[leaf] if keys else peft_key(name, adapter)] = p  # PEFT_KEYS: non-standard keys
-    for name, buf in cm.adapters.named_buffers():  # frozen tensors PEFT saves (VeRA's projections)
+    for name, buf in store.named_buffers():  # frozen tensors PEFT saves (VeRA's projections)
         owner, _, leaf = name.rpartition(".")
-        keys = getattr(cm.adapters.get_submodule(owner), "PEFT_KEYS", None)
+        keys = getattr(store.get_submodule(owner), "PEFT_KEYS", None)
         if keys and leaf in keys and owner.endswith(f".{adapter}"):
             out[keys[leaf]] = buf
-    out.update(bias_keys(cm, adapter))
-    if any(m.sites == "graph" and m.peft_type for m in cm._states[adapter].spec.methods):
-        # prompt learning: PEFT wraps the model without a tuner layer, so keys lose one ".model"
-        out = {("base_model." + k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in out.items()}
+    out.update(base_tensors(adapters, adapter))
+    prefix = next((m.peft_prefix for m in adapters.state(adapter).spec.methods if m.peft_type), PREFIX)
+    if prefix != PREFIX:  # prompt learning: PEFT wraps the model without a tuner layer ("base_model.")
+        out = {(prefix + k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in out.items()}
     return out
 
 
-def peft_config(cm, adapter: str) -> dict:
-    """An adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
-    from peftc.errors import PeftcError
-    from peftc.passes.train import TrainSpec
-
-    state = cm._states[adapter]
+def peft_config(adapters, adapter: str) -> dict:
+    """An adapter as an HF PEFT config dict: one PEFT method, plus the methods saved as one of
+    its fields (``peft_field``: modules trained whole -> ``modules_to_save``)."""
+    state = adapters.state(adapter)
     methods = state.spec.methods
     kinds = {type(m) for m in methods if m.peft_type}
-    others = [m.method for m in methods if not m.peft_type and not isinstance(m, TrainSpec)]
+    others = [m.method for m in methods if not m.peft_type and not m.peft_field]
     if len(kinds) != 1 or others:
         raise PeftcError("a PEFT checkpoint holds one PEFT method (plus modules trained whole); "
                          f"adapter {adapter!r} has {[m.method for m in methods]}")
     (cls,) = kinds
-    mine = _entries(cm, adapter, cls)
-    cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], cm.base_model)
-    saved = sorted({p for _, t in _entries(cm, adapter, TrainSpec) for p in t})
-    name_or_path = getattr(getattr(cm.base_model, "config", None), "_name_or_path", None) or None
-    cfg.update(modules_to_save=saved or None, task_type=state.spec.task_type,
-               base_model_name_or_path=state.spec.base_model or name_or_path,
+    mine = adapters.entries(adapter, cls)
+    cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], adapters.base_model)
+    for rider in (c for c in METHODS.values() if c.peft_field):
+        saved = sorted({p for _, t in adapters.entries(adapter, rider) for p in t})
+        cfg[rider.peft_field] = saved or None
+    name_or_path = getattr(getattr(adapters.base_model, "config", None), "_name_or_path", None) or None
+    cfg.update(task_type=state.spec.task_type, base_model_name_or_path=state.spec.base_model or name_or_path,
                inference_mode=True, revision=None)
     return cfg

@@ -20,18 +20,24 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from peftc import targets as _targets
 from peftc.errors import PeftcError, SpecError
+from peftc.peft_files import read_peft_config
 
 __all__ = [
     "Spec",
     "MethodSpec",
+    "Sites",
+    "Merging",
     "register_method",
     "register_optimization",
+    "spec_from_peft_config",
     "METHODS",
     "OPTIMIZATIONS",
     "TASK_TYPES",
@@ -47,17 +53,37 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
 
 
-def register_method(name: str, *, peft_type: str | None = None, store_dir: str | None = None):
-    """Class decorator: registers a MethodSpec under ``name``.
+class Sites(str, Enum):
+    """What a method acts on; the ``select`` pass marks the graph accordingly."""
 
-    ``peft_type``: the HF PEFT method it reads and writes; ``store_dir``: adapter modules of
-    this method live at ``<module path>.<store_dir>.<adapter>`` (default: ``name``).
+    LINEAR = "linear"  # the linear-layer calls of the resolved modules
+    MODULE = "module"  # every node inside the resolved modules (trained copies)
+    GRAPH = "graph"  # the graph as a whole (prompts, attention, residual adds): no module targets
+
+
+class Merging(str, Enum):
+    """How a method's adapter folds into the base weights (``cm.merge()``)."""
+
+    FOLD = "fold"  # W', b' = entry.fold(W, b): the graph reads folded weights (passes/merge.py)
+    REWRITE = "rewrite"  # ``merged_rewrite`` leaves no adapter computation (trained copies)
+    NONE = "none"  # adds graph inputs or nodes, not weights: cannot be merged
+
+
+def register_method(name: str, *, phase: str | None, peft_type: str | None = None, store_dir: str | None = None):
+    """Class decorator: registers a MethodSpec under ``name``; the class is the whole method.
+
+    ``phase``: one of ``passes.pipeline.REWRITE_PHASES``, where the class's ``rewrite`` pass
+    runs (None for entries that ``expand`` into other methods); ``peft_type``: the HF PEFT
+    method it reads and writes; ``store_dir``: adapter modules of this method live at
+    ``<module path>.<store_dir>.<adapter>`` (default: ``name``). Adding a method touches only
+    its own file: the pipeline, checkpoint IO and merging read these declarations.
     """
 
     def deco(cls):
         if name in METHODS:
             raise RuntimeError(f"method {name!r} is registered twice")
         cls.method = name
+        cls.phase = phase
         cls.peft_type = peft_type
         cls.store_dir = store_dir or name
         METHODS[name] = cls
@@ -95,9 +121,9 @@ def check_layer_selection(entry) -> None:
         (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
         or (isinstance(layers, tuple) and layers and all(isinstance(i, int) and i >= 0 for i in layers))
     ):
-        entry._err("layers", "a layer index or a non-empty list of layer indices (>= 0)")
+        entry.reject("layers", "a layer index or a non-empty list of layer indices (>= 0)")
     if entry.layers_pattern is not None and not isinstance(entry.layers_pattern, (str, tuple)):
-        entry._err("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
+        entry.reject("layers_pattern", "a module-list name such as 'layers' or 'h', or a list of them")
 
 
 def check_targets(where: str, value: Any, *, allow_none: bool = False):
@@ -128,14 +154,52 @@ def check_targets(where: str, value: Any, *, allow_none: bool = False):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Base of the per-method specs; subclasses are frozen dataclasses."""
+    """Base of the per-method specs; subclasses are frozen dataclasses.
+
+    A registered subclass is a whole method: its fields and checks, where it acts (``sites``,
+    ``kinds``), its pass (``rewrite``, run in its ``phase``), how it merges (``merging``), its
+    PEFT mapping (``peft_type``, ``from_peft``/``to_peft``, ``peft_prefix``) and its default
+    targets per model type (``DEFAULT_TARGETS``).
+    """
 
     method: ClassVar[str]
+    phase: ClassVar[str | None]
     peft_type: ClassVar[str | None]
     store_dir: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # module kinds targets may select
-    sites: ClassVar[str] = "linear"  # what select_sites marks: linear calls, or whole modules
-    protects: ClassVar[bool] = False  # its modules are off limits to other methods (PEFT's modules_to_save)
+    sites: ClassVar[Sites] = Sites.LINEAR
+    merging: ClassVar[Merging] = Merging.NONE
+    mixed_batch: ClassVar[bool] = False  # can adapt some samples of a batch only (adapter_names)
+    owns_modules: ClassVar[bool] = False  # its modules are off limits to other methods (PEFT's modules_to_save)
+    peft_field: ClassVar[str | None] = None  # saved as this field of another method's PEFT config
+    peft_prefix: ClassVar[str] = "base_model.model."  # PEFT checkpoint keys start so (prompt learning: "base_model.")
+    DEFAULT_TARGETS: ClassVar[Mapping[str, tuple[str, ...]] | None] = None  # model_type -> targets when unset
+
+    @classmethod
+    def rewrite(cls, gm, ctx):
+        """The method's pass ``(gm, ctx) -> PassResult``: inserts its nodes for ``ctx.spec``'s
+        entries of this class (see passes/)."""
+        raise PeftcError(f"method {cls.method!r} has no rewrite pass")
+
+    @classmethod
+    def merged_rewrite(cls, gm, ctx):
+        """The pass run instead of ``rewrite`` while merged (``merging`` REWRITE)."""
+        return cls.rewrite(gm, ctx)
+
+    def default_targets(self, model):
+        """Targets when ``targets`` is unset: ``DEFAULT_TARGETS`` for the model's type."""
+        return _targets.for_model_type(model, self.DEFAULT_TARGETS or {}, f"{self.method}.targets")
+
+    @classmethod
+    def implied_entries(cls, spec: Spec, model) -> list[MethodSpec]:
+        """Entries of this method that ``spec`` implies on ``model`` (PEFT trains a SEQ_CLS head)."""
+        return []
+
+    @classmethod
+    def peft_base_tensors(cls, adapters, name: str) -> dict:
+        """Base-model parameters that adapter ``name``'s PEFT checkpoint also holds, by key
+        (LoRA's ``bias``); ``adapters`` is the model's AdapterRegistry."""
+        return {}
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:
@@ -171,7 +235,7 @@ class MethodSpec:
         (MAM, UniPELT); ``Spec.from_dict`` stores the expanded entries."""
         return [self]
 
-    def as_loaded(self) -> MethodSpec:
+    def checkpoint_form(self) -> MethodSpec:
         """The entry as a PEFT checkpoint of it can be loaded: itself, unless the checkpoint
         holds less than the method trains (P-tuning saves the encoder's output, not the MLP)."""
         return self
@@ -183,7 +247,8 @@ class MethodSpec:
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
-    def _err(self, name: str, allowed: str, hint: str = ""):
+    def reject(self, name: str, allowed: str, hint: str = ""):
+        """Raises the SpecError for field ``name``: its value, and what is allowed."""
         raise SpecError(f"{self.method}.{name}", getattr(self, name), allowed, hint)
 
 
@@ -262,8 +327,6 @@ class Spec:
     @classmethod
     def from_peft(cls, x: Any) -> Spec:
         """From a PEFT config object, a config dict, an adapter dir or its adapter_config.json."""
-        from peftc.peft_io import read_peft_config, spec_from_peft_config
-
         if isinstance(x, (str, os.PathLike)):
             x = read_peft_config(x)
         elif hasattr(x, "to_dict") and hasattr(x, "peft_type"):
@@ -293,8 +356,24 @@ class Spec:
     def replace(self, **changes) -> Spec:
         return dataclasses.replace(self, **changes)
 
-    def of(self, method: str) -> list[MethodSpec]:
+    def entries_of(self, method: str) -> list[MethodSpec]:
+        """The entries of one method, in spec order."""
         return [m for m in self.methods if m.method == method]
+
+    of = entries_of  # the earlier public name
+
+
+def spec_from_peft_config(cfg: Mapping) -> Spec:
+    """A trainable peftc Spec equivalent to a PEFT config dict (its ``peft_type`` picks the method)."""
+    ptype = cfg.get("peft_type")
+    ptype = getattr(ptype, "value", ptype)
+    methods = {m.peft_type: m for m in METHODS.values() if m.peft_type}
+    if ptype not in methods:
+        raise SpecError("peft_type", ptype, f"one of {sorted(methods)}")
+    task = cfg.get("task_type")
+    task = getattr(task, "value", task)
+    entries = methods[ptype].from_peft(cfg)
+    return Spec(methods=tuple(entries), task_type=task, base_model=cfg.get("base_model_name_or_path"))
 
 
 def normalize_optimize(opt: Any) -> dict[str, dict]:

@@ -14,7 +14,8 @@ from torch import nn
 
 from peftc.errors import SpecError
 
-__all__ = ["linear_kind", "module_kind", "match_names", "matches", "resolve", "seq_cls_heads", "infer_task_type", "no_match", "SEQ_CLS_HEADS"]
+__all__ = ["linear_kind", "module_kind", "match_names", "matches", "resolve", "seq_cls_heads", "infer_task_type",
+           "no_match", "for_model_type", "SEQ_CLS_HEADS"]
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS
 
@@ -84,6 +85,15 @@ def no_match(where: str, selector, names: list[str]) -> SpecError:
         "names or dotted suffixes of modules in the model",
         f"it matches no module; closest module names: {sample}",
     )
+
+
+def for_model_type(model: nn.Module, table, where: str) -> tuple[str, ...]:
+    """A method's default selector for the model's ``config.model_type`` (PEFT's tables)."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in table:
+        raise SpecError(where, None, f"explicit module names (no default for model type {mt!r}; "
+                        f"defaults exist for {sorted(table)})")
+    return tuple(table[mt])
 
 
 def seq_cls_heads(model: nn.Module) -> list[str]:

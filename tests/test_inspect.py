@@ -9,7 +9,7 @@ from torch import fx, nn
 
 import peftc
 from peftc import capture
-from peftc import inspect as pi
+from peftc import inspection as pi
 from peftc.models import example_inputs, tiny_model
 
 LAYERS = ("model.layers.0", "model.layers.1")

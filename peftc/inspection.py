@@ -21,11 +21,10 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-from peftc.capture import owning_module
+from peftc.graph import PEFTC, fetch_attr, owning_module
 
 __all__ = ["summarize", "graph_text", "node_line", "diff", "to_svg", "owning_module", "adapter_info"]
 
-PEFTC = "peftc"  # same key as peftc.graph.PEFTC; not imported so this file needs no passes
 _PARAM_ROLES = ("param", "param_swap")
 # Fill colours for inserted nodes, given to methods in sorted order (so stable per graph).
 _PALETTE = ("#f28e2b", "#59a14f", "#4e79a7", "#e15759", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7")
@@ -110,12 +109,10 @@ def diff(before: fx.Graph, after: fx.Graph) -> str:
 
 # ---- summary ----------------------------------------------------------------------------
 def _resolve(owner, target: str):
-    obj = owner
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    try:
+        return fetch_attr(owner, target)
+    except AttributeError:
+        return None
 
 
 def _short_param(target: str, info: dict) -> str:

@@ -1,0 +1,98 @@
+"""The rewrite every linear-site method shares (LoRA, VeRA, LoHa, LoKr, IA3, SSF, ...).
+
+For each linear call ``y = x W^T + b`` that ``select`` marked with an entry of the method:
+
+    parameters  entry.make_module(target, ctx), mounted once per (module, adapter) at
+                ``<module>.<store_dir>.<adapter>``, shared by every captured graph
+    insert      entry.output(ins, target, path, ctx): by default ``y + delta``, where the method
+                supplies ``entry.delta(...)`` (masked per sample in a mixed batch); scalings
+                override ``output`` (``y * l``); the users of ``y`` then read the result
+
+so a method file holds its math (the delta or the scale) and its parameters, not the loop.
+Every inserted node carries peftc meta (method, adapter, module, role) and ``y``'s module stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+from peftc.graph import Inserter, LinearSite, as_linear_site, mount_adapter
+from peftc.passes.context import PassContext, PassResult, marked_nodes
+from peftc.spec import Merging, MethodSpec, Sites
+
+__all__ = ["LinearMethod", "LinearTarget", "sample_rows"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """One marked linear call, with its weight as stored and its feature sizes."""
+
+    gm: fx.GraphModule
+    site: LinearSite
+    weight: torch.Tensor  # (out, in); (in, out) for Conv1D (``site.transposed``)
+    in_features: int
+    out_features: int
+
+    @property
+    def module(self) -> str:
+        return self.site.module
+
+
+def sample_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (batch,) mask shaped to broadcast over ``like``: (B, ..., F), or (B*S, F) for the
+    flattened tokens Conv1D's addmm works on."""
+    if like.dim() == 2 and like.shape[0] != mask.shape[0]:
+        return mask.repeat_interleave(like.shape[0] // mask.shape[0])[:, None].to(like.dtype)
+    return mask.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+@dataclass(frozen=True)
+class LinearMethod(MethodSpec):
+    """Base of the methods that act on linear layers; subclasses supply ``make_module`` and
+    ``delta`` (or ``output``) and ``fold`` for merging."""
+
+    sites: ClassVar[Sites] = Sites.LINEAR
+    merging: ClassVar[Merging] = Merging.FOLD
+
+    def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
+        """The adapter's parameters on one layer (called once per layer and adapter)."""
+        raise NotImplementedError
+
+    def delta(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node:
+        """The additive term, inserted with ``ins``; ``path`` is the mounted module's."""
+        raise NotImplementedError
+
+    def output(self, ins: Inserter, target: LinearTarget, path: str, ctx: PassContext) -> fx.Node | None:
+        """The node ``y``'s users read instead (None: the method rewired the linear itself)."""
+        term = self.delta(ins, target, path, ctx)
+        if ctx.sample_mask:  # mixed batch: this adapter only on the samples that name it
+            rows = ins.call(sample_rows, (ins.get_attr(ctx.sample_mask, "mask"), term), "mask_rows")
+            term = ins.call(aten.mul.Tensor, (term, rows), "mask")
+        return ins.call(aten.add.Tensor, (target.site.node, term), "add")
+
+    @classmethod
+    def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Pre: linear nodes annotated with this method's entries. Post: each one's users read
+        ``entry.output(...)``; ``ctx.counts[method]`` = sites rewritten."""
+        adapter, n = ctx.spec.adapter, 0
+        for node, _, entry in marked_nodes(gm, ctx, cls):
+            site = as_linear_site(node)
+            weight = gm.get_parameter(site.weight.target)
+            in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
+            target = LinearTarget(gm, site, weight, in_f, out_f)
+            path = mount_adapter(ctx.store, gm, f"{site.module}.{cls.store_dir}.{adapter}",
+                                 partial(entry.make_module, target, ctx))
+            ins = Inserter(node, {"method": cls.method, "adapter": adapter, "module": site.module})
+            out = entry.output(ins, target, path, ctx)
+            if out is not None:
+                ins.redirect(node, out)
+            n += 1
+        ctx.counts[cls.method] += n
+        return PassResult(gm, n > 0)

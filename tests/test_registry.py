@@ -1,0 +1,108 @@
+"""The method registry: a method is one declaration (its class), the pipeline order comes from
+the phases methods declare, and every file of peftc.passes is loaded without a hand-kept list."""
+
+import copy
+import pkgutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import peftc
+from peftc import passes
+from peftc.models import example_inputs, tiny_model
+from peftc.passes import pipeline
+from peftc.passes.linear import LinearMethod
+from peftc.spec import METHODS, Merging, Sites, Spec, register_method
+
+
+@pytest.fixture
+def shift_method():
+    """A method defined entirely here, as a new passes/<m>.py would: y -> y + beta per channel."""
+
+    class Shift(nn.Module):
+        def __init__(self, features: int, like: torch.Tensor):
+            super().__init__()
+            self.beta = nn.Parameter(torch.zeros(features, dtype=like.dtype, device=like.device))
+
+    @register_method("test_shift", phase="scale")
+    @dataclass(frozen=True)
+    class ShiftSpec(LinearMethod):
+        targets: Any = "all-linear"
+
+        def make_module(self, target, ctx):
+            return Shift(target.out_features, target.weight)
+
+        def delta(self, ins, target, path, ctx):
+            return ins.get_attr(f"{path}.beta")
+
+        def fold(self, path, module, w, b, transposed):
+            return w, (b if b is not None else 0) + module.beta
+
+    yield ShiftSpec
+    del METHODS["test_shift"]
+
+
+def test_a_method_is_one_declaration(shift_method):
+    model = tiny_model("tiny-torch", dropout=0.0).eval()
+    spec = {"methods": [{"test_shift": {"targets": ["fc2", "head"]}}, {"lora": {"targets": ["fc2"], "r": 2}}]}
+    cm = peftc.compile(model, spec, example_inputs("tiny-torch")).eval()
+    assert cm.pass_counts["test_shift"] == 3  # fc2 in both layers, and the head
+    assert [n for n, _ in pipeline.rewrite_passes(cm.spec)] == ["select", "lora", "test_shift", "dce"]
+    with torch.no_grad():
+        for p in cm.adapters.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)  # non-zero: LoRA's B and the shifts start at zero
+    # eager reference: each targeted layer's output plus its shift, and LoRA's term by hand
+    ref = copy.deepcopy(model)
+    hooks = []
+    for path in ("layers.0.fc2", "layers.1.fc2", "head"):
+        beta = cm.adapters.get_parameter(f"{path}.test_shift.default.beta")
+        lora = cm.adapters.get_submodule(f"{path}.lora.default") if path != "head" else None
+
+        def hook(mod, args, out, beta=beta, lora=lora):
+            if lora is not None:
+                out = out + lora.lora_B(lora.lora_A(args[0])) * (8 / 2)
+            return out + beta
+        hooks.append(ref.get_submodule(path).register_forward_hook(hook))
+    x = example_inputs("tiny-torch", 3, 5, seed=1)["x"]  # another shape than the captured one
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(cm(x), expected, atol=1e-5, rtol=0)
+        assert (cm(x) - model(x)).abs().max() > 1e-3
+    cm2 = peftc.compile(tiny_model("tiny-torch", dropout=0.0).eval(),
+                        {"methods": [{"test_shift": {"targets": ["fc2", "head"]}}]}, example_inputs("tiny-torch"))
+    with torch.no_grad():
+        for n, p in cm2.adapters.named_parameters():
+            p.copy_(cm.adapters.get_parameter(n))
+        unmerged = cm2.eval()(x)
+        cm2.merge()  # merging comes from the class's ``merging`` (FOLD) and ``fold``
+        torch.testing.assert_close(cm2(x), unmerged, atol=1e-5, rtol=0)
+    assert not any(n.meta.get("peftc", {}).get("method") == "test_shift" for n in cm2.graph_module.graph.nodes)
+
+
+def test_pipeline_order_comes_from_phases():
+    spec = Spec.from_dict({"methods": [{"ssf": {}}, {"prompt": {}}, {"ia3": {"targets": ["q_proj"]}},
+                                       {"lora": {"targets": ["v_proj"]}}, {"train": {"targets": ["lm_head"]}},
+                                       {"bitfit": {}}]})
+    names = [n for n, _ in pipeline.rewrite_passes(spec)]
+    assert names == ["select", "train", "bitfit", "lora", "ssf", "ia3", "prompt", "dce"]  # in a phase: spec order
+    for cls in METHODS.values():
+        assert cls.phase in pipeline.REWRITE_PHASES or (cls.phase is None and cls.sites is Sites.GRAPH), cls
+        assert (cls.merging is Merging.FOLD) == hasattr(cls, "fold"), cls
+
+
+def test_unmergeable_and_unknown_phase_are_errors(monkeypatch):
+    with pytest.raises(peftc.PassError, match="cannot be merged"):
+        pipeline.merge_passes(Spec.from_dict({"methods": [{"prompt": {}}]}))
+    monkeypatch.setattr(METHODS["ssf"], "phase", "nowhere")
+    with pytest.raises(peftc.PassError, match="nowhere"):
+        pipeline.rewrite_passes(Spec.from_dict({"methods": [{"ssf": {}}]}))
+
+
+def test_every_passes_module_is_loaded():
+    names = [m.name for m in pkgutil.iter_modules(passes.__path__)]
+    assert {"lora", "ssf", "fuse", "merge", "linear", "pipeline"} <= set(names)
+    assert all(f"peftc.passes.{n}" in sys.modules for n in names)
