@@ -54,6 +54,9 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     task = spec.task_type or targets.infer_task_type(model)
     spec = with_implied_heads(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
+    if "quantize" in spec.optimize:  # quantized weights checked against the model before capture
+        from peftc.passes import quantize
+        quantize.check_model(spec, resolved, model)
     return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
 
 
@@ -248,6 +251,9 @@ class CompiledModel(nn.Module):
             if names and not self._merged:  # optimizations see every adapter's nodes at once
                 gm = run_pipeline(gm, self._ctx(names[0], counts, timings),
                                   optimize_passes(self._states[names[0]].spec))
+            elif "quantize" in self.spec.optimize:  # a quantized base stays quantized (adapters off / merged)
+                from peftc.passes import quantize
+                gm = run_pipeline(gm, self._ctx(self._primary(), counts, timings), [("quantize", quantize.quantize)])
             set_training(gm, self.training)
             self._graphs[key] = gm
             if key == self._first:
@@ -295,13 +301,21 @@ class CompiledModel(nn.Module):
         return self
 
     # ---- merging -------------------------------------------------------------------------
-    def merge(self) -> None:
+    def merge(self, requantize: bool = False) -> None:
         """Folds the active adapters into the weights the graph reads: no adapter nodes
-        remain. The base model's own parameters are not modified; ``unmerge`` undoes it."""
+        remain. The base model's own parameters are not modified; ``unmerge`` undoes it.
+        On a quantized base it refuses unless ``requantize`` (then: dequantize, merge, quantize
+        again; the rounding error per weight is in ``graph_summary()``)."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize
+            quantize.merge_quantized(self, requantize)
         self._merged = True
         self._invalidate()
 
     def unmerge(self) -> None:
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize
+            quantize.unmerge_quantized(self)
         self._merged = False
         self._invalidate()
 
@@ -391,7 +405,9 @@ class CompiledModel(nn.Module):
     def graph_summary(self) -> str:
         from peftc import inspect as _inspect
 
-        return _inspect.summarize(self.graph_module, self.captured_graph)
+        from peftc.passes import quantize
+
+        return _inspect.summarize(self.graph_module, self.captured_graph) + quantize.summary(self)
 
     def graph_diff(self) -> str:
         from peftc import inspect as _inspect
