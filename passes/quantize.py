@@ -207,7 +207,7 @@ def _uses(w: fx.Node, kind: str) -> list[tuple[fx.Node, str]] | None:
 def _split_siblings(gm: fx.GraphModule) -> None:
     """lora_siblings -> one lora_linear per sibling, sharing x and the seed (the same dropout mask)."""
     for node in list(gm.graph.nodes):
-        if node.target is not getattr(torch.ops.peftc, "lora_siblings", None) or node.op != "call_function":
+        if node.op != "call_function" or node.target is not torch.ops.peftc.lora_siblings.default:
             continue
         x, ws, bs, As, Bs, ss, p, seed, train = node.args
         outs = {}
@@ -297,14 +297,13 @@ def _drop_attr(gm: fx.GraphModule, target: str) -> None:
 @register_optimization("quantize", phase="quantize", check=check_settings)
 def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Every read of a chosen frozen weight -> the quantized op (see the module docstring)."""
-    from peftc.kernels import lora_linear, quant_linear  # noqa: F401  (register the ops)
+    from peftc.kernels import lora_linear, lora_siblings, quant_linear  # noqa: F401  (register the ops)
 
     settings = check_settings(dict(ctx.spec.optimize.get("quantize") or {}))
     chosen = plan(ctx.model, settings, ctx.spec, ctx.targets)
     root = _root(ctx.store, settings)
     by_id = {id(ctx.model.get_submodule(p).weight): p for p in chosen}
-    if hasattr(torch.ops.peftc, "lora_siblings"):
-        _split_siblings(gm)
+    _split_siblings(gm)
     done = kept = 0
     for w in [n for n in gm.graph.nodes if n.op == "get_attr"]:
         info = w.meta.get(PEFTC) or {}

@@ -91,10 +91,9 @@ def test_quantized_matches_dequantized_reference(name, method, optimize):
     n_linear = {"tiny-llama": 14, "tiny-gpt2": 8}[name]
     assert cm.pass_counts["quantize"] == n_linear  # every linear but the head
     ops = _ops(cm)
-    assert ops and not [n for n in cm.graph_module.graph.nodes if n.target in (torch.ops.aten.linear.default,
-                                                                                torch.ops.aten.addmm.default)
-                        and n.args[1 if n.target is torch.ops.aten.linear.default else 2].op == "get_attr"
-                        and "lm_head" not in str(n.args)]
+    weights = {f"{p}.weight" for p in Q.plan(cm.base_model, Q.check_settings({}), cm.spec, cm.targets)}
+    assert len(weights) == n_linear and ops
+    assert not [n for n in cm.graph_module.graph.nodes if n.op == "get_attr" and n.target in weights]
     if optimize and method == "lora":
         assert "peftc.quant_linear.default" in ops
     if optimize and method == "dora":
