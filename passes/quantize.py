@@ -43,7 +43,7 @@ from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import check_targets, register_optimization
 
 __all__ = ["quantize", "check_settings", "check_model", "plan", "QuantizedWeight", "merge_quantized",
-           "unmerge_quantized", "summary", "weight_bytes", "ROOT", "SETTINGS"]
+           "unmerge_quantized", "check_released", "summary", "weight_bytes", "ROOT", "SETTINGS"]
 
 aten = torch.ops.aten
 ROOT = "_quantize"  # store path of the QuantizedWeight modules (and the report)
@@ -238,7 +238,8 @@ def _stamp(node: fx.Node, like: fx.Node, info: dict) -> fx.Node:
     return node
 
 
-def _rewrite(gm: fx.GraphModule, u: fx.Node, how: str, q: list[fx.Node], qw: QuantizedWeight, info: dict) -> None:
+def _rewrite(gm: fx.GraphModule, u: fx.Node, how: str, q: list[fx.Node], qw: QuantizedWeight, info: dict,
+             dtype: torch.dtype) -> None:
     """One read of W (see the module docstring's table) -> its quantized form."""
     g, fmt, bs = gm.graph, qw.fmt, qw.block_size
     own = u.meta.get(PEFTC)
@@ -278,7 +279,7 @@ def _rewrite(gm: fx.GraphModule, u: fx.Node, how: str, q: list[fx.Node], qw: Qua
                 g.erase_node(gi)
         else:  # "dequant": a temporary weight for an op that does not keep it (DoRA's W + s B A)
             w_node = u.args[0]
-            dq = call(torch.ops.peftc.dequantize.default, (*q, fmt, bs, qw.dtype), "dequantized_weight")
+            dq = call(torch.ops.peftc.dequantize.default, (*q, fmt, bs, dtype), "dequantized_weight")
             u.replace_input_with(w_node, dq)
             return
     g.erase_node(u)
@@ -331,12 +332,13 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                      settings["double_quant"])
             qpath = mount_adapter(ctx.store, gm, f"{ROOT}.{path}", make)
         qw = gm.get_submodule(qpath)
+        dtype = _resolve(gm, w.target).dtype
         info = {"method": "quantize", "adapter": ctx.spec.adapter, "module": path}
         for u, how in uses:
             with gm.graph.inserting_before(u):
                 q = [_stamp(gm.graph.get_attr(f"{qpath}.{b}"), u, {**info, "role": "quantized"})
                      for b in ("data", "qscale", "qscale2", "qoffset")]
-            _rewrite(gm, u, how, q, qw, info)
+            _rewrite(gm, u, how, q, qw, info, dtype)
         for dead in [t for t in w.users if not t.users] + [w]:
             if not dead.users:
                 gm.graph.erase_node(dead)
@@ -408,6 +410,18 @@ def merge_quantized(cm, requantize: bool) -> dict[str, float]:
         errors[path] = (qw.merged.dequantize(torch.float32) - target.float()).abs().max().item()
     root.merge_error = errors
     return errors
+
+
+def check_released(cm) -> None:
+    """Refuses to read base weights that ``release_base`` replaced by placeholders."""
+    try:
+        root = cm.adapters.get_submodule(ROOT)
+    except AttributeError:
+        return
+    if root.released:
+        raise PeftcError(f"the base weights of {sorted(root.released)[:3]}... were released (optimize.quantize."
+                         "release_base: true): their full-precision values are gone; merge(requantize=True) "
+                         "merges into the quantized weights instead")
 
 
 def unmerge_quantized(cm) -> None:

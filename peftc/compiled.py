@@ -321,10 +321,16 @@ class CompiledModel(nn.Module):
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapters folded in."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize
+            quantize.check_released(self)
         return merge.merged_state_dict(self)
 
     def save_merged(self, path: str | os.PathLike) -> None:
         """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize
+            quantize.check_released(self)
         merge.save_merged(self, path)
 
     # ---- parameters and checkpoints ------------------------------------------------------
@@ -404,7 +410,6 @@ class CompiledModel(nn.Module):
 
     def graph_summary(self) -> str:
         from peftc import inspect as _inspect
-
         from peftc.passes import quantize
 
         return _inspect.summarize(self.graph_module, self.captured_graph) + quantize.summary(self)

@@ -124,7 +124,8 @@ def test_autograd_saves_the_quantized_weight_not_a_dequantized_copy():
     a, bb = torch.randn(4, 64, generator=g, requires_grad=True), torch.randn(48, 4, generator=g, requires_grad=True)
     for lora in ((a, bb), (None, None)):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t,
+                                                      lambda t: t):
             OP(x, *q, None, *lora, 2.0, 0.0, None, False, "nf4", 64)[0].sum().backward()
         assert not [t for t in saved if t.is_floating_point() and t.numel() >= 48 * 64]
         assert any(t is q[0] for t in saved)  # the packed codes themselves, no copy

@@ -127,7 +127,7 @@ def test_every_method_trains_on_a_quantized_base(method):
     model = tiny_model("tiny-llama")
     cm = peftc.compile(model, {"methods": [METHODS[method]]}, example_inputs("tiny-llama"),
                        optimize={"fuse": {}, "quantize": {}})
-    opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-1 if method == "ia3" else 1e-2)  # IA3 starts at 1
     ids = _ids(shape=(4, 16))
     losses = []
     for _ in range(6):
@@ -147,8 +147,9 @@ def test_no_full_precision_weight_is_saved_for_backward():
     def saved(cm):
         found = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: found.append(t) or t, lambda t: t):
-            cm(input_ids=ids, labels=ids).loss
-        return [t for t in found if t.is_floating_point() and tuple(t.shape) in shapes]
+            cm(input_ids=ids, labels=ids)
+        head = cm.base_model.lm_head.weight.data_ptr()  # skipped: full precision, saved as in the plain graph
+        return [t for t in found if t.is_floating_point() and tuple(t.shape) in shapes and t.data_ptr() != head]
 
     spec = {"methods": [METHODS["lora"]]}
     for optimize in ([], ["fuse"]):
@@ -197,6 +198,7 @@ def test_adapters_disabled_run_the_quantized_base():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_merge_refuses_or_requantizes(name):
     cm, _ = pair(name, "lora", ("fuse",))
+    cm.eval()  # GPT-2's own dropout
     ids = _ids()
     before = cm(input_ids=ids).logits.detach()
     with pytest.raises(PeftcError, match=r"requantize=True"):
@@ -208,7 +210,7 @@ def test_merge_refuses_or_requantizes(name):
     assert "max abs rounding error" in summary
     assert not any((n.meta.get(PEFTC) or {}).get("method") in ("lora", "fuse") for n in cm.graph_module.graph.nodes)
     merged = cm(input_ids=ids).logits
-    ref = copy.deepcopy(cm.base_model)  # the requantized merged weights, dequantized, in the eager model
+    ref = copy.deepcopy(cm.base_model).eval()  # the requantized merged weights, dequantized, in the eager model
     for path, qw in cm.adapters.get_submodule(Q.ROOT).named_modules():
         if path.endswith(".merged"):
             mod = ref.get_submodule(path[: -len(".merged")])
