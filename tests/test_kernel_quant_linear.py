@@ -145,4 +145,4 @@ def test_export_and_fake_tensor_shapes():
 def test_triton_kernels_under_the_interpreter():
     path = Path(__file__).with_name("test_kernel_quant_linear_triton.py")
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])
-    assert "10 passed" in tail, tail
+    assert "8 passed" in tail, tail
