@@ -293,3 +293,10 @@ def test_a_module_trained_whole_is_left_out_by_default():
     cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [METHODS["lora"], {"train": {"targets": ["up_proj"]}}]},
                        example_inputs("tiny-llama"), optimize=["quantize"])
     assert cm.pass_counts["quantize"] == 12
+
+
+@pytest.mark.parametrize("optimize", [(), ("fuse",)], ids=["unfused", "fused"])
+def test_dora_with_dropout_on_int8_conv1d(optimize):
+    """DoRA recomputes the base on the dropped input (a second quantized read of W); GPT-2's own dropout on."""
+    cm, ref = pair("tiny-gpt2", "dora", optimize, {"format": "int8"}, dropout=0.1)
+    check_parity(cm, ref, train=True)
