@@ -307,30 +307,30 @@ class CompiledModel(nn.Module):
         On a quantized base it refuses unless ``requantize`` (then: dequantize, merge, quantize
         again; the rounding error per weight is in ``graph_summary()``)."""
         if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize
-            quantize.merge_quantized(self, requantize)
+            from peftc.passes import quantize_base
+            quantize_base.merge_quantized(self, requantize)
         self._merged = True
         self._invalidate()
 
     def unmerge(self) -> None:
         if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize
-            quantize.unmerge_quantized(self)
+            from peftc.passes import quantize_base
+            quantize_base.unmerge_quantized(self)
         self._merged = False
         self._invalidate()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapters folded in."""
         if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize
-            quantize.check_released(self)
+            from peftc.passes import quantize_base
+            quantize_base.check_released(self)
         return merge.merged_state_dict(self)
 
     def save_merged(self, path: str | os.PathLike) -> None:
         """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
         if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize
-            quantize.check_released(self)
+            from peftc.passes import quantize_base
+            quantize_base.check_released(self)
         merge.save_merged(self, path)
 
     # ---- parameters and checkpoints ------------------------------------------------------
@@ -410,9 +410,9 @@ class CompiledModel(nn.Module):
 
     def graph_summary(self) -> str:
         from peftc import inspect as _inspect
-        from peftc.passes import quantize
+        from peftc.passes import quantize_base
 
-        return _inspect.summarize(self.graph_module, self.captured_graph) + quantize.summary(self)
+        return _inspect.summarize(self.graph_module, self.captured_graph) + quantize_base.summary(self)
 
     def graph_diff(self) -> str:
         from peftc import inspect as _inspect

@@ -13,6 +13,7 @@ from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC
 from peftc.models import example_inputs, tiny_model
 from peftc.passes import quantize as Q
+from peftc.passes import quantize_base as QB
 
 METHODS = {
     "lora": {"lora": {"targets": "all-linear", "r": 4, "alpha": 8}},
@@ -171,7 +172,7 @@ def test_graph_drops_weights_and_release_base_frees_them():
     q_proj = model.model.layers[0].self_attn.q_proj.weight
     assert q_proj.shape == (64, 64) and q_proj.untyped_storage().nbytes() == 4  # one element left
     assert model.lm_head.weight.untyped_storage().nbytes() == 128 * 64 * 4  # skipped: untouched
-    b_keep, b_rel = Q.weight_bytes(keep), Q.weight_bytes(cm)
+    b_keep, b_rel = QB.weight_bytes(keep), QB.weight_bytes(cm)
     assert b_rel["quantized"] == b_keep["quantized"] and b_rel["graph_full_precision"] == b_keep["graph_full_precision"]
     assert b_rel["base_model"] < b_keep["base_model"] - 14 * 64 * 64 * 4 * 0.9
     assert b_keep["quantized"] * 7 < 8 * sum(m.weight.numel() for n, m in model.named_modules()
@@ -203,7 +204,7 @@ def test_merge_refuses_or_requantizes(name):
     before = cm(input_ids=ids).logits.detach()
     with pytest.raises(PeftcError, match=r"requantize=True"):
         cm.merge()
-    errors = Q.merge_quantized(cm, True)
+    errors = QB.merge_quantized(cm, True)
     cm.merge(requantize=True)
     assert set(errors) == set(cm.targets[0]) and all(0 < e < 0.5 for e in errors.values())
     summary = cm.graph_summary()
