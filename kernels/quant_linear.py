@@ -111,7 +111,7 @@ def quantize_weight(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, dou
     data = torch.empty(out, d // 2, dtype=torch.uint8, device=w.device)
     rows = max(1, _ROWS // d)
     for r0 in range(0, out, rows):  # nearest code to w / absmax, two codes per byte (first high)
-        normed = w[r0:r0 + rows].float().view(-1, d // block_size, block_size) / used[r0:r0 + rows, :, None]
+        normed = w[r0:r0 + rows].float().contiguous().view(-1, d // block_size, block_size) / used[r0:r0 + rows, :, None]
         idx = torch.bucketize(normed, mids).view(-1, d // 2, 2).to(torch.uint8)
         data[r0:r0 + rows] = idx[..., 0] << 4 | idx[..., 1]
     return data, qscale, qscale2, qoffset
