@@ -22,7 +22,7 @@ from peftc.errors import PassError, PeftcError, SpecError
 from peftc.graph import PEFTC, linear_sites, stack_owner
 from peftc.passes import merge
 from peftc.passes.context import SITES, PassContext, PassResult
-from peftc.spec import OPTIMIZATION_PHASES, OPTIMIZATIONS, Merging, Spec
+from peftc.spec import BASE_OPTIMIZATIONS, OPTIMIZATION_PHASES, OPTIMIZATIONS, Merging, Spec
 
 __all__ = ["PassResult", "PassContext", "rewrite_passes", "optimize_passes", "merge_passes", "run_pipeline", "verify",
            "select_sites", "SITES", "REWRITE_PHASES", "OPTIMIZE_PHASES"]
@@ -102,13 +102,14 @@ def rewrite_passes(spec: Spec) -> list[tuple[str, Callable]]:
     return [("select", select_sites), *methods, ("dce", drop_unused_attrs)]
 
 
-def optimize_passes(spec: Spec) -> list[tuple[str, Callable]]:
+def optimize_passes(spec: Spec, *, base_only: bool = False) -> list[tuple[str, Callable]]:
     """The optimizations ``spec.optimize`` selects, in phase order; they run once, after every
-    active adapter's rewrites."""
+    active adapter's rewrites. ``base_only``: those registered ``on_base`` (for a graph without
+    adapter nodes)."""
     unknown = {n: p for n, p in OPTIMIZATION_PHASES.items() if p not in OPTIMIZE_PHASES}
     if unknown:
         raise PassError(f"optimizations {unknown} declare phases not in {list(OPTIMIZE_PHASES)}")
-    chosen = [n for n in OPTIMIZATIONS if n in spec.optimize]
+    chosen = [n for n in OPTIMIZATIONS if n in spec.optimize and (not base_only or n in BASE_OPTIMIZATIONS)]
     chosen.sort(key=lambda n: OPTIMIZE_PHASES.index(OPTIMIZATION_PHASES[n]))
     return [(n, OPTIMIZATIONS[n]) for n in chosen]
 

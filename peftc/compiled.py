@@ -51,6 +51,9 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     task = spec.task_type or targets.infer_task_type(model)
     spec = with_implied_entries(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
+    if "quantize" in spec.optimize:  # quantized weights checked against the model before capture
+        from peftc.passes import quantize
+        quantize.check_model(spec, resolved, model)
     return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
 
 
@@ -203,22 +206,36 @@ class CompiledModel(nn.Module):
         return self
 
     # ---- merging -------------------------------------------------------------------------
-    def merge(self) -> None:
+    def merge(self, requantize: bool = False) -> None:
         """Folds the active adapters into the weights the graph reads: no adapter nodes
-        remain. The base model's own parameters are not modified; ``unmerge`` undoes it."""
+        remain. The base model's own parameters are not modified; ``unmerge`` undoes it.
+        On a quantized base it refuses unless ``requantize`` (then: dequantize, merge, quantize
+        again; the rounding error per weight is in ``graph_summary()``)."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize_base
+            quantize_base.merge_quantized(self, requantize)
         self.registry.merged = True
         self._invalidate()
 
     def unmerge(self) -> None:
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize_base
+            quantize_base.unmerge_quantized(self)
         self.registry.merged = False
         self._invalidate()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapters folded in."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize_base
+            quantize_base.check_released(self)
         return merge.merged_state_dict(self)
 
     def save_merged(self, path: str | os.PathLike) -> None:
         """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
+        if "quantize" in self.spec.optimize:
+            from peftc.passes import quantize_base
+            quantize_base.check_released(self)
         merge.save_merged(self, path)
 
     # ---- parameters and checkpoints ------------------------------------------------------
@@ -297,7 +314,9 @@ class CompiledModel(nn.Module):
         return dict(self.graphs.timings)
 
     def graph_summary(self) -> str:
-        return inspection.summarize(self.graph_module, self.captured_graph)
+        from peftc.passes import quantize_base
+
+        return inspection.summarize(self.graph_module, self.captured_graph) + quantize_base.summary(self)
 
     def graph_diff(self) -> str:
         return inspection.diff(self.captured_graph, self.graph_module.graph)

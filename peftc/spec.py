@@ -48,6 +48,7 @@ __all__ = [
 METHODS: dict[str, type[MethodSpec]] = {}
 OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
 OPTIMIZATION_CHECKS: dict[str, Any] = {}  # name -> settings validator
+BASE_OPTIMIZATIONS: set[str] = set()  # names that also run on graphs without adapter nodes
 OPTIMIZATION_PHASES: dict[str, str] = {}  # name -> the pipeline phase it runs in (passes.pipeline)
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
@@ -92,7 +93,7 @@ def register_method(name: str, *, phase: str | None, peft_type: str | None = Non
     return deco
 
 
-def register_optimization(name: str, *, phase: str, check=None):
+def register_optimization(name: str, *, phase: str, check=None, on_base: bool = False):
     """Decorator for optimization pass functions selectable with ``optimize=[name]``.
 
     ``phase``: one of ``passes.pipeline.OPTIMIZE_PHASES``; the pipeline runs the selected
@@ -100,6 +101,9 @@ def register_optimization(name: str, *, phase: str, check=None):
 
     ``check(settings) -> settings`` validates ``optimize: {name: {...}}`` when the spec is
     built (before any capture), raising SpecError for a bad setting.
+
+    ``on_base``: the optimization transforms the frozen model itself (quantized weights), so it
+    also runs on graphs without adapter nodes (adapters disabled, or merged).
     """
 
     def deco(fn):
@@ -107,6 +111,8 @@ def register_optimization(name: str, *, phase: str, check=None):
             raise RuntimeError(f"optimization {name!r} is registered twice")
         OPTIMIZATIONS[name] = fn
         OPTIMIZATION_PHASES[name] = phase
+        if on_base:
+            BASE_OPTIMIZATIONS.add(name)
         if check is not None:
             OPTIMIZATION_CHECKS[name] = check
         return fn
