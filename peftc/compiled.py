@@ -168,6 +168,7 @@ class CompiledModel(nn.Module):
 
     def _invalidate(self) -> None:
         self._graphs.clear()
+        merge.sync(self)  # merged or not, the base weights follow the active adapters
         self._refresh_trainable()
 
     def _refresh_trainable(self) -> None:
@@ -296,22 +297,28 @@ class CompiledModel(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------
     def merge(self) -> None:
-        """Folds the active adapters into the weights the graph reads: no adapter nodes
-        remain. The base model's own parameters are not modified; ``unmerge`` undoes it."""
+        """Folds the active adapters into the base weights, in place (as PEFT): every captured
+        graph then runs without adapter nodes. ``unmerge`` restores the weights bit for bit;
+        a merge that fails leaves them unchanged. While merged, changing the active adapters
+        re-merges. Why in place and how unmerge is exact: ``peftc.passes.merge``."""
         self._merged = True
-        self._invalidate()
+        self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
 
     def unmerge(self) -> None:
+        """Restores the base weights as they were before ``merge`` (bit for bit, CRC-checked)."""
         self._merged = False
         self._invalidate()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's state dict with the active adapters folded in."""
+        """The base model's state dict with the active adapters folded in. Materialising: when not
+        merged, each adapted weight is a new tensor (prefer ``save_merged`` to export a big model)."""
         return merge.merged_state_dict(self)
 
-    def save_merged(self, path: str | os.PathLike) -> None:
-        """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
-        merge.save_merged(self, path)
+    def save_merged(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """A plain HF model dir (``from_pretrained`` loads it) with the adapters folded in, streamed:
+        each merged weight is computed, written and freed in turn, never a copy of the model;
+        shards + index json above ``max_shard_size``; written to a temp dir, then renamed."""
+        return merge.save_merged(self, path, max_shard_size=max_shard_size)
 
     # ---- parameters and checkpoints ------------------------------------------------------
     def _peft_params(self, adapter: str | None = None) -> dict[str, nn.Parameter]:
