@@ -17,10 +17,12 @@ one, not of the model; every captured graph reads the base parameters and so see
 **Why unmerge is exact.** Subtracting the delta again (PEFT's unmerge) misses the original
 where ``W + D`` rounded into a coarser binade: a few % of the elements for a LoRA delta small
 against ``W``, most of them for one as large as ``W``. So each merged weight keeps a restore
-record: the inverse fold (``W' - D``, or ``(W' - D) / S`` for a scaling fold such as IA3 or
-SSF, with ``D = f(0)``, ``S = f(1) - D``), the flat positions where it does not give back
-``W``'s bits, and ``W``'s values there. Where that would cost more than ``W`` itself (DoRA's
-row normalisation is not affine in ``W``) the record is ``W`` whole. The adapter modules are
+record: which inverse fold to use (``W' - D``, or ``(W' - D) / S`` for a scaling fold such as
+IA3 or SSF, with ``D = f(0)``, ``S = f(1) - D``), a bitmask of the elements where it does not
+give back ``W``'s bits, and there the integer difference of the bit patterns as int8 (mostly
++-1 ulp; the rare larger ones keep W's bits with their position): 1/32 of an fp32 weight plus
+a byte per miss. Where that would cost more than ``W``
+itself (DoRA's row normalisation is not affine in ``W``) the record is ``W`` whole. The adapter modules are
 snapshotted (adapter-sized), so later edits do not change the inverse; a CRC of ``W`` proves
 each restore. A merge that fails part-way restores what it had changed before re-raising.
 
@@ -59,13 +61,17 @@ class Restore:
     folds: list  # [(entry, snapshot of the adapter module)] applied in order
     transposed: bool
     inverse: str  # "sub": W' - D; "div": (W' - D) / S; "whole": ``values`` is W; "none": bias only
-    index: torch.Tensor | None  # flat positions where the inverse misses W's bits
-    values: torch.Tensor | None  # W's values there
+    mask: torch.Tensor | None  # bitmask (packed uint8) of the elements where the inverse misses W's bits
+    resid: torch.Tensor | None  # there, W's bits minus the inverse's as int8 (0 where ``far_index``)
+    values: torch.Tensor | None  # W itself (inverse "whole")
     crc: int
     bias: torch.Tensor | None = None  # the original bias, when the merge changed it (small)
+    far_index: torch.Tensor | None = None  # misses by more than 127 ulps: flat positions ...
+    far_bits: torch.Tensor | None = None  # ... and W's bits there
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.index, self.values, self.bias) if t is not None]
+        return [t for t in (self.mask, self.resid, self.values, self.bias, self.far_index, self.far_bits)
+                if t is not None]
 
 
 @dataclass
@@ -161,23 +167,42 @@ def _inverse(kind, folds, key, w2, transposed):
     return (w2 - d) / s
 
 
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (n,) -> uint8 (ceil(n / 8),): one bit per element."""
+    pad = torch.zeros(-mask.numel() % 8, dtype=torch.bool, device=mask.device)
+    bits = torch.cat([mask, pad]).view(-1, 8).to(torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).view(-1)[:n].bool()
+
+
 def _record(key, folds, w, w2, transposed) -> Restore:
     """A restore record for W -> W' (W still in place): the inverse whose misses are fewest."""
+    whole = Restore(key, folds, transposed, "whole", None, None, w.detach().clone(), _crc(w))
     if not w.is_floating_point():
-        return Restore(key, folds, transposed, "whole", None, w.detach().clone(), _crc(w))
+        return whole
     want, best = _bits(w.detach()), None
     for kind in ("sub", "div"):
-        miss = (_bits(_inverse(kind, folds, key, w2, transposed)) != want).nonzero().squeeze(1)
-        if best is None or miss.numel() < best[1].numel():
-            best = (kind, miss)
-        if miss.numel() <= want.numel() // 4:
+        guess = _bits(_inverse(kind, folds, key, w2, transposed))
+        miss = guess != want
+        n_miss = int(miss.sum())
+        if best is None or n_miss < best[2]:
+            best = (kind, miss, n_miss, guess)
+        if n_miss <= want.numel() // 4:
             break
-    kind, miss = best
-    index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
-    sparse = miss.numel() * (w.element_size() + index_dtype.itemsize)
-    if sparse >= w.numel() * w.element_size():
-        return Restore(key, folds, transposed, "whole", None, w.detach().clone(), _crc(w))
-    return Restore(key, folds, transposed, kind, miss.to(index_dtype), w.detach().reshape(-1)[miss].clone(), _crc(w))
+    kind, miss, n_miss, guess = best
+    resid = want[miss].long() - guess[miss].long()
+    far = resid.abs() > 127  # rare (a weight near 0 whose merged value is not): kept exactly
+    where = miss.nonzero().squeeze(1)[far]
+    out_index = where.to(torch.int32 if w.numel() < 2**31 else torch.int64)
+    cost = (w.numel() + 7) // 8 + n_miss + out_index.numel() * (out_index.element_size() + w.element_size())
+    if cost >= w.numel() * w.element_size():
+        return whole
+    return Restore(key, folds, transposed, kind, _pack(miss), resid.masked_fill(far, 0).to(torch.int8),
+                   None, _crc(w), far_index=out_index, far_bits=want[where].clone())
 
 
 def apply(cm) -> MergeState:
@@ -210,7 +235,7 @@ def apply(cm) -> MergeState:
                 state.shared[bkey] = b2
                 continue
             if rec is None:  # the weight went to a shared copy: a record for the bias alone
-                rec = Restore(wkey, [], False, "none", None, None, 0)
+                rec = Restore(wkey, [], False, "none", None, None, None, 0)
                 state.restores.append(rec)
             rec.bias = b.detach().clone()
             with torch.no_grad():
@@ -236,9 +261,11 @@ def restore(cm, state: MergeState) -> None:
                 w.copy_(rec.values)
             else:
                 guess = _inverse(rec.inverse, rec.folds, rec.key, w.detach(), rec.transposed).to(w.dtype)
-                guess.view(-1)[rec.index.long()] = rec.values
+                bits, miss = _bits(guess), _unpack(rec.mask, guess.numel())
+                bits[miss] += rec.resid.to(bits.dtype)
+                bits[rec.far_index.long()] = rec.far_bits
                 w.copy_(guess)
-                del guess
+                del guess, bits, miss
         if _crc(owner.weight) != rec.crc:
             bad.append(rec.key)
     state.restores.clear()
@@ -349,4 +376,10 @@ def save_merged(cm, path, *, max_shard_size="5GB"):
     """Streams the merged model to an HF ``save_pretrained`` directory; see peft_io.write_hf_model."""
     from peftc import peft_io
 
-    return peft_io.write_hf_model(cm.base_model, path, merged_tensors(cm), max_shard_size=max_shard_size)
+    state, model = merge_state(cm), cm.base_model
+    folded = {f"{p}.weight" for p in _plan(cm, state.adapters if state else tuple(cm.active_adapters))[0]}
+    ties = defaultdict(set)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        ties[id(p)].add(n)
+    untied = {n for group in ties.values() if len(group) > 1 and group & folded for n in group}
+    return peft_io.write_hf_model(model, path, merged_tensors(cm), untied=untied, max_shard_size=max_shard_size)
