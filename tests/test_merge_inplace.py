@@ -65,6 +65,7 @@ def _storages_read(cm, module):
     return out
 
 
+INVERSE = {"lora": "sub", "loha": "sub", "lokr": "sub", "vera": "sub", "ia3": "div", "ssf": "div"}
 MERGEABLE = [
     ("tiny-llama", {"lora": {"targets": "all-linear", "r": 4, "alpha": 8}}),
     ("tiny-llama", {"lora": {"targets": ["q_proj", "down_proj"], "r": 4, "dora": True}}),
@@ -96,9 +97,12 @@ def test_merge_in_place_and_unmerge_bit_exact(name, method):
     adapter_nodes = [n for n in cm.graph_module.graph.nodes
                      if n.meta.get("peftc", {}).get("method") in {"lora", "dora", "loha", "lokr", "vera", "ia3", "ssf"}]
     assert not adapter_nodes
-    state = merge_mod.merge_state(cm)
-    if next(iter(method)) != "bitfit":  # linear folds are written into the base parameters
+    state, kind = merge_mod.merge_state(cm), next(iter(method))
+    if kind != "bitfit":  # linear folds are written into the base parameters
         assert state.restores and any(not torch.equal(v, before[k]) for k, v in _bits(model.state_dict()).items())
+        # the inverse used (sparse record), or W whole for DoRA (not affine in W)
+        want = "whole" if method[kind].get("dora") else INVERSE[kind]
+        assert {r.inverse for r in state.restores} == {want}
     cm.unmerge()
     assert merge_mod.merge_state(cm) is None
     _assert_bit_equal(model, before)
