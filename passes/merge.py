@@ -257,13 +257,15 @@ def restore(cm, state: MergeState) -> None:
             if rec.inverse == "none":
                 continue
             w = owner.weight
+            for _, m in rec.folds:
+                m.to(w.device)  # snapshots stay where they were made; the model may have moved
             if rec.inverse == "whole":
                 w.copy_(rec.values)
             else:
                 guess = _inverse(rec.inverse, rec.folds, rec.key, w.detach(), rec.transposed).to(w.dtype)
-                bits, miss = _bits(guess), _unpack(rec.mask, guess.numel())
-                bits[miss] += rec.resid.to(bits.dtype)
-                bits[rec.far_index.long()] = rec.far_bits
+                bits, miss = _bits(guess), _unpack(rec.mask.to(w.device), guess.numel())
+                bits[miss] += rec.resid.to(w.device, bits.dtype)
+                bits[rec.far_index.to(w.device).long()] = rec.far_bits.to(w.device, bits.dtype)
                 w.copy_(guess)
                 del guess, bits, miss
         if _crc(owner.weight) != rec.crc:
@@ -271,8 +273,8 @@ def restore(cm, state: MergeState) -> None:
     state.restores.clear()
     state.shared.clear()
     if bad:
-        raise PeftcError(f"unmerge did not restore {bad} bit for bit (the fold is not deterministic "
-                         "on this device); the weights hold the nearest values found")
+        raise PeftcError(f"unmerge did not restore {bad} bit for bit (their dtype changed since merge, or "
+                         "the fold is not deterministic on this device); they hold the nearest values found")
 
 
 def sync(cm) -> None:
@@ -368,8 +370,13 @@ def merged_tensors(cm):
 
 
 def merged_state_dict(cm) -> dict[str, torch.Tensor]:
-    """Materialises every merged tensor (an unmerged model pays a copy of each adapted weight)."""
-    return {k: v.detach() for k, v in merged_tensors(cm)}
+    """Materialises every merged tensor: a copy of each adapted weight (merged in place, the
+    copy keeps the dict valid after ``unmerge``); other entries are the live tensors."""
+    state, written = merge_state(cm), set()
+    for r in state.restores if state else ():
+        written |= {r.key} if r.inverse != "none" else set()
+        written |= {r.key.rpartition(".")[0] + ".bias"} if r.bias is not None else set()
+    return {k: v.detach().clone() if k in written else v.detach() for k, v in merged_tensors(cm)}
 
 
 def save_merged(cm, path, *, max_shard_size="5GB"):

@@ -103,11 +103,19 @@ def test_merge_in_place_and_unmerge_bit_exact(name, method):
         # the inverse used (sparse record), or W whole for DoRA (not affine in W)
         want = "whole" if method[kind].get("dora") else INVERSE[kind]
         assert {r.inverse for r in state.restores} == {want}
+    sd = cm.merged_state_dict()  # materialised: still the merged weights after unmerge
     cm.unmerge()
     assert merge_mod.merge_state(cm) is None
     _assert_bit_equal(model, before)
     with torch.no_grad():
         assert torch.equal(cm(**ex).logits, ref)
+    fresh = tiny_model(name).eval()
+    created = set(sd) - set(fresh.state_dict())  # biases SSF creates on bias-free linears
+    assert all(k.endswith(".bias") for k in created) and (not created or kind == "ssf")
+    if not created:
+        fresh.load_state_dict(sd)
+        with torch.no_grad():
+            assert (fresh(**ex).logits - merged).abs().max() <= 1e-6
 
 
 def test_one_merged_tensor_per_weight_across_three_signatures():

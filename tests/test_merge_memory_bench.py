@@ -25,7 +25,7 @@ def test_quick_run_writes_json_and_report_section(tmp_path):
     on_disk = json.loads((tmp_path / "merge_memory.json").read_text())
     assert on_disk["schema"] == "peftc.bench.merge_memory/1" and on_disk["after"] == result["after"]
     after = on_disk["after"]
-    assert set(after["phases"]) == {"merge", "save_merged", "unmerge"}
+    assert set(after["phases"]) == {"merge", "save_merged", "unmerge", "save_merged_unmerged"}
     assert all(p["peak_rss"] >= p["start_rss"] > 0 for p in after["phases"].values())
     assert after["unmerge_bit_exact"] and after["signatures"] == 3
     assert after["merged_vs_unmerged_max_abs"] <= 1e-5 and after["saved_vs_unmerged_max_abs"] <= 1e-5
