@@ -181,9 +181,10 @@ def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def _record(key, folds, w, w2, transposed) -> Restore:
     """A restore record for W -> W' (W still in place): the inverse whose misses are fewest."""
-    whole = Restore(key, folds, transposed, "whole", None, None, w.detach().clone(), _crc(w))
+    crc = _crc(w)
+    whole = lambda: Restore(key, folds, transposed, "whole", None, None, w.detach().clone(), crc)
     if not w.is_floating_point():
-        return whole
+        return whole()
     want, best = _bits(w.detach()), None
     for kind in ("sub", "div"):
         guess = _bits(_inverse(kind, folds, key, w2, transposed))
@@ -200,9 +201,9 @@ def _record(key, folds, w, w2, transposed) -> Restore:
     out_index = where.to(torch.int32 if w.numel() < 2**31 else torch.int64)
     cost = (w.numel() + 7) // 8 + n_miss + out_index.numel() * (out_index.element_size() + w.element_size())
     if cost >= w.numel() * w.element_size():
-        return whole
+        return whole()
     return Restore(key, folds, transposed, kind, _pack(miss), resid.masked_fill(far, 0).to(torch.int8),
-                   None, _crc(w), far_index=out_index, far_bits=want[where].clone())
+                   None, crc, far_index=out_index, far_bits=want[where].clone())
 
 
 def apply(cm) -> MergeState:
