@@ -332,3 +332,27 @@ def test_save_merged_gpt2_conv1d_and_failure_keeps_old_dir(tmp_path, monkeypatch
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(again(**ex).logits, loaded(**ex).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_merge_unmerge_bit_exact_and_save(tmp_path, dtype):
+    """On the GPU: restore records and CRCs cross devices; bf16 weights (int16 bit views)."""
+    model = tiny_model("tiny-llama").to("cuda", dtype).eval()
+    ex = {k: v.cuda() for k, v in _inputs("tiny-llama").items()}
+    cm = peftc.compile(model, {"methods": [{"lora": {"targets": "all-linear", "r": 4}}]},
+                       {k: v.cuda() for k, v in example_inputs("tiny-llama").items()}).eval()
+    _randomize(cm, scale=0.02)
+    before = _bits(model.state_dict())
+    with torch.no_grad():
+        ref = cm(**ex).logits.float()
+        cm.merge()
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        assert (cm(**ex).logits.float() - ref).abs().max() <= tol
+    cm.save_merged(tmp_path / "m")
+    cm.unmerge()
+    _assert_bit_equal(model, before)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype).cuda().eval()
+    with torch.no_grad():
+        assert (loaded(**ex).logits.float() - ref).abs().max() <= tol
