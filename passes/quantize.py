@@ -38,6 +38,7 @@ from torch import fx, nn
 from peftc import targets as _targets
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, install_module, mount_adapter
+from peftc.passes.merge import STATE as MERGE_STATE
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import check_targets, register_optimization
 
@@ -301,11 +302,12 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     by_id = {id(ctx.model.get_submodule(p).weight): p for p in chosen}
     _split_siblings(gm)
     done = kept = 0
+    base_merged = getattr(ctx.store, MERGE_STATE, None) is not None  # merge() folded the adapters
     for w in [n for n in gm.graph.nodes if n.op == "get_attr"]:
         info = w.meta.get(PEFTC) or {}
-        merged = info.get("role") == "merged_weight" and info.get("module") in chosen
-        path = info["module"] if merged else by_id.get(id(_resolve(gm, w.target)))
-        if path is None or (merged and _resolve(gm, w.target).dim() != 2):
+        shared = info.get("role") == "merged_weight" and info.get("module") in chosen
+        path = info["module"] if shared else by_id.get(id(_resolve(gm, w.target)))
+        if path is None or (shared and _resolve(gm, w.target).dim() != 2):
             continue
         kind = chosen[path]
         uses = _uses(w, kind)
@@ -315,6 +317,7 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 kept += 1
             continue
         base = root.get_submodule(path) if _has(root, path) else None
+        merged = shared or (base_merged and base is not None and hasattr(base, "merged"))
         if merged:
             if base is None or not hasattr(base, "merged"):
                 raise PeftcError(f"quantize: {path} is merged into a quantized base; use merge(requantize=True)")

@@ -136,6 +136,7 @@ class CompiledModel(nn.Module):
 
     def _invalidate(self) -> None:
         self.graphs.invalidate()
+        merge.sync(self)  # merged or not, the base weights follow the active adapters
         self.registry.refresh_trainable()
 
     # ---- running (peftc.graph_cache.GraphCache) ------------------------------------------
@@ -207,17 +208,20 @@ class CompiledModel(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------
     def merge(self, requantize: bool = False) -> None:
-        """Folds the active adapters into the weights the graph reads: no adapter nodes
-        remain. The base model's own parameters are not modified; ``unmerge`` undoes it.
-        On a quantized base it refuses unless ``requantize`` (then: dequantize, merge, quantize
-        again; the rounding error per weight is in ``graph_summary()``)."""
+        """Folds the active adapters into the base weights, in place (as PEFT): every captured
+        graph then runs without adapter nodes. ``unmerge`` restores the weights bit for bit;
+        a merge that fails leaves them unchanged. While merged, changing the active adapters
+        re-merges. Why in place and how unmerge is exact: ``peftc.passes.merge``. On a quantized
+        base it refuses unless ``requantize`` (then: dequantize, merge, quantize again; the
+        rounding error per weight is in ``graph_summary()``)."""
         if "quantize" in self.spec.optimize:
             from peftc.passes import quantize_base
             quantize_base.merge_quantized(self, requantize)
         self.registry.merged = True
-        self._invalidate()
+        self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
 
     def unmerge(self) -> None:
+        """Restores the base weights as they were before ``merge`` (bit for bit, CRC-checked)."""
         if "quantize" in self.spec.optimize:
             from peftc.passes import quantize_base
             quantize_base.unmerge_quantized(self)
@@ -225,18 +229,21 @@ class CompiledModel(nn.Module):
         self._invalidate()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's state dict with the active adapters folded in."""
+        """The base model's state dict with the active adapters folded in. Materialising: when not
+        merged, each adapted weight is a new tensor (prefer ``save_merged`` to export a big model)."""
         if "quantize" in self.spec.optimize:
             from peftc.passes import quantize_base
             quantize_base.check_released(self)
         return merge.merged_state_dict(self)
 
-    def save_merged(self, path: str | os.PathLike) -> None:
-        """A plain HF model dir (``save_pretrained``) with the adapters folded in."""
+    def save_merged(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """A plain HF model dir (``from_pretrained`` loads it) with the adapters folded in, streamed:
+        each merged weight is computed, written and freed in turn, never a copy of the model;
+        shards + index json above ``max_shard_size``; written to a temp dir, then renamed."""
         if "quantize" in self.spec.optimize:
             from peftc.passes import quantize_base
             quantize_base.check_released(self)
-        merge.save_merged(self, path)
+        return merge.save_merged(self, path, max_shard_size=max_shard_size)
 
     # ---- parameters and checkpoints ------------------------------------------------------
     def _peft_params(self, adapter: str | None = None) -> dict[str, nn.Parameter]:
