@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import shlex
+import tempfile
 import uuid
 from urllib.parse import quote, unquote
 
@@ -36,7 +37,7 @@ from torch import fx
 from peftc.capture import owning_module
 from peftc.errors import PeftcError
 
-__all__ = ["ExplorerMissing", "ExplorerView", "INSTALL_HINT", "build", "build_graph", "overlays",
+__all__ = ["ExplorerMissing", "ExplorerView", "INSTALL_HINT", "build", "build_graph", "explore", "overlays",
            "open_command", "optimization_of", "require", "serve", "split_url_data", "url", "CAPTURED", "REWRITTEN"]
 
 INSTALL_HINT = "pip install 'peftc[explorer]'   (or: pip install ai-edge-model-explorer)"
@@ -228,7 +229,7 @@ def build_graph(graph: fx.Graph, graph_id: str, owner=None):
 
 def overlays(graph: fx.Graph, graph_id: str = REWRITTEN) -> dict[str, object]:
     """The two node-data overlays of a graph, by display name: ``ModelNodeData`` keyed by graph
-    id, string values (so a collapsed layer shows how many nodes of each kind it holds)."""
+    id, string values (a collapsed layer shows a bar of the kinds it holds)."""
     ndb = require().node_data_builder
     methods = sorted({_peftc(n)["method"] for n in graph.nodes if _peftc(n).get("method")})
     colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
@@ -238,7 +239,9 @@ def overlays(graph: fx.Graph, graph_id: str = REWRITTEN) -> dict[str, object]:
                  for n in graph.nodes if (opt := optimization_of(n))}
     data = {}
     for name, results in (("peftc method", inserted), ("peftc optimization", optimized)):
-        per_graph = ndb.GraphNodeData(results=results, name=name, showExpandedSummaryOnGroupNode=True)
+        # showExpandedSummaryOnGroupNode left out (None is dropped on export): the page relayouts,
+        # losing the node selected from the URL, when that flag differs from the previous overlay's.
+        per_graph = ndb.GraphNodeData(results=results, name=name, showExpandedSummaryOnGroupNode=None)
         data[name] = ndb.ModelNodeData(graphsData={graph_id: per_graph})
     return data
 
@@ -286,22 +289,25 @@ def build(captured: fx.Graph, rewritten: fx.GraphModule, *, label: str = "peftc"
 
 
 # ---- opening ----------------------------------------------------------------------------
-def split_url_data(config, labels: dict[str, str], expand: list[str] = ()) -> dict:
+def split_url_data(config, labels: dict[str, str], expand: list[str] = (),
+                   select: dict[str, str] | None = None) -> dict:
     """The ``data`` URL parameter of a Model Explorer config, plus the ui state that opens two
     panes, captured left and rewritten right (``labels``: graph id -> collection label), with
-    the layers ``expand`` names (namespaces, ``model/layers.0``) open in both."""
+    the layers ``expand`` names (namespaces, ``model/layers.0``) open and the node ``select``
+    names per graph id selected (the page zooms to it and lists its attributes)."""
     data = json.loads(unquote(config.to_url_param_value()))
-    pane = {"deepestExpandedGroupNodeIds": [f"{ns}___group___" for ns in expand], "selectedNodeId": "",
-            "widthFraction": 0.5, "flattenLayers": False}
+    pane = {"deepestExpandedGroupNodeIds": [f"{ns}___group___" for ns in expand], "widthFraction": 0.5,
+            "flattenLayers": False}
     data["uiState"] = {"paneStates": [
-        {**pane, "selectedGraphId": gid, "selectedCollectionLabel": labels[gid], "selected": gid == REWRITTEN}
-        for gid in (CAPTURED, REWRITTEN)]}
+        {**pane, "selectedGraphId": gid, "selectedCollectionLabel": labels[gid], "selected": gid == REWRITTEN,
+         "selectedNodeId": (select or {}).get(gid, "")} for gid in (CAPTURED, REWRITTEN)]}
     return data
 
 
-def _config(export_dir, module: str | None = None):
+def _config(export_dir, module: str | None = None, select: str | None = None):
     """A Model Explorer config for an exported dir whose URL opens the split view, with the
-    layer of module path ``module`` (and its sub-layers) expanded."""
+    layer of module path ``module`` (and its sub-layers) expanded and node ``select`` selected
+    in the panes that have it."""
     require()
     from model_explorer.config import ModelExplorerConfig
 
@@ -319,10 +325,14 @@ def _config(export_dir, module: str | None = None):
             raise PeftcError(f"no layer for module {module!r}; layers include {sorted(spaces)[:6]}")
         expand = sorted({ns for m, ns in spaces.items() if m == module or m.startswith(module + ".")})
     labels = {gid: c["label"] for gid, c in collections.items()}
+    chosen = {gid: select for gid, c in collections.items()
+              if select and any(n["id"] == select for g in c["graphs"] for n in g["nodes"])}
+    if select and not chosen:
+        raise PeftcError(f"no node named {select!r} in {sorted(files.values())}")
 
     class SplitConfig(ModelExplorerConfig):
         def to_url_param_value(self) -> str:  # the server builds the URL it opens from this
-            return quote(json.dumps(split_url_data(super(), labels, expand)))
+            return quote(json.dumps(split_url_data(super(), labels, expand, chosen)))
 
     config = SplitConfig()
     for f in files.values():
@@ -333,26 +343,43 @@ def _config(export_dir, module: str | None = None):
     return config
 
 
-def open_command(export_dir) -> str:
+def open_command(export_dir, module: str | None = None) -> str:
     """The commands that open an exported dir: split view, or Model Explorer's own CLI."""
     d = pathlib.Path(export_dir).resolve()
+    expand = f" --module {shlex.quote(module)}" if module else ""
     graphs = ",".join(str(d / f"{gid}.json") for gid in (CAPTURED, REWRITTEN))
     data = ",".join(str(d / f) for f in OVERLAYS.values())
-    return (f"python -m peftc.explorer {shlex.quote(str(d))}\n"
+    return (f"python -m peftc.explorer {shlex.quote(str(d))}{expand}\n"
             f"model-explorer {shlex.quote(graphs)} --node_data_paths={shlex.quote(data)}")
 
 
-def serve(export_dir, *, module: str | None = None, host: str = "localhost", port: int = 8080,
-          open_browser: bool = True) -> None:
+def serve(export_dir, *, module: str | None = None, select: str | None = None, host: str = "localhost",
+          port: int = 8080, open_browser: bool = True) -> None:
     """Serves an exported dir with Model Explorer's local server (blocks until Ctrl+C); the
-    page opens split, with ``module``'s layer expanded."""
+    page opens split, with ``module``'s layer expanded and node ``select`` selected."""
     me = require()
-    me.visualize_from_config(_config(export_dir, module), host=host, port=port, no_open_in_browser=not open_browser)
+    me.visualize_from_config(_config(export_dir, module, select), host=host, port=port,
+                             no_open_in_browser=not open_browser)
 
 
-def url(export_dir, *, module: str | None = None, host: str = "localhost", port: int = 8080) -> str:
+def url(export_dir, *, module: str | None = None, select: str | None = None, host: str = "localhost",
+        port: int = 8080) -> str:
     """The page address ``serve`` opens."""
-    return f"http://{host}:{port}/?data={_config(export_dir, module).to_url_param_value()}"
+    return f"http://{host}:{port}/?data={_config(export_dir, module, select).to_url_param_value()}"
+
+
+def explore(cm, out_dir=None, *, label: str | None = None, module: str | None = None, serve_now: bool = True,
+            port: int = 8080, open_browser: bool = True) -> pathlib.Path:
+    """Exports a CompiledModel's captured and rewritten graphs to ``out_dir`` (default: a new
+    temp dir), prints the commands that open them, and (``serve_now``) serves them split."""
+    require()
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(tempfile.mkdtemp(prefix="peftc-explorer-"))
+    label = label or type(cm.base_model).__name__
+    build(cm.captured_graph, cm.graph_module, label=label).export(out)
+    print(f"graphs and overlays written to {out}; open them with:\n{open_command(out, module)}")
+    if serve_now:
+        serve(out, module=module, port=port, open_browser=open_browser)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,12 +387,13 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Open an exported peftc graph pair in Model Explorer, split view.")
     ap.add_argument("export_dir")
     ap.add_argument("--module", help="expand this module's layer (e.g. model.layers.0)")
+    ap.add_argument("--select", help="select this node (an fx node name) in the panes that have it")
     ap.add_argument("--host", default="localhost")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--no-browser", action="store_true", help="only serve; print the URL")
     args = ap.parse_args(argv)
     try:
-        serve(args.export_dir, module=args.module, host=args.host, port=args.port,
+        serve(args.export_dir, module=args.module, select=args.select, host=args.host, port=args.port,
               open_browser=not args.no_browser)
     except PeftcError as e:
         print(f"error: {e}")
