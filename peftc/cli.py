@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except PeftcError as e:
-        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return 2
 
 

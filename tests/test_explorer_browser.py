@@ -16,7 +16,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from browser import Chromium, find_chromium
 
 pytestmark = pytest.mark.browser
