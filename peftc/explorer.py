@@ -7,9 +7,9 @@ each fx node becomes a Model Explorer node whose namespace is its ``nn_module_st
 linears; two node-data overlays paint what peftc did:
 
 * ``peftc method``: every node a rewrite inserted, coloured by its method (``meta["peftc"]``);
-* ``peftc optimization``: what an optimization pass did to a node: ``fused`` for a ``peftc::``
-  custom op, or whatever a pass wrote as ``meta["peftc"]["optimization"]`` (recomputed,
-  quantized, sharded, ...), so a new pass shows up without a change here.
+* ``peftc optimization``: what an optimization pass did to a node: whatever the pass wrote as
+  ``meta["peftc"]["optimization"]`` (recomputed, quantized, sharded, ...), else what the op's
+  namespace says (``peftc::`` kernels are ``fused``), so a new pass shows up without a change here.
 
 ``export`` writes the pair as plain files (no server needed; attach them to a bug report);
 ``serve`` opens them split: captured graph left, rewritten right.
@@ -38,7 +38,7 @@ from peftc.capture import owning_module
 from peftc.errors import PeftcError
 
 __all__ = ["ExplorerMissing", "ExplorerView", "INSTALL_HINT", "build", "build_graph", "explore", "overlays",
-           "open_command", "optimization_of", "require", "serve", "split_url_data", "url", "CAPTURED", "REWRITTEN"]
+           "OP_NAMESPACES", "open_command", "optimization_of", "require", "serve", "split_url_data", "url", "CAPTURED", "REWRITTEN"]
 
 INSTALL_HINT = "pip install 'peftc[explorer]'   (or: pip install ai-edge-model-explorer)"
 CAPTURED, REWRITTEN = "captured", "rewritten"
@@ -71,14 +71,21 @@ def _peftc(node: fx.Node) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+# Op namespace -> what made such a node, for passes that do not write meta["peftc"]["optimization"]:
+# kernels/ registers every fused op as peftc::<name>; PT2E quantization and functional collectives
+# have their own namespaces.
+OP_NAMESPACES = {"peftc": "fused", "quantized_decomposed": "quantized", "torchao": "quantized",
+                 "_c10d_functional": "sharded", "c10d_functional": "sharded"}
+
+
 def optimization_of(node: fx.Node) -> str | None:
     """What an optimization did to ``node``: a pass's ``meta["peftc"]["optimization"]``, else
-    ``fused`` for a peftc custom op (kernels/ registers every fused op as ``peftc::<name>``)."""
+    what its op's namespace says (``OP_NAMESPACES``), else None."""
     done = _peftc(node).get("optimization")
     if done:
         return str(done)
     namespace = getattr(node.target, "namespace", None)  # OpOverload / OpOverloadPacket
-    return "fused" if node.op == "call_function" and namespace == "peftc" else None
+    return OP_NAMESPACES.get(namespace) if node.op == "call_function" else None
 
 
 _NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"  # export's marker on guard/size nodes
@@ -102,9 +109,10 @@ def _levels(paths: list[str]) -> list[str]:
 
 
 def _namespaces(graph: fx.Graph) -> tuple[dict[fx.Node, tuple[str, str]], dict[str, str]]:
-    """(module path, namespace) per node, and the namespace of every module path seen: a namespace level per module of the call stack, so
-    ``model.layers.0.self_attn.q_proj`` is ``model/layers.0/self_attn/q_proj``. A node without a
-    stack (a captured parameter) joins its module's namespace, or the nearest enclosing one's."""
+    """(module path, namespace) per node, and every module path's namespace: a level per module
+    of the call stack (``model.layers.0.self_attn.q_proj`` is ``model/layers.0/self_attn/q_proj``).
+    A node without a stack (a captured parameter) joins its module's layer, or the nearest
+    enclosing one's."""
     known: dict[str, str] = {}
     for n in graph.nodes:
         paths = _stack(n)
@@ -117,8 +125,7 @@ def _namespaces(graph: fx.Graph) -> tuple[dict[fx.Node, tuple[str, str]], dict[s
         path = "" if path == _NO_MODULE else path
         if not path and n.op == "get_attr" and isinstance(n.target, str):
             path = n.target.rpartition(".")[0]
-        ns, rest = "", path
-        probe = path
+        ns, rest, probe = "", path, path
         while probe:
             if probe in known:
                 ns, rest = known[probe], path[len(probe) + 1:]

@@ -143,11 +143,15 @@ def test_optimization_overlay_reads_the_generic_meta_field():
     for n, what in zip(nodes, ("recomputed", "quantized", "wobbled")):
         n.meta["peftc"] = {"method": "lora", "adapter": "default", "module": n.target, "role": "base",
                            "optimization": what}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):  # a collective a sharding pass left without meta
+        wait = gm.graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (nodes[2],))
     results = explorer.overlays(gm.graph)["peftc optimization"].graphsData["rewritten"].results
     assert {k: (r.value, r.bgColor) for k, r in results.items()} == {
         nodes[0].name: ("recomputed", explorer.OPTIMIZATION_COLOURS["recomputed"]),
         nodes[1].name: ("quantized", explorer.OPTIMIZATION_COLOURS["quantized"]),
-        nodes[2].name: ("wobbled", explorer.OTHER_OPTIMIZATION)}
+        nodes[2].name: ("wobbled", explorer.OTHER_OPTIMIZATION),
+        wait.name: ("sharded", explorer.OPTIMIZATION_COLOURS["sharded"])}
 
 
 # ---- export and split view ----------------------------------------------------------------
@@ -211,3 +215,12 @@ def test_cli_without_the_extra(monkeypatch, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in out.out + out.err
     assert "pip install 'peftc[explorer]'" in " ".join(out.out.split())
     assert not (tmp_path / "x").exists()
+
+
+@needs_explorer
+def test_compiled_model_explore_writes_the_export(cm, tmp_path, capsys):
+    out = cm.explore(tmp_path / "e", serve=False)
+    assert out == tmp_path / "e"
+    assert json.loads((out / "rewritten.json").read_text())["label"] == "LlamaForCausalLM rewritten"
+    assert len(json.loads((out / "peftc_method.json").read_text())["rewritten"]["results"]) == 24
+    assert "python -m peftc.explorer" in capsys.readouterr().out
