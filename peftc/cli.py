@@ -3,6 +3,7 @@
     peftc demo                                    # LoRA on a built-in tiny Llama, end to end
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
+    peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --explorer   # Model Explorer, split view
     peftc methods
     peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
 """
@@ -81,6 +82,11 @@ def cmd_compile(args) -> int:
 def cmd_inspect(args) -> int:
     import peftc
 
+    explore = args.explorer or args.explorer_out
+    if explore:  # a missing optional extra is said before the slow part
+        from peftc.explorer import require
+
+        require()
     spec = _spec(args.spec)
     model, inputs = _load(args)
     cm = peftc.compile(model, spec, inputs, optimize=_optimize(args.optimize))
@@ -97,6 +103,10 @@ def cmd_inspect(args) -> int:
     if args.svg:
         cm.draw(args.svg, module=args.module)
         console.print(f"SVG written to {args.svg}")
+    if explore:
+        from peftc.explorer import explore as open_explorer
+
+        open_explorer(cm, args.explorer_out, label=args.model, module=args.module, serve_now=args.explorer)
     return 0
 
 
@@ -252,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--module", help="restrict the text/SVG to this module path")
             p.add_argument("--graph", action="store_true", help="print the rewritten graph")
             p.add_argument("--diff", action="store_true", help="print a diff of captured vs rewritten graph")
+            p.add_argument("--explorer", action="store_true", help="open captured and rewritten graphs side by "
+                           "side in Model Explorer (peftc[explorer]); --module expands that layer")
+            p.add_argument("--explorer-out", metavar="DIR", help="write the Model Explorer graphs and overlays "
+                           "here (no server) and print the command that opens them")
     p = sub.add_parser("methods", help="list every method with its fields and defaults")
     p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except PeftcError as e:
-        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return 2
 
 

@@ -332,6 +332,13 @@ class CompiledModel(nn.Module):
         """SVG of the rewritten graph, inserted nodes highlighted; ``module`` restricts it."""
         return inspection.to_svg(self.graph_module.graph, path, module=module)
 
+    def explore(self, out_dir=None, *, module: str | None = None, serve: bool = True, port: int = 8080):
+        """The captured and rewritten graphs side by side in Model Explorer (``peftc[explorer]``):
+        writes them to ``out_dir`` (default: a temp dir) and, with ``serve``, opens them."""
+        from peftc import explorer
+
+        return explorer.explore(self, out_dir, module=module, serve_now=serve, port=port)
+
 
 def from_peft(model: nn.Module, path, example_inputs: dict, *, trainable: bool = False,
               allow_pickle: bool = False, optimize=None, frontend: str = "auto") -> CompiledModel:

@@ -274,7 +274,6 @@ def to_svg(graph: fx.Graph, path, *, module: str | None = None, max_nodes: int =
     """
     import matplotlib
     import networkx as nx
-    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -302,8 +301,7 @@ def to_svg(graph: fx.Graph, path, *, module: str | None = None, max_nodes: int =
     ax.set_axis_off()
     ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
     ax.set_ylim(-len(layers) + 0.4, 0.6)
-    ax.add_collection(LineCollection([(pos[a], pos[b]) for a, b in g.edges], colors="#9a9a9a",
-                                     linewidths=0.6, zorder=1))
+    labels = {}
     for n in nodes:
         info = adapter_info(n)
         if n in context:
@@ -314,8 +312,16 @@ def to_svg(graph: fx.Graph, path, *, module: str | None = None, max_nodes: int =
             box = {"boxstyle": "round,pad=0.3", "fc": fill, "ec": "#333333", "lw": 0.8 if info else 0.5}
             style = {"fontsize": 5.5, "color": "#111111"}
         # gid: the SVG group of each node is <g id="node-NAME">, for tools and tests.
-        ax.text(*pos[n], _label(n), ha="center", va="center", bbox=box, zorder=2,
-                gid=f"node-{n.name}", **style)
+        labels[n] = ax.text(*pos[n], _label(n), ha="center", va="center", bbox=box, zorder=2,
+                            gid=f"node-{n.name}", **style)
+    # An arrow per edge (<g id="edge-A-B">), clipped to both label boxes: drawn after the labels
+    # (zorder 3), so it clips to the boxes as placed in this very drawing.
+    for a, b in g.edges:
+        arrow = ax.annotate("", xy=pos[b], xytext=pos[a], zorder=3, arrowprops={
+            "arrowstyle": "-|>,head_length=0.5,head_width=0.25", "color": "#9a9a9a", "lw": 0.6,
+            "shrinkA": 0, "shrinkB": 0, "patchA": labels[a].get_bbox_patch(),
+            "patchB": labels[b].get_bbox_patch()}).arrow_patch
+        arrow.set_gid(f"edge-{a.name}-{b.name}")
     handles = [Patch(fc=colour[m], ec="#333333", label=f"inserted by {m}") for m in methods]
     handles.append(Patch(fc="#ffffff", ec="#333333", label="captured"))
     if context:

@@ -1,4 +1,4 @@
-"""peftc.inspect on a real LoRA rewrite of tiny-llama and on hand-built fx graphs."""
+"""peftc.inspection on a real LoRA rewrite of tiny-llama and on hand-built fx graphs."""
 
 import re
 import xml.etree.ElementTree as ET
