@@ -142,6 +142,7 @@ def test_export_and_fake_tensor_shapes():
     assert ep.module()(torch.randn(2, 5, 32)).shape == (2, 5, 24)
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_the_interpreter():
     path = Path(__file__).with_name("test_kernel_quant_linear_triton.py")
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_report_section(tmp_path):
     bench = _load()
     report = tmp_path / "RESULTS.md"

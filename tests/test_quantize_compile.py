@@ -3,12 +3,14 @@ breaks, not traced into), and inductor's code gives the eager graph's outputs an
 
 import copy
 
+import pytest
 import torch
 
 import peftc
 from peftc.models import example_inputs, tiny_model
 
 
+@pytest.mark.slow
 def test_quantized_model_compiles_without_graph_breaks():
     spec = {"methods": [{"lora": {"targets": "all-linear", "r": 4, "alpha": 8, "init": "random"}}]}
     cm = peftc.compile(tiny_model("tiny-llama"), spec, example_inputs("tiny-llama"),
