@@ -11,7 +11,8 @@ import torch
 
 from peftc import targets as _targets
 from peftc.errors import PeftcError
-from peftc.passes.quantize import ROOT, QuantizedWeight, _resolve
+from peftc.passes.quantize import ROOT, QuantizedWeight, _resolve, check_model
+from peftc.spec import register_optimization_hooks
 
 __all__ = ["merge_quantized", "unmerge_quantized", "check_released", "weight_bytes", "summary"]
 
@@ -115,3 +116,7 @@ def summary(cm) -> str:
     lines += [f"quantize: kept full precision {p}: {why}" for p, why in sorted(root.kept.items())]
     lines += [f"merge: requantized {p}: max abs rounding error {e:.3g}" for p, e in sorted(root.merge_error.items())]
     return "\n".join(lines) + "\n"
+
+
+register_optimization_hooks("quantize", check_model=check_model, before_merge=merge_quantized,
+                            after_unmerge=unmerge_quantized, before_export=check_released, summary=summary)

@@ -27,7 +27,7 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.graph_cache import MASKS, GraphCache
 from peftc.passes import merge, rewrite_passes, run_pipeline
 from peftc.resolve import resolve_all, with_implied_entries
-from peftc.spec import Spec
+from peftc.spec import Spec, optimization_hooks
 
 __all__ = ["CompiledModel", "AdapterState", "compile", "from_peft"]
 
@@ -51,9 +51,8 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     task = spec.task_type or targets.infer_task_type(model)
     spec = with_implied_entries(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
-    if "quantize" in spec.optimize:  # quantized weights checked against the model before capture
-        from peftc.passes import quantize
-        quantize.check_model(spec, resolved, model)
+    for check in optimization_hooks(spec, "check_model"):  # e.g. quantized widths, before capture
+        check(spec, resolved, model)
     return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
 
 
@@ -214,35 +213,31 @@ class CompiledModel(nn.Module):
         re-merges. Why in place and how unmerge is exact: ``peftc.passes.merge``. On a quantized
         base it refuses unless ``requantize`` (then: dequantize, merge, quantize again; the
         rounding error per weight is in ``graph_summary()``)."""
-        if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize_base
-            quantize_base.merge_quantized(self, requantize)
+        for hook in optimization_hooks(self.spec, "before_merge"):
+            hook(self, requantize)
         self.registry.merged = True
         self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
 
     def unmerge(self) -> None:
         """Restores the base weights as they were before ``merge`` (bit for bit, CRC-checked)."""
-        if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize_base
-            quantize_base.unmerge_quantized(self)
+        for hook in optimization_hooks(self.spec, "after_unmerge"):
+            hook(self)
         self.registry.merged = False
         self._invalidate()
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's state dict with the active adapters folded in. Materialising: when not
         merged, each adapted weight is a new tensor (prefer ``save_merged`` to export a big model)."""
-        if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize_base
-            quantize_base.check_released(self)
+        for hook in optimization_hooks(self.spec, "before_export"):
+            hook(self)
         return merge.merged_state_dict(self)
 
     def save_merged(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
         """A plain HF model dir (``from_pretrained`` loads it) with the adapters folded in, streamed:
         each merged weight is computed, written and freed in turn, never a copy of the model;
         shards + index json above ``max_shard_size``; written to a temp dir, then renamed."""
-        if "quantize" in self.spec.optimize:
-            from peftc.passes import quantize_base
-            quantize_base.check_released(self)
+        for hook in optimization_hooks(self.spec, "before_export"):
+            hook(self)
         return merge.save_merged(self, path, max_shard_size=max_shard_size)
 
     # ---- parameters and checkpoints ------------------------------------------------------
@@ -321,9 +316,8 @@ class CompiledModel(nn.Module):
         return dict(self.graphs.timings)
 
     def graph_summary(self) -> str:
-        from peftc.passes import quantize_base
-
-        return inspection.summarize(self.graph_module, self.captured_graph) + quantize_base.summary(self)
+        extra = "".join(hook(self) for hook in optimization_hooks(self.spec, "summary"))
+        return inspection.summarize(self.graph_module, self.captured_graph) + extra
 
     def graph_diff(self) -> str:
         return inspection.diff(self.captured_graph, self.graph_module.graph)

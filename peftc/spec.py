@@ -37,6 +37,8 @@ __all__ = [
     "Merging",
     "register_method",
     "register_optimization",
+    "register_optimization_hooks",
+    "optimization_hooks",
     "spec_from_peft_config",
     "METHODS",
     "OPTIMIZATIONS",
@@ -48,6 +50,7 @@ __all__ = [
 METHODS: dict[str, type[MethodSpec]] = {}
 OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
 OPTIMIZATION_CHECKS: dict[str, Any] = {}  # name -> settings validator
+OPTIMIZATION_HOOKS: dict[str, dict[str, Any]] = {}  # name -> {hook: fn}, see register_optimization_hooks
 BASE_OPTIMIZATIONS: set[str] = set()  # names that also run on graphs without adapter nodes
 OPTIMIZATION_PHASES: dict[str, str] = {}  # name -> the pipeline phase it runs in (passes.pipeline)
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -118,6 +121,27 @@ def register_optimization(name: str, *, phase: str, check=None, on_base: bool = 
         return fn
 
     return deco
+
+
+HOOKS = ("check_model", "before_merge", "after_unmerge", "before_export", "summary")
+
+
+def register_optimization_hooks(name: str, **hooks) -> None:
+    """What an optimization adds to the model's life besides its pass, so the core calls it
+    without knowing it by name: ``check_model(spec, resolved, model)`` before capture,
+    ``before_merge(cm, requantize)``, ``after_unmerge(cm)``, ``before_export(cm)`` (merged state
+    dict / save_merged), ``summary(cm) -> str`` (lines for ``graph_summary()``)."""
+    unknown = set(hooks) - set(HOOKS)
+    if unknown:
+        raise RuntimeError(f"unknown optimization hooks {sorted(unknown)}; allowed: {list(HOOKS)}")
+    if name in OPTIMIZATION_HOOKS:
+        raise RuntimeError(f"hooks of optimization {name!r} are registered twice")
+    OPTIMIZATION_HOOKS[name] = hooks
+
+
+def optimization_hooks(spec: Spec, hook: str) -> list:
+    """The ``hook`` functions of the optimizations ``spec`` selects."""
+    return [h[hook] for n, h in OPTIMIZATION_HOOKS.items() if n in spec.optimize and hook in h]
 
 
 def check_layer_selection(entry) -> None:
