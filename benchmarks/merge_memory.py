@@ -67,7 +67,7 @@ def _held_tensors(cm) -> list:
     import torch
 
     out = [*cm.parameters(), *cm.buffers()]
-    for gm in [*cm._pristine.values(), *cm._graphs.values()]:
+    for gm in cm.graphs.all_graphs():
         out += [*gm.parameters(), *gm.buffers()]
     state = getattr(cm.adapters, "_peftc_merge_state", None)  # absent before in-place merging
     if state is not None:
