@@ -17,6 +17,7 @@ from peftc.passes import (  # importing registers the methods
     prefix,
     prompt,
     ptuning,
+    recompute,
     ssf,
     train,
     vera,
@@ -25,5 +26,5 @@ from peftc.passes.pipeline import PassContext, PassResult, optimize_passes, rewr
 
 __all__ = [
     "PassContext", "PassResult", "run_pipeline", "rewrite_passes", "optimize_passes",
-    "bitfit", "bottleneck", "hybrid", "fuse", "ia3", "ln_tuning", "loha", "lokr", "lora", "merge", "prefix", "prompt", "ptuning", "ssf", "train", "vera",
+    "bitfit", "bottleneck", "hybrid", "fuse", "ia3", "ln_tuning", "loha", "lokr", "lora", "merge", "prefix", "prompt", "ptuning", "recompute", "ssf", "train", "vera",
 ]
