@@ -31,7 +31,8 @@ from peftc.capture import set_training
 from peftc.graph import PEFTC
 
 __all__ = ["Recipe", "RecipeFactory", "SaveWithRecipes", "bit_dropout", "Checkpointed", "LISTENERS",
-           "requires_grad", "kept_by", "recipe_chain", "extract_region", "nbytes", "CHEAP", "saved_inputs"]
+           "requires_grad", "kept_by", "recipe_chain", "extract_region", "nbytes", "CHEAP", "saved_inputs",
+           "frontier", "subgraph", "apply_bits", "unpack_bits"]
 
 aten = torch.ops.aten
 LISTENERS: list = []  # callables(tensors) told what a packed Recipe keeps alive (peftc.memory)
@@ -58,6 +59,12 @@ _PAIR = {aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.bmm.default
 def nbytes(node) -> int:
     """Bytes of a node's tensor output at the captured example's sizes (0 if not a tensor)."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return _val_bytes(val)
+
+
+def _val_bytes(val) -> int:
+    if isinstance(val, (tuple, list)):
+        return sum(map(_val_bytes, val))
     if not isinstance(val, torch.Tensor):
         return 0
     n = 1
@@ -92,8 +99,15 @@ def _tensor_args(n: fx.Node) -> list[fx.Node]:
 def saved_inputs(n: fx.Node, req: set[fx.Node]) -> set[fx.Node]:
     """The nodes whose outputs ``n`` saves for backward (itself included), as far as the table
     of aten ops knows; an unknown op is assumed to save nothing."""
+    if n.op == "call_module" and n.meta.get(PEFTC, {}).get("role") == "recipe":
+        return set(n.args[1:])  # a Recipe keeps its inputs
     if n.op != "call_function" or n not in req:
         return set()
+    if isinstance(n.target, SaveWithRecipes):  # minus what its recipes stand in for
+        inner = fx.Node(n.graph, n.name, n.op, n.target.op, n.args, {k: v for k, v in n.kwargs.items()
+                                                                  if k != "_recipes"})
+        req = req | {inner} if n in req else req
+        return saved_inputs(inner, req) - {r.args[0] for r in n.kwargs["_recipes"]}
     t, args = n.target, _tensor_args(n)
     if t in _PAIR and len(n.args) >= 2:
         a, b = n.args[:2]
