@@ -54,7 +54,22 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     task = spec.task_type or targets.infer_task_type(model)
     spec = with_implied_heads(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
-    return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
+    spec, note = _keep_gradient_checkpointing(model, spec)
+    cm = CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
+    cm._memory_notes = [note] if note else []
+    return cm
+
+
+def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:
+    """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes
+    ``recompute: {policy: blocks}`` unless the spec chose a recompute policy itself."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return spec, None
+    if "recompute" in spec.optimize:
+        return spec, (f"the model had gradient_checkpointing_enable(); the spec's recompute "
+                      f"{spec.optimize['recompute']} applies instead")
+    return (spec.replace(optimize={**spec.optimize, "recompute": {"policy": "blocks"}}),
+            "recompute (blocks) because the model had gradient_checkpointing_enable()")
 
 
 @dataclass
@@ -294,6 +309,28 @@ class CompiledModel(nn.Module):
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
         return self
 
+    # ---- memory --------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """HF's switch: recompute per transformer block (``optimize: {recompute: {policy: blocks}}``);
+        the graphs are rebuilt on the next call. Checkpointing is always non-reentrant."""
+        self._set_recompute({"policy": "blocks"})
+        self._memory_notes = ["recompute (blocks) because of cm.gradient_checkpointing_enable()"]
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Drops the recompute optimization; the graphs are rebuilt without it."""
+        self._set_recompute(None)
+        self._memory_notes = []
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.spec.optimize.get("recompute", {}).get("policy") == "blocks"
+
+    def _set_recompute(self, settings: dict | None) -> None:
+        for state in self._states.values():
+            opt = {k: v for k, v in state.spec.optimize.items() if k != "recompute"}
+            state.spec = state.spec.replace(optimize={**opt, "recompute": settings} if settings else opt)
+        self._invalidate()
+
     # ---- merging -------------------------------------------------------------------------
     def merge(self) -> None:
         """Folds the active adapters into the weights the graph reads: no adapter nodes
@@ -391,7 +428,10 @@ class CompiledModel(nn.Module):
     def graph_summary(self) -> str:
         from peftc import inspect as _inspect
 
-        return _inspect.summarize(self.graph_module, self.captured_graph)
+        gm = self.graph_module
+        text = _inspect.summarize(gm.meta.get("peftc_recompute_view", gm), self.captured_graph)
+        lines = [*getattr(self, "_memory_notes", []), *gm.meta.get("peftc_recompute", [])]
+        return text + "".join(f"{line}\n" for line in lines)
 
     def graph_diff(self) -> str:
         from peftc import inspect as _inspect
