@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -147,7 +148,7 @@ def _measure(cfg: MemConfig, shape: str, names, budget_mb=None, keep: dict | Non
         if keep is not None and name in TIMED:
             keep[name] = (model, inputs)
         torch.manual_seed(cfg.seed)
-        saved = saved_for_backward(lambda: model(**inputs), exclude=model)
+        saved = saved_for_backward(functools.partial(model, **inputs), exclude=model)
         loss, grads = _step(model, inputs, cfg.seed)
         out[name] = {"saved_bytes": saved.total, "weight_bytes": weight_bytes(model), "loss": loss.item(),
                      "_grads": {k.split("base_model.model.")[-1].replace(".default", ""): g for k, g in grads.items()},
@@ -265,8 +266,8 @@ BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 
 def _markdown(res: dict) -> str:
     c, s, g, t = res["config"], res["saved"], res["gc"], res["step_time"]
-    mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
-    ok = lambda good: "meets" if good else "misses"  # noqa: E731
+    mb = lambda b: f"{b / 2**20:.2f}"
+    ok = lambda good: "meets" if good else "misses"
     adapt = s["peftc recompute adapters"]["over_frozen_pct"]
     fadapt = s["peftc fused + recompute adapters"]["over_frozen_pct"]
     blocks = g["peftc recompute blocks"]

@@ -123,7 +123,7 @@ def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
         recipe = attach_recipe(gm, t, _chain(t, keep), f"_peftc_budget_{i}")
         for c in needed[t]:
             wrap(c, recipe)
-    ctx.counts["recompute_budget"] += len(recomputed)
+    ctx.counts["recompute_budget"] += len(recomputed) + ctx.counts["recompute_adapters"]
     ctx.counts["recompute_budget_kept"] += len(keep)
     ctx.counts["recompute_budget_tier"] = tier
     return [*lines, f"recompute (budget {budget_mb} MB): min-cut keeps {len(keep)} tensors = {value / 2**20:.3f} MB "

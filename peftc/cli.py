@@ -3,7 +3,9 @@
     peftc demo                                    # LoRA on a built-in tiny Llama, end to end
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
+    peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --optimize fuse recompute --memory
     peftc methods
+    peftc bench --memory                          # saved-for-backward bytes per recompute policy vs PEFT (+GC)
     peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
 """
 
@@ -94,6 +96,8 @@ def cmd_inspect(args) -> int:
                 print(node_line(node))
     if args.diff:
         print(cm.graph_diff())
+    if args.memory:
+        print(peftc.memory_report(cm, **inputs))
     if args.svg:
         cm.draw(args.svg, module=args.module)
         console.print(f"SVG written to {args.svg}")
@@ -120,6 +124,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
+    if "--memory" in rest:  # benchmarks/memory.py: saved-for-backward and weight bytes per variant
+        from peftc.benchmarks import memory
+
+        memory.main([a for a in rest if a != "--memory"])
+        return 0
     from peftc.benchmarks import step_time
 
     step_time.main(rest)
@@ -252,10 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--module", help="restrict the text/SVG to this module path")
             p.add_argument("--graph", action="store_true", help="print the rewritten graph")
             p.add_argument("--diff", action="store_true", help="print a diff of captured vs rewritten graph")
+            p.add_argument("--memory", action="store_true",
+                           help="bytes saved for backward by node kind and module, before/after optimizations")
     p = sub.add_parser("methods", help="list every method with its fields and defaults")
     p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
-                       "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...)",
+                       "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...); "
+                       "--memory: benchmarks/memory.py (saved-for-backward bytes per recompute policy)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda args: cmd_bench(args.rest))

@@ -61,7 +61,7 @@ class MemoryReport:
 
     def __str__(self) -> str:
         out = io.StringIO()
-        mb = lambda b: f"{b / 2**20:9.3f} MB"  # noqa: E731
+        mb = lambda b: f"{b / 2**20:9.3f} MB"
         print(f"saved for backward: {mb(self.before.total)} before optimizations -> {mb(self.after.total)} "
               f"after {self.optimizations or '(none)'}; weights {mb(self.weight_bytes)}", file=out)
         for title, attr, top in (("by category", "by_category", 0), ("by node kind", "by_kind", 12),

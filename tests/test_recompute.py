@@ -2,7 +2,8 @@
 (exact, dropout on and off, same seed), fused or not, across model families; what autograd saves
 drops; the counts show it fired; gradient checkpointing is never dropped; bad settings fail early."""
 
-import copy
+import functools
+import json
 
 import pytest
 import torch
@@ -17,30 +18,39 @@ POLICIES = {"adapters": {"policy": "adapters"}, "blocks": {"policy": "blocks"},
 
 
 def _inputs(name, seed=5):
-    inp = example_inputs(name, batch=3, seq=11, seed=seed)  # not the captured shape (2 x 8)
-    if name == "tiny-bert":
-        inp["labels"] = torch.tensor([0, 1, 0])
-    elif name != "tiny-t5":
-        inp["labels"] = inp["input_ids"].clone()
-    return inp
+    return example_inputs(name, batch=3, seq=11, seed=seed)  # not the captured shape (2 x 8)
 
 
-def _pair(name, policy, dropout, fuse):
-    model = tiny_model(name)
-    spec = {"methods": [{"lora": {**LORA, "dropout": dropout}}]}
-    base_opt = {"fuse": {}} if fuse else {}
-    ref = peftc.compile(copy.deepcopy(model), spec, example_inputs(name), optimize=base_opt)
+@functools.cache
+def _ref(name, dropout, fuse, method=None):
+    """The graph without recompute (shared by the tests: one capture per configuration)."""
+    spec = {"methods": [method_dict(method) or {"lora": {**LORA, "dropout": dropout}}]}
+    ref = peftc.compile(tiny_model(name), spec, example_inputs(name), optimize={"fuse": {}} if fuse else {})
     with torch.no_grad():  # non-zero, distinct adapter weights (B starts at zero in PEFT)
         for p in ref.trainable_parameters():
-            p.normal_(0, 0.1)
-    rc = peftc.compile(model, spec, example_inputs(name), optimize={**base_opt, "recompute": POLICIES[policy]})
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    return ref, spec
+
+
+def method_dict(method):
+    return json.loads(method) if method else None
+
+
+def _pair(name, policy, dropout, fuse, method=None):
+    ref, spec = _ref(name, dropout, fuse, method)
+    base_opt = {"fuse": {}} if fuse else {}
+    rc = peftc.compile(tiny_model(name), spec, example_inputs(name), optimize={**base_opt, "recompute": POLICIES[policy]})
     rc.load_adapter_state_dict(ref.adapter_state_dict())
     return ref, rc
 
 
 def _step(cm, inp, seed=0):
+    """Loss = cross-entropy of the logits against fixed random targets (no second capture for labels)."""
     torch.manual_seed(seed)
     out = cm(**inp)
+    logits = out.logits.float()
+    target = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=torch.Generator().manual_seed(7))
+    out.loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     out.loss.backward()
     grads = {k: p.grad.clone() for k, p in cm.named_parameters() if p.requires_grad}
     cm.zero_grad(set_to_none=True)
@@ -114,6 +124,7 @@ def test_train_eval_reaches_checkpointed_blocks():
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, ref(**inp).logits, atol=1e-5, rtol=1e-5)
     rc.train()
+    ref.train()
     with torch.no_grad():
         assert not torch.equal(rc(**inp).logits, rc(**inp).logits)
 
@@ -144,10 +155,10 @@ def test_gradient_checkpointing_is_kept():
 def test_compiled_model_gradient_checkpointing_switch():
     ref, cm = _pair("tiny-llama", "adapters", 0.1, False)
     cm.gradient_checkpointing_disable()
-    cm.graph_module  # rebuilt
+    assert cm.graph_module is not None  # rebuilt
     assert not any(k.startswith("recompute") for k in cm.pass_counts) and not cm.is_gradient_checkpointing
     cm.gradient_checkpointing_enable()
-    cm.graph_module
+    assert cm.graph_module is not None
     assert cm.pass_counts["recompute_blocks"] == 2 and cm.is_gradient_checkpointing
     inp = _inputs("tiny-llama")
     (o1, g1), (o2, g2) = _step(ref, inp), _step(cm, inp)
@@ -183,3 +194,19 @@ def test_list_form_is_adapters():
     assert check_settings(spec.optimize["recompute"]) == {"policy": "adapters", "budget_mb": None}
     cm = peftc.compile(tiny_model("tiny-llama"), spec, example_inputs("tiny-llama"))
     assert cm.pass_counts["recompute_adapters"] > 0
+
+
+@pytest.mark.parametrize("method", [{"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}},
+                                    {"lora": {**LORA, "targets": ["q_proj", "o_proj", "down_proj"], "dora": True}}])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_adapters_policy_other_methods(method, fuse):
+    """IA3 and DoRA (unfused, and their fused ops ia3_linear / dora_linear): exact, and it fired."""
+    ref, rc = _pair("tiny-llama", "adapters", 0.0, fuse, json.dumps(method))
+    assert rc.pass_counts["recompute_adapters"] > 0
+    inp = _inputs("tiny-llama")
+    (o1, g1), (o2, g2) = _step(ref, inp), _step(rc, inp)
+    torch.testing.assert_close(o2.loss, o1.loss, atol=1e-5, rtol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-5, rtol=1e-5)
+    report = _saved_bytes(rc, inp)
+    assert report.after.total < report.before.total
