@@ -81,7 +81,7 @@ class MemConfig:
     @classmethod
     def quick(cls, **kw) -> MemConfig:
         small = dict(hidden=32, intermediate=64, gc_hidden=32, gc_intermediate=64, layers=2, heads=4, vocab=128,
-                     batch=2, seq=16, r=4, alpha=8.0, reps=1, rss=False)
+                     batch=2, seq=16, r=4, alpha=8.0, dropout=0.0, reps=1, rss=False)
         return cls(**{**small, **kw})
 
 
@@ -144,6 +144,7 @@ def _measure(cfg: MemConfig, shape: str, names, budget_mb=None, keep: dict | Non
 
     out = {}
     for name in names:
+        t0 = time.perf_counter()
         model, inputs = build(cfg, shape, name, budget_mb)
         if keep is not None and name in TIMED:
             keep[name] = (model, inputs)
@@ -155,6 +156,8 @@ def _measure(cfg: MemConfig, shape: str, names, budget_mb=None, keep: dict | Non
                      "pass_counts": getattr(model, "pass_counts", {})}
         model.zero_grad(set_to_none=True)
         del model
+        print(f"[memory] {shape}: {name}: {saved.total / 2**20:.2f} MB saved ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -186,6 +189,7 @@ def _time(cfg: MemConfig, models: dict) -> dict:
                 opts[n].zero_grad(set_to_none=True)
             if rep:  # the first round warms up
                 times[n].append((time.perf_counter() - t0) * 1e3)
+        print(f"[memory] step time round {rep}/{cfg.reps}", file=sys.stderr, flush=True)
     return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "samples_ms": t}
             for n, t in times.items()}
 
@@ -199,8 +203,11 @@ def run(cfg: MemConfig) -> dict:
     saved = _measure(cfg, "saved", names, keep=models)
     budget_mb = cfg.budget_fraction * saved["frozen base"]["saved_bytes"] / 2**20
     saved.update(_measure(cfg, "saved", ["peftc recompute budget"], budget_mb))
-    gc = _measure(cfg, "gc", ["frozen base", "peft", "peft + gradient checkpointing", "peftc unfused",
-                              "peftc recompute blocks"])
+    gc_names = ["frozen base", "peft", "peft + gradient checkpointing", "peftc unfused", "peftc recompute blocks"]
+    if (cfg.gc_hidden, cfg.gc_intermediate, cfg.dropout) == (cfg.hidden, cfg.intermediate, 0.0):
+        gc = {n: dict(saved[n]) for n in gc_names}  # the same shape: measured already
+    else:
+        gc = _measure(cfg, "gc", gc_names)
     _exactness(saved)
     _exactness(gc)
     if cfg.rss:
