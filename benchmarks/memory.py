@@ -153,7 +153,9 @@ def _measure(cfg: MemConfig, shape: str, names, budget_mb=None, keep: dict | Non
         loss, grads = _step(model, inputs, cfg.seed)
         out[name] = {"saved_bytes": saved.total, "weight_bytes": weight_bytes(model), "loss": loss.item(),
                      "_grads": {k.split("base_model.model.")[-1].replace(".default", ""): g for k, g in grads.items()},
-                     "pass_counts": getattr(model, "pass_counts", {})}
+                     "pass_counts": getattr(model, "pass_counts", {}),
+                     "notes": list(model.graph_module.meta.get("peftc_recompute", [])) if hasattr(model, "graph_module")
+                     else []}
         model.zero_grad(set_to_none=True)
         del model
         print(f"[memory] {shape}: {name}: {saved.total / 2**20:.2f} MB saved ({time.perf_counter() - t0:.0f} s)",
@@ -293,7 +295,11 @@ def _markdown(res: dict) -> str:
     lines += ["", f"Target `recompute: adapters` <= +10% over the frozen base at dropout {c['dropout']}: "
               f"unfused {adapt:+.1f}%, fused {fadapt:+.1f}% ({ok(max(adapt, fadapt) <= 10)}; HF PEFT "
               f"{s['peft']['over_frozen_pct']:+.1f}%). `budget` ran with budget_mb = {res['budget_mb']:.2f} "
-              f"({c['budget_fraction']} x the frozen base's saved bytes).", "",
+              f"({c['budget_fraction']} x the frozen base's saved bytes) and measured "
+              f"{mb(s['peftc recompute budget']['saved_bytes'])} MB "
+              f"({ok(s['peftc recompute budget']['saved_bytes'] <= res['budget_mb'] * 2**20)} the budget; the min-cut "
+              "sizes tensors from a table of what each aten op saves, so ops it does not know are not counted). "
+              "The pass's own account: " + " ".join(s["peftc recompute budget"]["notes"]), "",
               f"### Activations kept vs HF PEFT + gradient checkpointing ({c['gc_hidden']}-wide {c['layers']}-layer "
               f"Llama, batch {c['batch']}x{c['seq']}, LoRA r={c['r']}, dropout 0)", "",
               "| variant | saved for backward MB | x PEFT+GC | RSS after forward MB | x PEFT+GC (RSS) | loss / grad diff |",

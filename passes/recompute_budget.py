@@ -36,10 +36,15 @@ __all__ = ["budget", "plan", "TIERS"]
 
 aten = torch.ops.aten
 TIERS = ("elementwise", "adapter GEMMs", "base GEMMs", "attention")
+_VIEWS = {aten.view.default, aten.unsqueeze.default, aten.expand.default, aten.transpose.int, aten.permute.default,
+          aten.t.default, aten.slice.Tensor, aten.alias.default, aten.squeeze.dim, aten.select.int}
 _GEMMS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default}
 _RANDOM = {aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default, aten.rand.default,
            aten.randn.default, aten.randint.low, bit_dropout}
-_OPAQUE = {aten.scaled_dot_product_attention.default, aten.dropout.default, bit_dropout}  # consumers not wrapped
+# consumers whose saves cannot be redirected (SDPA's train flag is switched by identity; composites
+# such as cross_entropy save an intermediate of the input's size, not the input)
+_OPAQUE = {aten.scaled_dot_product_attention.default, aten.dropout.default, bit_dropout,
+           aten.cross_entropy_loss.default}
 
 
 def _tier(n: fx.Node) -> int | None:
@@ -65,21 +70,69 @@ def _needed(gm: fx.GraphModule, req) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
+def _base_of(n: fx.Node) -> fx.Node:
+    while n.op == "call_function" and n.target in _VIEWS and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def fill_vals(gm: fx.GraphModule) -> int:
+    """Traced values (fake tensors) for nodes inserted without one (adapter nodes), by running
+    the graph under the capture's fake mode; returns how many were filled."""
+    from torch._guards import detect_fake_mode
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([n.meta.get("val") for n in phs])
+    if mode is None or any("val" not in n.meta for n in phs):
+        return 0
+    filled = 0
+
+    class Prop(fx.Interpreter):
+        def run_node(self, n):
+            nonlocal filled
+            out = super().run_node(n)
+            if "val" not in n.meta and n.op != "output":
+                n.meta["val"] = out
+                filled += 1
+            return out
+
+        def placeholder(self, target, args, kwargs):
+            return phs_vals.pop(0)
+
+        def get_attr(self, target, args, kwargs):
+            t = super().get_attr(target, args, kwargs)
+            return mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+
+    phs_vals = [n.meta["val"] for n in phs]
+    with mode, torch.no_grad():
+        Prop(gm).run(*phs_vals)
+    return filled
+
+
 def plan(gm: fx.GraphModule, tier: int) -> tuple[float, set[fx.Node], dict]:
-    """Min-cut with ops up to ``tier`` recomputable: (bytes kept, nodes kept, needed map)."""
+    """Min-cut with ops up to ``tier`` recomputable: (bytes kept, nodes kept, needed map).
+
+    A view owns no storage: it is never cut (infinite capacity), keeping it means keeping its
+    base, and a view that must be kept pins its base instead."""
     req = requires_grad(gm)
     needed = _needed(gm, req)
+    pinned = {_base_of(n) if c.op == "call_function" and c.target in _OPAQUE else n
+              for n, cs in needed.items() for c in cs
+              if c is n or c.op != "call_function" or c.target in _OPAQUE}
     g = nx.DiGraph()
     for n in gm.graph.nodes:
         size = nbytes(n)
         if n.op == "output" or not size:
             continue
         t = _tier(n)
-        pinned = n in needed and any(c is n or c.target in _OPAQUE or c.op != "call_function" for c in needed[n])
         free = n.op in ("get_attr", "placeholder")
-        if free or t is None or t > tier or pinned:
+        view = n.op == "call_function" and n.target in _VIEWS
+        if free or t is None or t > tier or (n in pinned and not view):
             g.add_edge("SOURCE", (n, "in"))
-        g.add_edge((n, "in"), (n, "out"), capacity=0 if free else size)
+        if view:
+            g.add_edge((n, "in"), (n, "out"))
+        else:
+            g.add_edge((n, "in"), (n, "out"), capacity=0 if free else size)
         if n in needed:
             g.add_edge((n, "out"), "SINK")
         for u in n.users:
@@ -106,7 +159,12 @@ def _chain(t: fx.Node, keep: set[fx.Node]) -> list[fx.Node]:
 def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
     from peftc.passes.recompute import _adapters, attach_recipe, wrap
 
-    lines = _adapters(gm, ctx)  # first what costs nothing: adapter inputs and masks
+    lines = []
+    try:
+        fill_vals(gm)
+    except (RuntimeError, TypeError, NotImplementedError) as e:  # sizes then come from what capture traced
+        lines.append(f"recompute (budget): sizes of inserted nodes unknown ({type(e).__name__}): estimates are low")
+    lines += _adapters(gm, ctx)  # first what costs nothing: adapter inputs and masks
     limit = budget_mb * 2**20
     tried = []
     for tier in range(len(TIERS)):
@@ -117,8 +175,8 @@ def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
     else:
         raise SpecError("optimize.recompute.budget_mb", budget_mb,
                         f">= {min(tried) / 2**20:.3f} (the least this graph can keep at the example inputs' sizes)")
-    baseline = sum(map(nbytes, needed))
-    recomputed = [t for t in needed if t not in keep]
+    baseline = sum(nbytes(n) for n in {_base_of(t) for t in needed})
+    recomputed = [t for t in needed if t not in keep and _base_of(t) not in keep]
     for i, t in enumerate(recomputed):
         recipe = attach_recipe(gm, t, _chain(t, keep), f"_peftc_budget_{i}")
         for c in needed[t]:

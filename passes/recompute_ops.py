@@ -49,7 +49,9 @@ CHEAP = {  # recomputing these in backward costs an elementwise pass at most
 _SAVE_OUT = {aten.rsqrt.default, aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.relu.default,
              aten._softmax.default, aten.softmax.int, aten.sqrt.default, aten.scaled_dot_product_attention.default}
 _SAVE_IN0 = {aten.pow.Tensor_Scalar, aten.silu.default, aten.gelu.default, aten.sin.default, aten.cos.default,
-             aten.log.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+             aten.log.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+             aten.cross_entropy_loss.default}  # cross_entropy keeps log_softmax(x): x's size
+_SAVE_OUT |= {aten._log_softmax.default, aten.log_softmax.int}
 _PAIR = {aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.bmm.default, aten.mm.default}
 
 
