@@ -318,10 +318,13 @@ def _markdown(res: dict) -> str:
               "only.", "", "| variant | median ms | min-max ms |", "|---|---:|---:|"]
     for n, r in t.items():
         lines.append(f"| {n} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} |")
-    ratio = t["peftc recompute adapters"]["median_ms"] / t["peft"]["median_ms"]
-    fratio = t["peftc fused + recompute adapters"]["median_ms"] / t["peft"]["median_ms"]
-    lines += ["", f"Target: step with `adapters` no slower than HF PEFT: unfused {ratio:.2f}x, fused {fratio:.2f}x "
-              f"PEFT's median ({ok(min(ratio, fratio) <= 1.0)}). GPU: not yet measured on a GPU.", "",
+    rs = {k: [t[n][f"{k}_ms"] / t["peft"][f"{k}_ms"] for n in ("peftc recompute adapters",
+          "peftc fused + recompute adapters")] for k in ("median", "min")}
+    lines += ["", f"Target: step with `adapters` no slower than HF PEFT: unfused {rs['median'][0]:.2f}x, fused "
+              f"{rs['median'][1]:.2f}x PEFT's median; of the minima (more robust when other processes load the "
+              f"CPU) {rs['min'][0]:.2f}x and {rs['min'][1]:.2f}x "
+              f"({ok(min(rs['median']) <= 1.0)} by medians, {ok(min(rs['min']) <= 1.0)} by minima). "
+              "GPU: not yet measured on a GPU.", "",
               "Raw numbers: `results/memory.json`; plot: `results/memory.png`.", END]
     return "\n".join(lines) + "\n"
 
