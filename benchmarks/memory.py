@@ -314,8 +314,8 @@ def _markdown(res: dict) -> str:
               + f", diffs {blocks['loss_diff']:.1e} / {blocks['grad_diff']:.1e} "
               f"({ok(blocks['vs_peft_gc'] <= 1.3 and max(blocks['loss_diff'], blocks['grad_diff']) <= 1e-5)}).", "",
               f"### Step time, {c['hidden']}-wide shape, dropout {c['dropout']} ({c['reps']} interleaved reps, medians)",
-              "", "The CPU is shared with other processes: times are noisy; compare medians of interleaved runs "
-              "only.", "", "| variant | median ms | min-max ms |", "|---|---:|---:|"]
+              "", "The CPU is shared with other processes: times are noisy (compare the frozen base here with an "
+              "idle run of `benchmarks/step_time.py`); medians and minima of interleaved runs.", "", "| variant | median ms | min-max ms |", "|---|---:|---:|"]
     for n, r in t.items():
         lines.append(f"| {n} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} |")
     rs = {k: [t[n][f"{k}_ms"] / t["peft"][f"{k}_ms"] for n in ("peftc recompute adapters",

@@ -184,7 +184,7 @@ def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
     ctx.counts["recompute_budget"] += len(recomputed) + ctx.counts["recompute_adapters"]
     ctx.counts["recompute_budget_kept"] += len(keep)
     ctx.counts["recompute_budget_tier"] = tier
-    return [*lines, f"recompute (budget {budget_mb} MB): min-cut keeps {len(keep)} tensors = {value / 2**20:.3f} MB "
+    return [*lines, f"recompute (budget {budget_mb:.6g} MB): min-cut keeps {len(keep)} tensors = {value / 2**20:.3f} MB "
             f"(of {baseline / 2**20:.3f} MB saved without recompute) at the example inputs' sizes; "
             f"{len(recomputed)} recomputed in backward, recomputing up to {TIERS[tier]} "
             f"(cuts per tier: {', '.join(f'{v / 2**20:.3f}' for v in tried)} MB)"]
