@@ -127,7 +127,7 @@ def plan(gm: fx.GraphModule, tier: int) -> tuple[float, set[fx.Node], dict]:
         t = _tier(n)
         free = n.op in ("get_attr", "placeholder")
         view = n.op == "call_function" and n.target in _VIEWS
-        if free or t is None or t > tier or (n in pinned and not view):
+        if not view and (free or t is None or t > tier or n in pinned):  # a view always follows its base
             g.add_edge("SOURCE", (n, "in"))
         if view:
             g.add_edge((n, "in"), (n, "out"))
