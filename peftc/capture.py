@@ -35,13 +35,16 @@ TRAIN_P = "peftc_train_dropout_p"  # meta key: attention dropout p seen in train
 TRAIN_FLAGS: dict = {op: 2 for op in DROPOUT_OPS}  # op -> index of its ``train`` argument (set_training)
 
 
-def register_train_flag(op) -> None:
+def register_train_flag(op, index: int | None = None) -> None:
     """Makes ``set_training`` flip ``op``'s boolean ``train`` argument (a fused op with dropout
-    registers itself when it is defined)."""
-    names = [a.name for a in op._schema.arguments]
-    if "train" not in names:
-        raise ValueError(f"{op} has no 'train' argument: {names}")
-    TRAIN_FLAGS[op] = names.index("train")
+    registers itself when it is defined). ``index``: the argument's position, for a plain
+    function (a torch op's is read from its schema)."""
+    if index is None:
+        names = [a.name for a in op._schema.arguments]
+        if "train" not in names:
+            raise ValueError(f"{op} has no 'train' argument: {names}")
+        index = names.index("train")
+    TRAIN_FLAGS[op] = index
 
 
 def _is_hf(model: nn.Module) -> bool:

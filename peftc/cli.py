@@ -4,7 +4,9 @@
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
     peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --explorer   # Model Explorer, split view
+    peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --optimize fuse recompute --memory
     peftc methods
+    peftc bench --memory                          # saved-for-backward bytes per recompute policy vs PEFT (+GC)
     peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
 """
 
@@ -100,6 +102,8 @@ def cmd_inspect(args) -> int:
                 print(node_line(node))
     if args.diff:
         print(cm.graph_diff())
+    if args.memory:
+        print(peftc.memory_report(cm, **inputs))
     if args.svg:
         cm.draw(args.svg, module=args.module)
         console.print(f"SVG written to {args.svg}")
@@ -130,6 +134,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
+    if "--memory" in rest:  # benchmarks/memory.py: saved-for-backward and weight bytes per variant
+        from peftc.benchmarks import memory
+
+        memory.main([a for a in rest if a != "--memory"])
+        return 0
     from peftc.benchmarks import step_time
 
     step_time.main(rest)
@@ -266,10 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "side in Model Explorer (peftc[explorer]); --module expands that layer")
             p.add_argument("--explorer-out", metavar="DIR", help="write the Model Explorer graphs and overlays "
                            "here (no server) and print the command that opens them")
+            p.add_argument("--memory", action="store_true",
+                           help="bytes saved for backward by node kind and module, before/after optimizations")
     p = sub.add_parser("methods", help="list every method with its fields and defaults")
     p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
-                       "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...)",
+                       "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...); "
+                       "--memory: benchmarks/memory.py (saved-for-backward bytes per recompute policy)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda args: cmd_bench(args.rest))

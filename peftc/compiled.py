@@ -24,6 +24,7 @@ from peftc import inspection, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, set_training
 from peftc.errors import CheckpointError, SpecError
+from peftc.graph import FLAT_VIEW, SUMMARY_LINES
 from peftc.graph_cache import MASKS, GraphCache
 from peftc.passes import merge, rewrite_passes, run_pipeline
 from peftc.resolve import resolve_all, with_implied_entries
@@ -53,7 +54,22 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     resolved = resolve_all(spec, model)
     for check in optimization_hooks(spec, "check_model"):  # e.g. quantized widths, before capture
         check(spec, resolved, model)
-    return CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
+    spec, note = _keep_gradient_checkpointing(model, spec)
+    cm = CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
+    cm.notes = [note] if note else []
+    return cm
+
+
+def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:
+    """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes
+    ``recompute: {policy: blocks}`` unless the spec chose a recompute policy itself."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return spec, None
+    if "recompute" in spec.optimize:
+        return spec, (f"the model had gradient_checkpointing_enable(); the spec's recompute "
+                      f"{spec.optimize['recompute']} applies instead")
+    return (spec.replace(optimize={**spec.optimize, "recompute": {"policy": "blocks"}}),
+            "recompute (blocks) because the model had gradient_checkpointing_enable()")
 
 
 class CompiledModel(nn.Module):
@@ -74,6 +90,7 @@ class CompiledModel(nn.Module):
         self.base_model = model
         self.adapters = nn.Module()  # every adapter's modules, at <module>.<kind>.<adapter>
         self.frontend = self.frontend_used = frontend
+        self.notes: list[str] = []  # settings the user gave that peftc translated (graph_summary shows them)
         self.registry = AdapterRegistry(model, self.adapters, spec, resolved)
         self.graphs = GraphCache(self.registry, self._capture)
         self._params = [n for n, p in inspect.signature(model.forward).parameters.items()
@@ -147,6 +164,18 @@ class CompiledModel(nn.Module):
     def _graph_for(self, kwargs: dict, mixed: tuple[str, ...] | None = None) -> fx.GraphModule:
         return self.graphs.graph_for(kwargs, mixed, self.training)
 
+    def call_arguments(self, *args, **kwargs) -> dict:
+        """The keyword arguments a call runs its graph with: positionals named, None dropped,
+        ``use_cache=False`` added for HF models."""
+        return self._normalize(args, kwargs)
+
+    def graph_for_call(self, *args, optimized: bool = True, **kwargs) -> fx.GraphModule:
+        """The graph a call with these arguments runs (captured first if needed); with
+        ``optimized=False`` a fresh copy without the optimization passes, their reference."""
+        kwargs = self._normalize(args, kwargs)
+        gm = self._graph_for(kwargs)
+        return gm if optimized else self.graphs.unoptimized(kwargs, self.training)
+
     @property
     def _graphs(self) -> dict:
         """The rewritten graphs by (signature, mixed adapters); clearing it forces a rebuild."""
@@ -204,6 +233,28 @@ class CompiledModel(nn.Module):
         for gm in self.graphs.all_graphs():
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
         return self
+
+    # ---- memory --------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """HF's switch: recompute per transformer block (``optimize: {recompute: {policy: blocks}}``);
+        the graphs are rebuilt on the next call. Checkpointing is always non-reentrant."""
+        self._set_recompute({"policy": "blocks"})
+        self.notes = ["recompute (blocks) because of cm.gradient_checkpointing_enable()"]
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Drops the recompute optimization; the graphs are rebuilt without it."""
+        self._set_recompute(None)
+        self.notes = []
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.spec.optimize.get("recompute", {}).get("policy") == "blocks"
+
+    def _set_recompute(self, settings: dict | None) -> None:
+        for state in self.registry.states.values():
+            opt = {k: v for k, v in state.spec.optimize.items() if k != "recompute"}
+            state.spec = state.spec.replace(optimize={**opt, "recompute": settings} if settings else opt)
+        self._invalidate()
 
     # ---- merging -------------------------------------------------------------------------
     def merge(self, requantize: bool = False) -> None:
@@ -316,8 +367,11 @@ class CompiledModel(nn.Module):
         return dict(self.graphs.timings)
 
     def graph_summary(self) -> str:
+        gm = self.graph_module
+        text = inspection.summarize(gm.meta.get(FLAT_VIEW, gm), self.captured_graph)
+        lines = [*self.notes, *gm.meta.get(SUMMARY_LINES, [])]
         extra = "".join(hook(self) for hook in optimization_hooks(self.spec, "summary"))
-        return inspection.summarize(self.graph_module, self.captured_graph) + extra
+        return text + "".join(f"{line}\n" for line in lines) + extra
 
     def graph_diff(self) -> str:
         return inspection.diff(self.captured_graph, self.graph_module.graph)

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-__all__ = ["LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC",
+__all__ = ["SUMMARY_LINES", "FLAT_VIEW", "LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC",
            "owning_module", "stack_owner", "fetch_attr", "has_role"]
 
 aten = torch.ops.aten
 PEFTC = "peftc"  # node.meta key carried by every inserted node
+SUMMARY_LINES = "peftc_summary"  # gm.meta key: lines a pass adds to graph_summary() (what it did, or why not)
+FLAT_VIEW = "peftc_flat_view"  # gm.meta key: the graph before a pass outlined parts of it (for inspection)
 
 
 def stack_owner(node: fx.Node) -> str | None:

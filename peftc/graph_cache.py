@@ -110,6 +110,20 @@ class GraphCache:
                 self.counts, self.timings = counts, timings
         return self.rewritten[key]
 
+    def unoptimized(self, kwargs: dict, training: bool) -> fx.GraphModule:
+        """A fresh graph for ``kwargs`` with the running adapters' rewrites but no optimization
+        passes: the reference an optimization is measured or checked against (not cached)."""
+        sig = signature(kwargs)
+        if sig not in self.captured:
+            self.captured[sig] = self.capture(kwargs)
+        gm = self.copy_of_capture((sig, None))
+        for name in self.adapters.running:
+            spec = self.adapters.state(name).spec
+            passes = merge_passes(spec) if self.adapters.merged else rewrite_passes(spec)
+            gm = run_pipeline(gm, self.context(name, Counter(), {}), passes)
+        set_training(gm, training)
+        return gm
+
     def invalidate(self) -> None:
         """Drops the rewritten graphs (the adapter state changed); captures stay."""
         self.rewritten.clear()

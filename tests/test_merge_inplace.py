@@ -53,7 +53,7 @@ def _storages_read(cm, module):
     from peftc.graph import linear_sites
 
     out = set()
-    for gm in cm._graphs.values():
+    for gm in cm.graphs.rewritten.values():
         for site in linear_sites(gm):
             if site.module == module:
                 args = [a for a in site.node.all_input_nodes if a.op == "get_attr"]
@@ -131,14 +131,14 @@ def test_one_merged_tensor_per_weight_across_three_signatures():
         cm.merge()
         for extra in SIGS:
             cm(**_inputs("tiny-llama", extra=extra))
-    assert len(cm._graphs) == 3
+    assert len(cm.graphs.rewritten) == 3
     paths = sorted(cm.targets[0])
     assert len(paths) == 14
     params = dict(model.named_parameters())
     for path in paths:
         read = _storages_read(cm, path)
         assert read == {("weight", params[f"{path}.weight"].untyped_storage().data_ptr())}, path
-    for gm in cm._graphs.values():
+    for gm in cm.graphs.rewritten.values():
         assert not hasattr(gm, merge_mod.HOLDER)  # no per-graph merged buffers
     state = merge_mod.merge_state(cm)
     weight_bytes = sum(params[f"{p}.weight"].nbytes for p in paths)
