@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from peftc.benchmarks.report import atomic_write, write_section
+
 __all__ = ["MemConfig", "VARIANTS", "run", "main", "build"]
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -236,16 +238,6 @@ def run(cfg: MemConfig) -> dict:
             "saved": saved, "gc": gc, "step_time": _time(cfg, models)}
 
 
-def _atomic(path: Path, text_or_fn) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    if callable(text_or_fn):
-        text_or_fn(str(tmp))
-    else:
-        tmp.write_text(text_or_fn)
-    os.replace(tmp, path)
-
-
 def _plot(res: dict, path: str) -> None:
     import matplotlib
 
@@ -270,7 +262,6 @@ def _plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
-BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 
 
 def _markdown(res: dict) -> str:
@@ -280,7 +271,7 @@ def _markdown(res: dict) -> str:
     adapt = s["peftc recompute adapters"]["over_frozen_pct"]
     fadapt = s["peftc fused + recompute adapters"]["over_frozen_pct"]
     blocks = g["peftc recompute blocks"]
-    lines = [BEGIN, "## Memory: bytes saved for backward (recompute)", "",
+    lines = ["## Memory: bytes saved for backward (recompute)", "",
              f"Command: `{c['command']}`. {res['environment']['device']}, {res['environment']['cpu_count']} CPUs, "
              f"torch {res['environment']['torch']}, peft {res['environment']['peft']}. Saved-for-backward = bytes "
              "autograd keeps after one training forward (saved-tensor hooks, each storage once, parameters "
@@ -325,23 +316,16 @@ def _markdown(res: dict) -> str:
               f"CPU) {rs['min'][0]:.2f}x and {rs['min'][1]:.2f}x "
               f"({ok(min(rs['median']) <= 1.0)} by medians, {ok(min(rs['min']) <= 1.0)} by minima). "
               "GPU: not yet measured on a GPU.", "",
-              "Raw numbers: `results/memory.json`; plot: `results/memory.png`.", END]
+              "Raw numbers: `results/memory.json`; plot: `results/memory.png`."]
     return "\n".join(lines) + "\n"
 
 
 def write(res: dict, cfg: MemConfig) -> None:
     out = Path(cfg.out)
-    _atomic(out / "memory.json", json.dumps(res, indent=1, default=float))
-    _atomic(out / "memory.png", lambda tmp: _plot(res, tmp))
+    atomic_write(out / "memory.json", json.dumps(res, indent=1, default=float))
+    atomic_write(out / "memory.png", lambda tmp: _plot(res, tmp))
     if cfg.report:
-        report = Path(cfg.report)
-        old = report.read_text() if report.exists() else ""
-        section = _markdown(res)
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + section.rstrip("\n") + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip("\n") + ("\n\n" if old else "") + section
-        _atomic(report, new)
+        write_section(Path(cfg.report), "memory", _markdown(res))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,11 +34,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peftc.benchmarks.report import atomic_write, write_section
+
 __all__ = ["main", "run", "child", "SHAPES", "QUICK"]
 
 SHAPES = {"hidden": 1024, "intermediate": 2816, "layers": 24, "heads": 16, "vocab": 32000, "r": 16}
 QUICK = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "vocab": 256, "r": 4}
-MARK = ("<!-- merge_memory -->", "<!-- /merge_memory -->")
 
 
 def _status(key: str) -> int:
@@ -170,7 +171,7 @@ def _section(result: dict) -> str:
     rows = [("before", result.get("before")), ("after", result["after"])]
     s = result["after"]["shapes"]
     lines = [
-        MARK[0], "## Merge memory: `merge()` + `save_merged()`", "",
+        "## Merge memory: `merge()` + `save_merged()`", "",
         f"Command: `{result['command']}`", "",
         f"Model: Llama (random init, fp32), hidden {s['hidden']}, {s['layers']} layers, intermediate "
         f"{s['intermediate']}, vocab {s['vocab']}: {result['after']['params']:,} parameters "
@@ -191,31 +192,14 @@ def _section(result: dict) -> str:
                      f"{_mb(p['save_merged_unmerged']['peak_over_start']) if 'save_merged_unmerged' in p else '-'} | "
                      f"{_mb(r['merged_tensor_bytes'])} | {r['merged_vs_unmerged_max_abs']:.1e} | "
                      f"{r['saved_vs_unmerged_max_abs']:.1e} | {r['unmerge_bit_exact']} |")
-    lines += ["", f"Raw figures: `results/merge_memory.json`. {result.get('note', '')}".rstrip(), MARK[1]]
+    lines += ["", f"Raw figures: `results/merge_memory.json`. {result.get('note', '')}".rstrip()]
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def write(result: dict, out: Path, report: Path) -> None:
     """JSON to ``out/merge_memory.json``; the report section replaced (or appended) in ``report``."""
-    _atomic_write(out / "merge_memory.json", json.dumps(result, indent=2) + "\n")
-    old = report.read_text() if report.exists() else ""
-    section = _section(result)
-    if MARK[0] in old and MARK[1] in old:
-        head, rest = old.split(MARK[0], 1)
-        tail = rest.split(MARK[1], 1)[1].lstrip("\n")
-        text = head + section + tail
-    else:
-        text = old + ("\n" if old and not old.endswith("\n\n") else "") + section
-    _atomic_write(report, text)
+    atomic_write(out / "merge_memory.json", json.dumps(result, indent=2) + "\n")
+    write_section(report, "merge_memory", _section(result))
 
 
 def _commit() -> str:

@@ -24,12 +24,13 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+
+from peftc.benchmarks.report import atomic_write, write_section
 
 __all__ = ["BenchConfig", "run", "write", "main", "LINEARS"]
 
@@ -242,20 +243,6 @@ def run(config: BenchConfig) -> dict:
     return result
 
 
-def _atomic(path: Path, write_to) -> None:
-    """Writes via a temp file in the same directory, then renames: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write_to(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -367,7 +354,7 @@ def _targets(result: dict) -> list[str]:
               + (f": one fused LoRA linear costs {ops['overhead_pct']:+.1f}% over its frozen linear (table above)"
                  if ops else "") + ". With dropout, the mask is drawn twice (forward, and regenerated in backward "
               "instead of storing drop(x)); `shared_dropout` draws one per sibling group. GPU figures: see the "
-              "GPU section when a device was lent (none so far).", ""]
+              "GPU section (not yet measured on a GPU).", ""]
     return lines
 
 
@@ -376,10 +363,10 @@ def write(result: dict, config: BenchConfig) -> dict[str, Path]:
     out = Path(config.out)
     paths = {"json": out / "step_time.json", "png": out / "step_time.png",
              "md": Path(config.report) if config.report else out / "RESULTS.md"}
-    _atomic(paths["json"], lambda p: Path(p).write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic(paths["png"], lambda p: _plot(result, p))
+    atomic_write(paths["json"], json.dumps(result, indent=2) + "\n")
+    atomic_write(paths["png"], lambda p: _plot(result, p))
     files = ", ".join(f"`{os.path.relpath(paths[k], paths['md'].parent)}`" for k in ("json", "png"))
-    _atomic(paths["md"], lambda p: Path(p).write_text(_markdown(result, files)))
+    write_section(paths["md"], "step_time", _markdown(result, files))
     return paths
 
 

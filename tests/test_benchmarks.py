@@ -1,6 +1,7 @@
 """benchmarks/step_time.py in quick mode: the files it writes, their schema, and that peftc's
 and HF PEFT's step-0 losses agree (correctness of what is timed; times are never asserted)."""
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -20,6 +21,7 @@ def _load():
 
 
 step_time = _load()
+report = importlib.import_module("peftc.benchmarks.report")
 STAT_KEYS = {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "samples_ms",
              "overhead_pct", "overhead_paired_pct", "overhead_min_pct"}
 
@@ -81,5 +83,15 @@ def test_run_api_and_atomic_write(tmp_path):
     assert (tmp_path / "R.md").exists()
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["step_time.json", "step_time.png"]
     with pytest.raises(ZeroDivisionError):  # a failing writer leaves no file and no temp file
-        step_time._atomic(tmp_path / "x.json", lambda p: 1 / 0)
+        report.atomic_write(tmp_path / "x.json", lambda p: 1 / 0)
     assert not [p for p in tmp_path.iterdir() if "x.json" in p.name]
+
+
+def test_sections_of_one_report_do_not_overwrite_each_other(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    report.write_section(md, "a", "## A\n\nfirst")
+    report.write_section(md, "b", "## B")
+    report.write_section(md, "a", "## A\n\nsecond")
+    text = md.read_text()
+    assert "second" in text and "first" not in text and "## B" in text
+    assert text.index("## A") < text.index("## B") and text.count("<!-- a:begin -->") == 1

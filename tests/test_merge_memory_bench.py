@@ -40,5 +40,5 @@ def test_quick_run_writes_json_and_report_section(tmp_path):
     assert "| after (" in report.read_text() and "| before (" not in report.read_text()
     bench.write({**result, "before": result["after"]}, tmp_path, report)  # the section is replaced
     text = report.read_text()
-    assert text.startswith("# Results\n\nearlier section\n") and text.count(bench.MARK[0]) == 1
+    assert text.startswith("# Results\n\nearlier section\n") and text.count("<!-- merge_memory:begin -->") == 1
     assert "| before (" in text and "| after (" in text
