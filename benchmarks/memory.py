@@ -41,6 +41,7 @@ __all__ = ["MemConfig", "VARIANTS", "run", "main", "build"]
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = {"recompute": {"policy": "adapters"}}
+NF4 = {"quantize": {"format": "nf4", "release_base": True}}  # weights: what the model still holds
 # name -> optimize settings ("frozen base" and "peft..." are eager models); budget_mb filled in
 # at run time as a fraction of the frozen base's saved bytes (``MemConfig.budget_fraction``)
 VARIANTS: tuple[tuple[str, object], ...] = (
@@ -54,6 +55,9 @@ VARIANTS: tuple[tuple[str, object], ...] = (
     ("peftc recompute blocks", {"recompute": {"policy": "blocks"}}),
     ("peftc fused + recompute blocks", {"fuse": {}, "recompute": {"policy": "blocks"}}),
     ("peftc recompute budget", {"recompute": {"policy": "budget", "budget_mb": None}}),
+    ("peftc fused + nf4", {"fuse": {}, **NF4}),
+    ("peftc fused + int8", {"fuse": {}, "quantize": {"format": "int8", "release_base": True}}),
+    ("peftc fused + nf4 + recompute adapters", {"fuse": {}, **NF4, **ADAPTERS}),  # QLoRA's memory, recomputed
 )
 TIMED = ("frozen base", "peft", "peftc fused", "peftc recompute adapters", "peftc fused + recompute adapters")
 
@@ -82,7 +86,7 @@ class MemConfig:
 
     @classmethod
     def quick(cls, **kw) -> MemConfig:
-        small = dict(hidden=32, intermediate=64, gc_hidden=32, gc_intermediate=64, layers=2, heads=4, vocab=128,
+        small = dict(hidden=64, intermediate=128, gc_hidden=64, gc_intermediate=128, layers=2, heads=4, vocab=128,
                      batch=2, seq=16, r=4, alpha=8.0, dropout=0.0, reps=1, rss=False)
         return cls(**{**small, **kw})
 
@@ -170,7 +174,7 @@ def _exactness(res: dict) -> None:
     for name, r in res.items():
         if "recompute" not in name:
             continue
-        r["vs"] = "peftc fused" if "fused" in name else "peftc unfused"
+        r["vs"] = name.split(" + recompute")[0] if " + recompute" in name else "peftc unfused"
         ref = res[r["vs"]]
         r["loss_diff"] = abs(r["loss"] - ref["loss"])
         r["grad_diff"] = max(((g - ref["_grads"][k]).abs().max().item() for k, g in r["_grads"].items()), default=0.0)
@@ -207,6 +211,7 @@ def run(cfg: MemConfig) -> dict:
     saved = _measure(cfg, "saved", names, keep=models)
     budget_mb = cfg.budget_fraction * saved["frozen base"]["saved_bytes"] / 2**20
     saved.update(_measure(cfg, "saved", ["peftc recompute budget"], budget_mb))
+    saved = {n: saved[n] for n, _ in VARIANTS}  # the table's order
     gc_names = ["frozen base", "peft", "peft + gradient checkpointing", "peftc unfused", "peftc recompute blocks"]
     if (cfg.gc_hidden, cfg.gc_intermediate, cfg.dropout) == (cfg.hidden, cfg.intermediate, 0.0):
         gc = {n: dict(saved[n]) for n in gc_names}  # the same shape: measured already
@@ -282,6 +287,8 @@ def _markdown(res: dict) -> str:
              "|---|---:|---:|---:|---|"]
     for n, r in s.items():
         diff = f"{r['loss_diff']:.1e} / {r['grad_diff']:.1e} (vs {r['vs']})" if "vs" in r else ""
+        if "nf4" in n or "int8" in n:
+            diff = diff or "quantized base (tests check it against the dequantized weights)"
         lines.append(f"| {n} | {mb(r['saved_bytes'])} | {r['over_frozen_pct']:+.1f}% | {mb(r['weight_bytes'])} | {diff} |")
     lines += ["", f"Target `recompute: adapters` <= +10% over the frozen base at dropout {c['dropout']}: "
               f"unfused {adapt:+.1f}%, fused {fadapt:+.1f}% ({ok(max(adapt, fadapt) <= 10)}; HF PEFT "
