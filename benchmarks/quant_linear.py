@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from peftc.benchmarks.report import atomic_write, write_section
 from peftc.kernels import quant_linear as QL
 
 __all__ = ["bench_layer", "format_table", "print_table"]
@@ -112,17 +113,21 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="only the one-layer GPU timing")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ap.add_argument("--report", default=str(Path(__file__).with_name("RESULTS.md")))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    result = {}
+    path = Path(args.out) / "quant_linear.json"
+    result = json.loads(path.read_text()) if path.exists() else {}  # a --gpu run keeps the CPU table
     if not args.gpu:
         result["cpu_formats"] = format_table()
         print_table(result["cpu_formats"])
     if torch.cuda.is_available():
         result["gpu_layer"] = bench_layer()
-        print(json.dumps(result["gpu_layer"], indent=2))
+        text = json.dumps(result["gpu_layer"], indent=2)
+        print(text)
+        write_section(Path(args.report), "gpu_quant_linear",
+                      f"## GPU: one NF4 + LoRA layer ({torch.cuda.get_device_name()})\n\n"
+                      f"Command: `bash scripts/gpu_check.sh`. Raw figures:\n\n```json\n{text}\n```")
     else:
         print("GPU: not yet measured on a GPU (no CUDA device here)")
-    tmp = Path(args.out) / "quant_linear.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, Path(args.out) / "quant_linear.json")
+    atomic_write(path, json.dumps(result, indent=2))
