@@ -1,5 +1,5 @@
-"""A fused graph composes with torch.compile: no graph breaks, and inductor's code gives the
-eager graph's outputs and gradients."""
+"""An optimized graph composes with torch.compile: no graph breaks, the peftc ops stay opaque (not
+traced into), and inductor's code gives the eager graph's outputs and gradients."""
 
 import copy
 
@@ -11,17 +11,20 @@ from peftc.models import example_inputs, tiny_model
 
 
 @pytest.mark.slow
-def test_fused_model_compiles_without_graph_breaks():
+@pytest.mark.parametrize("optimize,op,dropout", [
+    (["fuse"], "lora_linear", 0.1),  # fused LoRA
+    ({"fuse": {}, "quantize": {}}, "quant_linear", 0.0),  # fused LoRA on an NF4 base
+], ids=["fuse", "fuse+quantize"])
+def test_optimized_model_compiles_without_graph_breaks(optimize, op, dropout):
     model = tiny_model("tiny-llama")
-    spec = {"methods": [{"lora": {"targets": "all-linear", "r": 4, "alpha": 8, "init": "random", "dropout": 0.1}}]}
-    cm = peftc.compile(model, spec, example_inputs("tiny-llama"), optimize=["fuse"]).eval()
-    assert cm.pass_counts["fuse"] == 14
+    spec = {"methods": [{"lora": {"targets": "all-linear", "r": 4, "alpha": 8, "init": "random", "dropout": dropout}}]}
+    cm = peftc.compile(model, spec, example_inputs("tiny-llama"), optimize=optimize).eval()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     cm(input_ids=ids, labels=ids)  # a new call signature is captured eagerly first (export cannot nest)
     explained = torch._dynamo.explain(cm)(input_ids=ids, labels=ids)
     assert explained.graph_break_count == 0, explained.break_reasons
     ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert sum(t is torch.ops.peftc.lora_linear.default for t in ops) == 14  # opaque, not traced into
+    assert sum(t is getattr(torch.ops.peftc, op).default for t in ops) == 14  # opaque, not traced into
 
     twin = copy.deepcopy(cm)
     compiled = torch.compile(twin)
