@@ -143,6 +143,19 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _low_rank_tile(e_ptr, f_ptr, rm, rn, in_m, in_n, R, s_em, s_er, s_fr, s_fn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """The (rm, rn) tile of E[M, R] @ F[R, N] in fp32: the r-wide term a GEMM's epilogue adds."""
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
+            f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & in_n, other=0.0)
+            low += _dot(e, f, PRECISION, UPCAST)
+        return low
+
+    @triton.jit
     def _mm_kernel(
         a_ptr, b_ptr, c_ptr,  # C[M, N] = alpha * A[M, K] @ B[K, N], any strides (views, transposes)
         bias_ptr,  # (N,): added last, when HAS_BIAS
@@ -172,12 +185,8 @@ if triton is not None:
             acc += _dot(a, b, PRECISION, UPCAST)
         acc = acc * alpha
         if HAS_EPI:
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
-                f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & in_n, other=0.0)
-                low += _dot(e, f, PRECISION, UPCAST)
+            low = _low_rank_tile(e_ptr, f_ptr, rm, rn, in_m, in_n, R, s_em, s_er, s_fr, s_fn,
+                                 BLOCK_M, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
             if DROP == 3:
                 low = tl.where(tl.rand(seed, rm[:, None] * drop_ld + rn[None, :]) >= p, low, 0.0)
             acc += beta * low

@@ -49,7 +49,7 @@ try:
     import triton
     import triton.language as tl
 
-    from peftc.kernels.lora_linear import _dot
+    from peftc.kernels.lora_linear import _dot, _low_rank_tile
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
@@ -191,12 +191,8 @@ if triton is not None:
                                   FMT, BLOCK_Q, DQ)
             acc += _dot(a, w.to(a_ptr.dtype.element_ty), PRECISION, UPCAST)
         if HAS_EPI:
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
-                f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & in_n, other=0.0)
-                low += _dot(e, f, PRECISION, UPCAST)
+            low = _low_rank_tile(e_ptr, f_ptr, rm, rn, in_m, in_n, R, s_em, s_er, s_fr, s_fn,
+                                 BLOCK_M, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
             if DROP == 3:
                 low = tl.where(tl.rand(tl.load(seed_ptr), rm[:, None] * drop_ld + rn[None, :]) >= p, low, 0.0)
             acc += beta * low
