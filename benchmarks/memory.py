@@ -65,7 +65,7 @@ TIMED = ("frozen base", "peft", "peftc fused", "peftc recompute adapters", "peft
 @dataclass(frozen=True)
 class MemConfig:
     hidden: int = 512
-    intermediate: int = 1376
+    intermediate: int = 1408  # a multiple of 64: NF4 blocks of 64 along every input width
     gc_hidden: int = 256
     gc_intermediate: int = 688
     layers: int = 4
