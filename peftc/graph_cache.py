@@ -100,10 +100,9 @@ class GraphCache:
             if names and not adapters.merged:  # optimizations see every adapter's nodes at once
                 gm = run_pipeline(gm, self.context(names[0], counts, timings),
                                   optimize_passes(adapters.state(names[0]).spec))
-            else:  # no adapter nodes: what transforms the base itself still applies (a quantized base)
-                primary = adapters.primary
-                gm = run_pipeline(gm, self.context(primary, counts, timings),
-                                  optimize_passes(adapters.state(primary).spec, base_only=True))
+            elif base_passes := optimize_passes(adapters.state(adapters.primary).spec, base_only=True):
+                # no adapter nodes: what transforms the base itself still applies (a quantized base)
+                gm = run_pipeline(gm, self.context(adapters.primary, counts, timings), base_passes)
             set_training(gm, training)
             self.rewritten[key] = gm
             if key == self.example_key:

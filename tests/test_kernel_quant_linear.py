@@ -62,7 +62,7 @@ def test_nf4_at_least_as_accurate_as_qlora_float64(kind):
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
 def test_nf4_at_least_as_accurate_as_torchao(kind):
-    ao = pytest.importorskip("torchao.quantization", reason="torchao is optional (pip install torchao --no-deps)")
+    ao = pytest.importorskip("torchao.quantization", reason="torchao is not installed (a dev dependency: the NF4 accuracy reference)")
     w = weights(kind)
     theirs = ao.to_nf4(w, 64, 256).get_original_weight().double()
     ours = QL.dequantize(*QL.quantize_weight(w, "nf4", 64, True), "nf4", 64).double()

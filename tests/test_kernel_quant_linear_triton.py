@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is a Linux-only dependency (pyproject)")
+pytest.importorskip("triton", reason="triton is not installed (the gpu or dev extra: pip install -e .[dev])")
 
 from peftc.kernels import lora_linear as L
 from peftc.kernels import quant_linear as QL
