@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from peftc import inspection, peft_io, targets
+from peftc import distributed, inspection, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, set_training
 from peftc.errors import CheckpointError, SpecError
@@ -198,6 +198,7 @@ class CompiledModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """Runs the model; ``adapter_names`` (one per sample, "__base__" for none) mixes
         LoRA-family adapters within a batch, in training too."""
+        distributed.check_not_wrapped(self)  # fully_shard(cm) would train copies the graphs never read
         kwargs = self._normalize(args, kwargs)
         if adapter_names is None:
             return self._graph_for(kwargs)(**kwargs)

@@ -1,0 +1,270 @@
+"""Run by ``torchrun --nproc_per_node 2 tests/dist_workers/worker.py OUT CASE [CASE ...]`` (gloo, CPU).
+
+Each case trains a tiny Llama 3 AdamW steps with the global batch split across ranks and rank 0
+compares against the single-process full-batch run of the same spec without ``shard``. Results
+(per case: max loss and weight differences, memory figures) go to OUT as JSON; a failed case
+raises, so the launcher's exit status says it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import peftc
+from peftc import distributed as pd
+from peftc.models import tiny_model
+
+BATCH, SEQ, STEPS = 4, 12, 3  # global batch; the captured example is (2, 8): another shape
+LORA = {"lora": {"targets": ["q_proj", "v_proj"], "r": 2, "alpha": 4, "dropout": 0.0}}
+
+
+def batches():
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, 128, (BATCH, SEQ), generator=g) for _ in range(STEPS)]
+
+
+def spec_of(optimize: dict, methods=(LORA,), adapter="default") -> dict:
+    return {"adapter": adapter, "methods": list(methods), "optimize": optimize}
+
+
+def build(optimize: dict, *, device="cpu", extra_adapter=False, methods=(LORA,)):
+    model = tiny_model("tiny-llama", seed=0)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device == "meta":
+        model = model.to("meta")
+    ids = torch.randint(0, 128, (2, 8))
+    ex = {"input_ids": ids, "labels": ids}
+    cm = peftc.compile(model, spec_of(optimize, methods), ex)
+    if extra_adapter:
+        cm.add_adapter(spec_of({**optimize}, ({"lora": {"targets": ["k_proj", "o_proj"], "r": 2, "dropout": 0.0}},),
+                               "second"))
+        cm.set_adapter(["default", "second"])
+    return cm, base_bytes
+
+
+def nonzero_adapters(cm) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in sorted(cm.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def train(cm, ids_list, *, local: bool, step_fn=None):
+    """3 AdamW steps; with ``local`` each rank takes its slice of every global batch."""
+    model = step_fn or cm
+    opt = torch.optim.AdamW([p for p in cm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for ids in ids_list:
+        if local:
+            r, w = dist.get_rank(), dist.get_world_size()
+            ids = ids.chunk(w)[r]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if local:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        losses.append(value.item())
+    return losses, opt
+
+
+def adapter_weights(cm) -> dict:
+    return {n: p.detach().clone() for n, p in cm.named_parameters() if p.requires_grad}
+
+
+def reference(optimize: dict, **kw):
+    """The single-process full-batch run of ``optimize`` without shard; cached on disk
+    (PEFTC_REF_CACHE) so that launches share it."""
+    ref_opt = {k: v for k, v in optimize.items() if k != "shard"}
+    key = json.dumps([ref_opt, sorted(kw)], sort_keys=True)
+    cache = os.environ.get("PEFTC_REF_CACHE")
+    path = os.path.join(cache, f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt") if cache else None
+    if path and os.path.exists(path):
+        return torch.load(path)
+    cm, _ = build(ref_opt, **kw)
+    nonzero_adapters(cm)
+    losses, _ = train(cm, batches(), local=False)
+    out = (losses, adapter_weights(cm))
+    if path:
+        torch.save(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return out
+
+
+def live_tensor_bytes() -> int:
+    """Every live tensor's storage once (gc + untyped_storage data_ptr dedup)."""
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+                s = o.untyped_storage()
+                seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        except Exception:  # noqa: BLE001  (objects gc half-tore down)
+            continue
+    return sum(seen.values())
+
+
+def compare(name, optimize, results, **kw):
+    """Distributed training of ``optimize`` vs the single-process reference, on rank 0."""
+    ref = reference(optimize, **kw) if dist.get_rank() == 0 else None
+    gc.collect()
+    dist.barrier()
+    before = live_tensor_bytes()
+    cm, base_bytes = build(optimize, **kw)
+    nonzero_adapters(cm)
+    with pd.probe() as probe:
+        losses, opt = train(cm, batches(), local=True, step_fn=kw.pop("step_fn", None))
+        peak_gathered = probe.peak
+    live = live_tensor_bytes() - before
+    mine = adapter_weights(cm)
+    # replicas agree: the max difference to rank 0's adapter weights, everywhere
+    for t in mine.values():
+        other = t.clone()
+        dist.broadcast(other, 0)
+        assert torch.equal(other, t), f"{name}: adapter replicas differ"
+    out = {"losses": losses, "live_bytes": live, "base_bytes": base_bytes, "peak_gathered": peak_gathered,
+           "counts": cm.pass_counts, "summary": cm.graph_summary().splitlines()[-3:]}
+    if ref is not None:
+        ref_losses, ref_w = ref
+        out["loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses))
+        out["weight_diff"] = max((mine[k] - ref_w[k]).abs().max().item() for k in ref_w)
+        assert set(mine) == set(ref_w)
+        assert out["loss_diff"] <= 1e-5, (name, losses, ref_losses)
+        assert out["weight_diff"] <= 1e-4, (name, out["weight_diff"])
+    results[name] = out
+    del opt
+    return cm
+
+
+# ---------------------------------------------------------------- cases
+
+
+def case_shard(results):
+    cm = compare("shard", {"shard": {}}, results)
+    r = results["shard"]
+    assert cm.pass_counts["shard"] > 0 and cm.pass_counts["shard_regions"] > 0, cm.pass_counts
+    assert r["live_bytes"] <= 0.6 * r["base_bytes"], r
+    # gathered weights are freed after each op: never more alive than the largest weight (padded)
+    biggest = max(pd.shard_range(p.numel(), 0, 2)[2] * 2 * p.element_size()
+                  for p in cm.base_model.parameters())
+    assert 0 < r["peak_gathered"] <= biggest, (r["peak_gathered"], biggest)
+    ids = batches()[0].chunk(2)[dist.get_rank()]
+    with pd.probe() as p:
+        loss = cm(input_ids=ids, labels=ids).loss
+        after_forward = p.live()
+        loss.backward()
+    results["shard"]["gathered_alive_after_forward"] = after_forward
+    assert after_forward == 0, after_forward
+
+
+def case_no_reshard(results):
+    cm = compare("no_reshard_prefetch", {"shard": {"reshard_after_forward": False, "prefetch": True}}, results)
+    ids = batches()[0].chunk(2)[dist.get_rank()]
+    with pd.probe() as p:
+        loss = cm(input_ids=ids, labels=ids).loss
+        kept = p.live()
+        loss.backward()
+        del loss
+        freed = p.live()
+    results["no_reshard_prefetch"].update(kept_after_forward=kept, kept_after_backward=freed)
+    assert kept > 0 and freed == 0, (kept, freed)
+
+
+def case_hybrid(results):
+    compare("hybrid_mesh_2x1", {"shard": {"mesh": [2, 1]}}, results)
+
+
+def case_ddp(results):
+    ref = reference({}) if dist.get_rank() == 0 else None
+    cm, _ = build({})
+    nonzero_adapters(cm)
+    ddp = torch.nn.parallel.DistributedDataParallel(cm)
+    losses, _ = train(cm, batches(), local=True, step_fn=ddp)
+    if ref is not None:
+        mine = adapter_weights(cm)
+        d = {"losses": losses, "loss_diff": max(abs(a - b) for a, b in zip(losses, ref[0])),
+             "weight_diff": max((mine[k] - ref[1][k]).abs().max().item() for k in ref[1])}
+        assert d["loss_diff"] <= 1e-5 and d["weight_diff"] <= 1e-4, d
+        results["ddp"] = d
+
+
+def case_fully_shard(results):
+    from torch.distributed.fsdp import fully_shard
+
+    cm, _ = build({})
+    fully_shard(cm)
+    ids = batches()[0].chunk(2)[dist.get_rank()]
+    try:
+        cm(input_ids=ids, labels=ids)
+    except peftc.PeftcError as e:
+        assert "optimize: {shard" in str(e)
+        results["fully_shard"] = {"error": str(e)}
+    else:
+        raise AssertionError("fully_shard(cm) ran without an error")
+
+
+def case_fuse(results):
+    compare("fuse", {"fuse": {}, "shard": {}}, results)
+
+
+def case_recompute_blocks(results):
+    compare("recompute_blocks", {"recompute": {"policy": "blocks"}, "shard": {}}, results)
+    assert results["recompute_blocks"]["counts"]["shard_in_blocks"] > 0
+
+
+def case_recompute_adapters(results):
+    compare("recompute_adapters", {"recompute": {"policy": "adapters"}, "shard": {}}, results)
+
+
+def case_quantize(results):
+    compare("quantize_nf4", {"quantize": {"block_size": 32}, "shard": {}}, results)
+    r = results["quantize_nf4"]
+    assert r["counts"]["quantize"] > 0 and r["live_bytes"] <= 0.6 * r["base_bytes"], r
+
+
+def case_multi(results):
+    compare("two_adapters", {"shard": {}}, results, extra_adapter=True)
+
+
+def case_compile(results):
+    compare("torch_compile", {"fuse": {}, "shard": {}}, results,
+            step_fn=None)
+
+
+CASES = {n.removeprefix("case_"): f for n, f in globals().items() if n.startswith("case_")}
+
+
+def main():
+    out, *names = sys.argv[1:]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("PEFTC_TEST_TIMEOUT", "30"))))
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for n in names:
+            t0 = time.perf_counter()
+            CASES[n](results)
+            results.setdefault(n, {})["seconds"] = round(time.perf_counter() - t0, 2)
+        if dist.get_rank() == 0:
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+            os.replace(tmp, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
