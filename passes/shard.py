@@ -222,12 +222,28 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 gathers.append(shared)
         gm.graph.erase_node(w)
         counts["shard"] += 1
+    _release_quantized(ctx)
     if settings["prefetch"]:
         _prefetch(gm, gathers)
     for k, v in counts.items():
         ctx.counts[k] += v
     gm.meta.setdefault(SUMMARY_LINES, []).append(_line(settings, groups, store, counts))
     return PassResult(gm, counts["shard"] + counts["shard_grad_mean"] > 0)
+
+
+def _release_quantized(ctx: PassContext) -> None:
+    """The graph reads Q(W) (sharded) instead of W: the full-precision W is freed too, as
+    ``quantize: {release_base: true}`` would (merging then needs ``merge(requantize=True)``)."""
+    from peftc.passes.quantize import ROOT as QROOT
+    from peftc.passes.quantize import QuantizedWeight, _release
+
+    try:
+        root = ctx.store.get_submodule(QROOT)
+    except AttributeError:
+        return
+    for path, m in root.named_modules():
+        if isinstance(m, QuantizedWeight) and not path.endswith(".merged"):
+            _release(ctx.model.get_submodule(path), root, path)
 
 
 def _prefetch(gm: fx.GraphModule, gathers: list[fx.Node]) -> None:

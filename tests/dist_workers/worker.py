@@ -117,7 +117,7 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def compare(name, optimize, results, **kw):
+def compare(name, optimize, results, wrap=None, **kw):
     """Distributed training of ``optimize`` vs the single-process reference, on rank 0."""
     ref = reference(optimize, **kw) if dist.get_rank() == 0 else None
     gc.collect()
@@ -126,7 +126,7 @@ def compare(name, optimize, results, **kw):
     cm, base_bytes = build(optimize, **kw)
     nonzero_adapters(cm)
     with pd.probe() as probe:
-        losses, opt = train(cm, batches(), local=True, step_fn=kw.pop("step_fn", None))
+        losses, opt = train(cm, batches(), local=True, step_fn=wrap(cm) if wrap else None)
         peak_gathered = probe.peak
     live = live_tensor_bytes() - before
     mine = adapter_weights(cm)
@@ -240,8 +240,7 @@ def case_multi(results):
 
 
 def case_compile(results):
-    compare("torch_compile", {"fuse": {}, "shard": {}}, results,
-            step_fn=None)
+    compare("torch_compile", {"fuse": {}, "shard": {}}, results, wrap=torch.compile)
 
 
 CASES = {n.removeprefix("case_"): f for n, f in globals().items() if n.startswith("case_")}
