@@ -333,9 +333,12 @@ class CompiledModel(nn.Module):
         names = [adapter] if adapter else self.adapter_names
         root = "default" if "default" in names else names[0]
         configs = {n: self.peft_config(n) for n in names}  # fails before anything is written
-        for n in names:
-            peft_io.write_adapter(Path(path) if n == root else Path(path) / n, configs[n],
-                                  self.adapter_state_dict(n))
+
+        def write():
+            for n in names:
+                peft_io.write_adapter(Path(path) if n == root else Path(path) / n, configs[n],
+                                      self.adapter_state_dict(n))
+        distributed.on_rank0(write, "shard" in self.spec.optimize)  # sharded: rank 0 writes, then a barrier
         return Path(path)
 
     def load_adapter(self, path, name: str, *, trainable: bool = False, activate: bool = False,

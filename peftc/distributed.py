@@ -32,7 +32,7 @@ import torch.distributed._functional_collectives as funcol
 from peftc.errors import CheckpointError, PeftcError, SpecError
 
 __all__ = ["Groups", "groups", "require_process_group", "shard_flat", "shard_range", "probe", "GatherProbe",
-           "on_rank0", "check_not_wrapped", "load_sharded"]
+           "on_rank0", "check_not_wrapped", "load_sharded", "save_merged_sharded"]
 
 
 def require_process_group(field: str, value) -> None:
@@ -141,9 +141,21 @@ def probe():
         PROBE.enabled = False
 
 
+@contextlib.contextmanager
+def _collective(what: str, group: str):
+    """A failed collective (a rank died, or stalled past the process group's timeout) -> PeftcError."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise PeftcError(f"shard: {what} over process group {group!r} failed on rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()}: another rank died or did not reach it within the process "
+                         f"group's timeout (init_process_group(timeout=...)). Cause: {e}") from e
+
+
 @torch.library.custom_op("peftc::shard_gather", mutates_args=())
 def shard_gather(shard: torch.Tensor, group: str, shape: list[int]) -> torch.Tensor:
-    full = funcol.wait_tensor(funcol.all_gather_single(shard.contiguous(), 0, group))
+    with _collective("all_gather of a weight shard", group):
+        full = funcol.wait_tensor(funcol.all_gather_single(shard.contiguous(), 0, group))
     out = full[: math.prod(shape)].view(shape)
     PROBE.record(out)
     return out
@@ -169,7 +181,8 @@ def _grad_mean_setup(ctx, inputs, output):
 
 
 def _grad_mean_backward(ctx, grad):
-    total = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group))
+    with _collective("all_reduce of an adapter gradient", ctx.group):
+        total = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group))
     return total / ctx.world, None, None
 
 
@@ -179,10 +192,12 @@ grad_mean.register_autograd(_grad_mean_backward, setup_context=_grad_mean_setup)
 # ---------------------------------------------------------------- around the model
 
 
-def on_rank0(write):
-    """``write()`` on rank 0 only, then a barrier (so no rank reads a file before it exists);
-    just ``write()`` without a process group. Rank 0's error still reaches the barrier first."""
-    if not (dist.is_available() and dist.is_initialized()):
+def on_rank0(write, collective: bool = True):
+    """``write()`` on rank 0 only, then a barrier (so no rank reads a file before it exists); just
+    ``write()`` without a process group or when not ``collective`` (a replicated model, whose users
+    often call save on rank 0 alone: a barrier there would wait for ranks that never come). Rank
+    0's error still reaches the barrier first."""
+    if not (collective and dist.is_available() and dist.is_initialized()):
         return write()
     try:
         return write() if dist.get_rank() == 0 else None
@@ -263,3 +278,38 @@ def load_sharded(cm, directory, *, prefix: str = "") -> dict[str, int]:
                               f"({len(wanted)} missing; prefix={prefix!r})")
     shard_pass.materialize_adapters(cm)
     return read
+
+
+def save_merged_sharded(cm, path, *, max_shard_size: int | str = "5GB"):
+    """``cm.save_merged`` for a sharded model; every rank calls it. The shards are gathered one
+    weight at a time (all ranks take part; ranks > 0 drop each at once); rank 0 puts them back into
+    the base model (the one full copy), streams the merged model to ``path`` (each merged weight
+    computed, written, freed: no second copy), then frees them again. Returns the path on rank 0."""
+    from peftc.passes import merge
+    from peftc.passes import shard as shard_pass
+
+    if "quantize" in cm.spec.optimize:
+        raise PeftcError("a merged export of a quantized sharded base is not supported: the quantized weights "
+                         "would have to be dequantized; export the adapter (save_adapter) instead")
+    store = shard_pass.shard_store(cm)
+    group = groups(shard_pass.check_settings(dict(cm.spec.optimize["shard"]))).shard
+    params = dict(cm.base_model.named_parameters(remove_duplicate=False))
+    full = {}
+    for key, (buf, shape, *_rest) in store.entries.items():
+        t = torch.ops.peftc.shard_gather(store.get_buffer(buf), group, list(shape))
+        if dist.get_rank() == 0 and key in params:
+            full[key] = t
+        del t
+
+    def write():
+        placeholders = {k: params[k].data for k in full}
+        try:
+            for k, t in full.items():
+                params[k].data = t
+            return merge.save_merged(cm, path, max_shard_size=max_shard_size)
+        finally:
+            for k, t in placeholders.items():
+                params[k].data = t
+            full.clear()
+
+    return on_rank0(write)

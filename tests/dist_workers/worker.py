@@ -36,14 +36,24 @@ def spec_of(optimize: dict, methods=(LORA,), adapter="default") -> dict:
     return {"adapter": adapter, "methods": list(methods), "optimize": optimize}
 
 
-def build(optimize: dict, *, device="cpu", extra_adapter=False, methods=(LORA,)):
-    model = tiny_model("tiny-llama", seed=0)
+def build(optimize: dict, *, meta_from=None, extra_adapter=False, methods=(LORA,)):
+    """A compiled tiny Llama; ``meta_from``: built on the meta device (parameters only) and its
+    shards loaded from that checkpoint dir, so no rank ever holds the full model."""
+    if meta_from is None:
+        model = tiny_model("tiny-llama", seed=0)
+    else:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta_from))
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device == "meta":
-        model = model.to("meta")
     ids = torch.randint(0, 128, (2, 8))
     ex = {"input_ids": ids, "labels": ids}
     cm = peftc.compile(model, spec_of(optimize, methods), ex)
+    if meta_from is not None:
+        assert all(p.device.type == "meta" for p in model.parameters())
+        cm.loaded = pd.load_sharded(cm, meta_from)
     if extra_adapter:
         cm.add_adapter(spec_of({**optimize}, ({"lora": {"targets": ["k_proj", "o_proj"], "r": 2, "dropout": 0.0}},),
                                "second"))
@@ -61,7 +71,7 @@ def nonzero_adapters(cm) -> None:
 
 def train(cm, ids_list, *, local: bool, step_fn=None):
     """3 AdamW steps; with ``local`` each rank takes its slice of every global batch."""
-    model = step_fn or cm
+    model = step_fn if step_fn is not None else cm
     opt = torch.optim.AdamW([p for p in cm.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for ids in ids_list:
@@ -241,6 +251,112 @@ def case_multi(results):
 
 def case_compile(results):
     compare("torch_compile", {"fuse": {}, "shard": {}}, results, wrap=torch.compile)
+
+
+def case_bad_mesh(results):
+    try:
+        peftc.compile(tiny_model("tiny-llama"), spec_of({"shard": {"mesh": [3, 1]}}), {"input_ids": torch.ones(1, 4, dtype=torch.long)})
+    except peftc.SpecError as e:
+        results["bad_mesh"] = {"error": str(e)}
+    else:
+        raise AssertionError("a mesh of 3 ranks on a world of 2 was accepted")
+
+
+def _shared_dir() -> str:
+    d = os.environ["PEFTC_TEST_DIR"]
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def case_save_export(results):
+    """save_adapter: rank 0 writes, every rank loads; the merged export gathers the shards."""
+    from safetensors.torch import load_file
+
+    from peftc import peft_io
+
+    cm, _ = build({"shard": {}})
+    nonzero_adapters(cm)
+    calls = []
+    write = peft_io.write_adapter
+    peft_io.write_adapter = lambda *a, **k: (calls.append(a[0]), write(*a, **k))
+    try:
+        path = cm.save_adapter(os.path.join(_shared_dir(), "adapter"))
+    finally:
+        peft_io.write_adapter = write
+    assert len(calls) == (1 if dist.get_rank() == 0 else 0), calls
+    sd = load_file(str(path / "adapter_model.safetensors"))  # exists on every rank after the barrier
+    before = adapter_weights(cm)
+    with torch.no_grad():
+        for p in cm.parameters():
+            if p.requires_grad:
+                p.zero_()
+    cm.load_adapter_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in adapter_weights(cm).items())
+    out = pd.save_merged_sharded(cm, os.path.join(_shared_dir(), "merged"))
+    result = {"writes": len(calls)}
+    if dist.get_rank() == 0:
+        merged = load_file(str(out / "model.safetensors"))
+        base = tiny_model("tiny-llama", seed=0).state_dict()
+        err = 0.0
+        for key, w in base.items():
+            path_, _, leaf = key.rpartition(".")
+            expect = w
+            if leaf == "weight" and path_.endswith(("q_proj", "v_proj")):
+                lora = cm.adapters.get_submodule(f"{path_}.lora.default")
+                expect = w + 2.0 * lora.lora_B.weight.detach() @ lora.lora_A.weight.detach()
+            if key in merged:
+                err = max(err, (merged[key] - expect).abs().max().item())
+        result["merged_max_err"] = err
+        assert err <= 1e-5, err
+    results["save_export"] = result
+
+
+def case_meta(results):
+    """Compile on the meta device, load each rank's shard from a safetensors checkpoint, train."""
+    ckpt = os.path.join(_shared_dir(), "base")
+    if dist.get_rank() == 0:
+        tiny_model("tiny-llama", seed=0).save_pretrained(ckpt + ".tmp", safe_serialization=True)
+        os.replace(ckpt + ".tmp", ckpt)
+    dist.barrier()
+    cm = compare("meta_start", {"shard": {}}, results, meta_from=ckpt)
+    results["meta_start"]["loaded"] = cm.loaded
+    assert cm.loaded["shards"] <= 0.55 * results["meta_start"]["base_bytes"], cm.loaded
+
+
+def case_stall(results):
+    """Rank 1 stops taking part: rank 0's next collective fails within the group's timeout."""
+    cm, _ = build({"shard": {}})
+    ids = batches()[0].chunk(2)[dist.get_rank()]
+    cm(input_ids=ids, labels=ids).loss.backward()
+    marker = os.path.join(_shared_dir(), "stall-done")
+    if dist.get_rank() == 1:
+        for _ in range(600):  # stalled, until rank 0 has its error (or 60 s)
+            if os.path.exists(marker):
+                break
+            time.sleep(0.1)
+        os._exit(0)
+    t0 = time.perf_counter()
+    try:
+        cm(input_ids=ids, labels=ids).loss.backward()
+    except peftc.PeftcError as e:
+        results["stall"] = {"error": str(e)[:400], "seconds_to_error": round(time.perf_counter() - t0, 2)}
+    else:
+        raise AssertionError("a step ran with a stalled rank")
+    open(marker, "w").close()
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os._exit(0)  # the group is broken: no destroy_process_group
+
+
+def case_die(results):
+    """Rank 1 dies mid-training: the launch fails within the timeout, never hangs."""
+    cm, _ = build({"shard": {}})
+    ids = batches()[0].chunk(2)[dist.get_rank()]
+    cm(input_ids=ids, labels=ids).loss.backward()
+    if dist.get_rank() == 1:
+        os._exit(3)
+    cm(input_ids=ids, labels=ids).loss.backward()
+    raise AssertionError("a step ran with a dead rank")
 
 
 CASES = {n.removeprefix("case_"): f for n, f in globals().items() if n.startswith("case_")}

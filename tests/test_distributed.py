@@ -1,0 +1,138 @@
+"""Sharded and data-parallel training on 2 gloo ranks (torchrun, CPU) against one process.
+
+The launches run tests/dist_workers/worker.py (cases named there); the checks that need no
+process group (settings, padding, checkpoint slices, the error without torchrun) run here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftc
+from peftc import distributed as pd
+from peftc.models import example_inputs, tiny_model
+from peftc.passes import shard
+
+WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
+LORA = {"lora": {"targets": ["q_proj", "v_proj"], "r": 2}}
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("references")  # single-process runs shared by the launches
+
+
+def launch(cases, tmp_path, ref_cache, *, timeout=300, group_timeout=30, check=True):
+    """``torchrun --nproc_per_node 2 worker.py OUT CASES``; returns (results, seconds, process)."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PEFTC_REF_CACHE=str(ref_cache), PEFTC_TEST_DIR=str(tmp_path / "shared"),
+               PEFTC_TEST_TIMEOUT=str(group_timeout), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), *cases]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads(out.read_text()) if out.exists() else {}
+    return results, seconds, proc
+
+
+# ---------------------------------------------------------------- 2 ranks
+
+
+def test_shard_and_ddp_match_one_process(tmp_path, ref_cache):
+    r, _, _ = launch(["shard", "ddp", "no_reshard", "hybrid", "fully_shard", "bad_mesh"], tmp_path, ref_cache)
+    for name in ("shard", "ddp", "no_reshard_prefetch", "hybrid_mesh_2x1"):
+        assert r[name]["loss_diff"] <= 1e-5 and r[name]["weight_diff"] <= 1e-4, (name, r[name])
+    s = r["shard"]
+    assert s["live_bytes"] <= 0.6 * s["base_bytes"], s  # every live tensor, after the step
+    assert s["gathered_alive_after_forward"] == 0 and s["peak_gathered"] > 0
+    assert s["counts"]["shard"] == 21 and s["counts"]["shard_grad_mean"] == 8
+    assert r["no_reshard_prefetch"]["kept_after_forward"] > 0 == r["no_reshard_prefetch"]["kept_after_backward"]
+    assert "optimize: {shard" in r["fully_shard"]["error"]
+    assert "optimize.shard.mesh" in r["bad_mesh"]["error"]
+
+
+def test_shard_composes_with_fuse_recompute_quantize_and_two_adapters(tmp_path, ref_cache):
+    r, _, _ = launch(["fuse", "recompute_blocks", "recompute_adapters", "quantize", "multi"], tmp_path, ref_cache)
+    for name in ("fuse", "recompute_blocks", "recompute_adapters", "quantize_nf4", "two_adapters"):
+        assert r[name]["loss_diff"] <= 1e-5 and r[name]["weight_diff"] <= 1e-4, (name, r[name])
+    assert r["recompute_blocks"]["counts"]["shard_in_blocks"] > 0
+    assert r["quantize_nf4"]["live_bytes"] <= 0.6 * r["quantize_nf4"]["base_bytes"]
+
+
+def test_shard_under_torch_compile(tmp_path, ref_cache):
+    r, _, _ = launch(["compile"], tmp_path, ref_cache, timeout=590)
+    assert r["torch_compile"]["loss_diff"] <= 1e-5 and r["torch_compile"]["weight_diff"] <= 1e-4
+
+
+def test_rank0_save_merged_export_and_meta_start(tmp_path, ref_cache):
+    r, _, _ = launch(["save_export", "meta"], tmp_path, ref_cache)
+    assert r["save_export"]["writes"] == 1 and r["save_export"]["merged_max_err"] <= 1e-5
+    m = r["meta_start"]
+    assert m["loss_diff"] <= 1e-5 and m["weight_diff"] <= 1e-4 and m["live_bytes"] <= 0.6 * m["base_bytes"]
+
+
+def test_stalled_rank_fails_within_the_group_timeout(tmp_path, ref_cache):
+    r, _, _ = launch(["stall"], tmp_path, ref_cache, group_timeout=5)
+    assert "did not reach it within the process group's timeout" in r["stall"]["error"]
+    assert r["stall"]["seconds_to_error"] <= 5 + 10, r["stall"]
+
+
+def test_dead_rank_fails_the_launch_instead_of_hanging(tmp_path, ref_cache):
+    _, seconds, proc = launch(["die"], tmp_path, ref_cache, group_timeout=5, check=False, timeout=240)
+    assert proc.returncode != 0
+    assert "exitcode  : 3" in proc.stderr or "exitcode: 3" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- no process group
+
+
+def test_shard_without_process_group_is_a_spec_error_before_capture():
+    with pytest.raises(peftc.SpecError, match="torchrun"):
+        peftc.compile(tiny_model("tiny-llama"), {"methods": [LORA], "optimize": {"shard": {}}},
+                      example_inputs("tiny-llama"))
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"reshard": True}, "optimize.shard.reshard"),
+    ({"prefetch": True}, "optimize.shard.prefetch"),  # needs reshard_after_forward: false
+    ({"mesh": [2]}, "optimize.shard.mesh"),
+    ({"mesh": [0, 2]}, "optimize.shard.mesh"),
+    ({"reshard_after_forward": "yes"}, "optimize.shard.reshard_after_forward"),
+])
+def test_bad_shard_settings(settings, field):
+    with pytest.raises(peftc.SpecError) as e:
+        peftc.Spec.from_dict({"methods": [LORA], "optimize": {"shard": settings}})
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("shape, world", [((7, 5), 3), ((64,), 3), ((3, 4), 5), ((6, 4), 2)])
+def test_flat_shards_pad_any_world_size(shape, world):
+    t = torch.randn(shape)
+    shards = [pd.shard_flat(t, r, world) for r in range(world)]
+    assert len({s.numel() for s in shards}) == 1  # equal chunks: all_gather needs them
+    assert torch.equal(torch.cat(shards)[: t.numel()].view(shape), t)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_checkpoint_rows_read_per_rank(tmp_path, world):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t = torch.randn(7, 5)
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        for r in range(world):
+            assert torch.equal(pd._read_chunk(f, "w", (7, 5), r, world), pd.shard_flat(t, r, world))
+
+
+def test_settings_defaults():
+    assert shard.check_settings({}) == {"reshard_after_forward": True, "prefetch": False, "mesh": None}
