@@ -165,7 +165,7 @@ def _gather_inside(gm: fx.GraphModule, call: fx.Node, w: fx.Node, shard_node: fx
             with region.graph.inserting_after(ph):
                 g = region.graph.call_function(torch.ops.peftc.shard_gather.default, (ph, *args))
             _tag(g, next(iter(ph.users), ph), key, "gather", adapter)
-            ph.replace_all_uses_with(g, delete_user_cb=lambda n: n is not g)
+            ph.replace_all_uses_with(g, delete_user_cb=lambda n, g=g: n is not g)
     region.recompile()
     call.replace_input_with(w, shard_node)
 
@@ -190,7 +190,7 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             with gm.graph.inserting_after(w):
                 m = gm.graph.call_function(torch.ops.peftc.grad_mean.default, (w, groups.data, groups.world))
             _tag(m, w, w.target, "grad_mean", adapter)
-            w.replace_all_uses_with(m, delete_user_cb=lambda n: n is not m)
+            w.replace_all_uses_with(m, delete_user_cb=lambda n, m=m: n is not m)
             counts["shard_grad_mean"] += 1
             continue
         key = owners.get(id(t))
