@@ -33,21 +33,23 @@ LLAMA = {  # transformers LlamaConfig fields of the published models
 }
 
 
-def saved_bytes_on_meta(cm, **inputs) -> int:
-    """Bytes autograd keeps for backward over one forward, on meta tensors (each storage once)."""
-    seen: dict[int, int] = {}
+def saved_bytes_on_meta(cm, seq: int, **inputs) -> tuple[int, int]:
+    """Bytes autograd keeps for backward over one forward, on meta tensors (each storage once),
+    and the part of them in (.., seq, seq) floating tensors (attention probabilities)."""
+    seen: dict[int, tuple[int, bool]] = {}
     frozen = {p.untyped_storage()._cdata for p in [*cm.parameters(), *cm.buffers()]}
 
     def pack(t):
         s = t.untyped_storage()
         if s._cdata not in frozen:
-            seen[s._cdata] = s.nbytes()
+            square = t.dim() >= 2 and tuple(t.shape[-2:]) == (seq, seq) and t.is_floating_point()
+            seen[s._cdata] = (s.nbytes(), square)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = cm(**inputs)
     del out
-    return sum(seen.values())
+    return sum(n for n, _ in seen.values()), sum(n for n, sq in seen.values() if sq)
 
 
 def memory_plan(name: str, world: int, seq: int, batch: int, dtype=torch.bfloat16) -> str:
@@ -68,9 +70,9 @@ def memory_plan(name: str, world: int, seq: int, batch: int, dtype=torch.bfloat1
     sharded = sum(pd.shard_range(p.numel(), 0, world)[2] * p.element_size() for p in frozen)
     biggest = max(p.numel() * p.element_size() for p in frozen)
     adapters = sum(p.numel() * p.element_size() for p in cm.trainable_parameters())
-    act = saved_bytes_on_meta(cm, input_ids=ids, labels=ids)
+    act, square = saved_bytes_on_meta(cm, seq, input_ids=ids, labels=ids)
     cm.gradient_checkpointing_enable()
-    act_rc = saved_bytes_on_meta(cm, input_ids=ids, labels=ids)
+    act_rc, _ = saved_bytes_on_meta(cm, seq, input_ids=ids, labels=ids)
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     rows = [
         (f"base weights ({dtype}, {full / 2**30:.1f} GiB in all) / {world} ranks", sharded),
@@ -78,6 +80,7 @@ def memory_plan(name: str, world: int, seq: int, batch: int, dtype=torch.bfloat1
         ("LoRA r=16 adapters + grads (replicated)", 2 * adapters),
         ("AdamW states (exp_avg, exp_avg_sq)", 2 * adapters),
         (f"activations saved for backward, {batch}x{seq} tokens", act),
+        ("  of which S x S attention probabilities (SDPA math path)", square),
         ("  ... with recompute: {policy: blocks}", act_rc),
     ]
     total = sharded + biggest + 4 * adapters

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from peftc import distributed
-from peftc.errors import SpecError
+from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, SUMMARY_LINES, fetch_attr, mount_adapter
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.passes.recompute_ops import Checkpointed, extract_region
@@ -254,11 +254,14 @@ def _prefetch(gm: fx.GraphModule, gathers: list[fx.Node]) -> None:
     order = sorted(spans)
     first = {i: spans[i][0] for i in order}
     block_of = {n: i for i in order for n in spans[i]}
+    pos = {n: k for k, n in enumerate(gm.graph.nodes)}
     for g in gathers:
-        user = min(g.users, key=lambda n: list(gm.graph.nodes).index(n), default=None)
+        user = min(g.users, key=pos.__getitem__, default=None)
         i = block_of.get(user)
         if i is not None and order.index(i) > 0:
-            first[order[order.index(i) - 1]].prepend(g)
+            start = first[order[order.index(i) - 1]]
+            start.prepend(g.args[0])  # the shard's get_attr, then its gather
+            start.prepend(g)
 
 
 def _line(settings: dict, groups, store: ShardStore, counts: dict) -> str:
@@ -291,11 +294,15 @@ def materialize_adapters(cm, seed: int = 0) -> None:
             m.to_empty(device="cpu", recurse=False)
 
 
-def _before_export(cm) -> None:
-    from peftc.errors import PeftcError
+def _before_merge(cm, requantize: bool) -> None:
+    raise PeftcError("merge() folds adapters into the base weights in place, but a sharded model's base weights "
+                     "live as per-rank shards; keep the adapter unmerged, or export a merged copy with "
+                     "peftc.distributed.save_merged_sharded(cm, path)")
 
+
+def _before_export(cm) -> None:
     raise PeftcError("the base weights are sharded across ranks: use peftc.distributed.save_merged_sharded(cm, path) "
                      "(every rank calls it; rank 0 writes one weight at a time)")
 
 
-register_optimization_hooks("shard", check_model=check_model, before_export=_before_export)
+register_optimization_hooks("shard", check_model=check_model, before_merge=_before_merge, before_export=_before_export)

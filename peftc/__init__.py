@@ -8,12 +8,13 @@
 
 from peftc import passes  # noqa: F401  (registers the methods before any spec is read)
 from peftc.compiled import CompiledModel, compile, from_peft
+from peftc.distributed import load_sharded
 from peftc.errors import CaptureError, CheckpointError, PassError, PeftcError, SpecError
 from peftc.memory import memory_report
 from peftc.spec import Spec
 
 __all__ = [
-    "Spec", "compile", "from_peft", "CompiledModel", "memory_report",
+    "Spec", "compile", "from_peft", "CompiledModel", "memory_report", "load_sharded",
     "PeftcError", "SpecError", "CaptureError", "CheckpointError", "PassError",
 ]
 __version__ = "0.1.0"
