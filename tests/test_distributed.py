@@ -137,3 +137,39 @@ def test_checkpoint_rows_read_per_rank(tmp_path, world):
 
 def test_settings_defaults():
     assert shard.check_settings({}) == {"reshard_after_forward": True, "prefetch": False, "mesh": None}
+
+
+def test_graph_gathers_inside_regions_on_a_world_of_one(tmp_path):
+    """The graph form, in-process (a gloo group of one rank): every gather sits in a checkpoint
+    region with the op that reads it, no top-level node reads a full frozen weight, and nothing
+    gathered outlives its op."""
+    import torch.distributed as dist
+
+    from peftc.graph import fetch_attr
+    from peftc.passes.recompute_ops import Checkpointed
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = tiny_model("tiny-llama")
+        frozen = {id(p) for p in model.parameters()}
+        ids = torch.randint(0, 128, (2, 8))
+        cm = peftc.compile(model, {"methods": [LORA], "optimize": {"shard": {}}}, {"input_ids": ids, "labels": ids})
+        gm = cm.graph_module
+        gather = torch.ops.peftc.shard_gather.default
+        assert not [n for n in gm.graph.nodes if n.target is gather]
+        regions = [m for m in gm.modules() if isinstance(m, Checkpointed)]
+        inside = sum(n.target is gather for r in regions for n in r.region.graph.nodes)
+        assert inside == cm.pass_counts["shard"] == cm.pass_counts["shard_regions"] == 21
+        reads = [n for n in gm.graph.nodes if n.op == "get_attr" and id(fetch_attr(gm, n.target)) in frozen]
+        assert not reads
+        assert all(p.untyped_storage().nbytes() <= 4 for p in model.parameters())  # released
+        assert "shard: 21 frozen tensors sharded over 1 of 1 ranks" in cm.graph_summary()
+        x = torch.randint(0, 128, (3, 5))  # another shape than the captured one
+        with pd.probe() as p:
+            loss = cm(input_ids=x, labels=x).loss
+            assert p.live() == 0 and p.gathers == 21
+            loss.backward()
+            assert p.gathers > 21  # gathered again in backward
+        assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in cm.trainable_parameters()[1::2])
+    finally:
+        dist.destroy_process_group()

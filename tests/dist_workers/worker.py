@@ -129,7 +129,8 @@ def live_tensor_bytes() -> int:
 
 def compare(name, optimize, results, wrap=None, **kw):
     """Distributed training of ``optimize`` vs the single-process reference, on rank 0."""
-    ref = reference(optimize, **kw) if dist.get_rank() == 0 else None
+    ref_kw = {k: v for k, v in kw.items() if k != "meta_from"}  # the reference starts from the real model
+    ref = reference(optimize, **ref_kw) if dist.get_rank() == 0 else None
     gc.collect()
     dist.barrier()
     before = live_tensor_bytes()
@@ -314,7 +315,7 @@ def case_save_export(results):
 def case_meta(results):
     """Compile on the meta device, load each rank's shard from a safetensors checkpoint, train."""
     ckpt = os.path.join(_shared_dir(), "base")
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and not os.path.exists(ckpt):
         tiny_model("tiny-llama", seed=0).save_pretrained(ckpt + ".tmp", safe_serialization=True)
         os.replace(ckpt + ".tmp", ckpt)
     dist.barrier()
