@@ -276,7 +276,7 @@ def _line(settings: dict, groups, store: ShardStore, counts: dict) -> str:
             f"{counts['shard_grad_mean']} adapter tensors' gradients averaged over {groups.world} ranks")
 
 
-def materialize_adapters(cm, seed: int = 0) -> None:
+def materialize_adapters(cm, seed: int = 0, device="cpu") -> None:
     """Adapters compiled on the meta device -> real tensors, initialised as at compile time (LoRA:
     A kaiming-uniform, B zero) from ``seed`` on every rank alike; other methods' adapters must be
     loaded (``cm.load_adapter_state_dict``) and are left empty."""
@@ -287,11 +287,11 @@ def materialize_adapters(cm, seed: int = 0) -> None:
         if not any(p.device.type == "meta" for p in m.parameters(recurse=False)) and not isinstance(m, LoraLinear):
             continue
         if isinstance(m, LoraLinear) and m.lora_A.weight.device.type == "meta":
-            m.to_empty(device="cpu")
+            m.to_empty(device=device)
             m.lora_A.reset_parameters()
             nn.init.zeros_(m.lora_B.weight)
         elif not isinstance(m, LoraLinear):
-            m.to_empty(device="cpu", recurse=False)
+            m.to_empty(device=device, recurse=False)
 
 
 def _before_merge(cm, requantize: bool) -> None:

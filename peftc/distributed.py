@@ -244,11 +244,29 @@ def _read_chunk(handle, key: str, shape: tuple[int, ...], rank: int, world: int)
     return out
 
 
-def load_sharded(cm, directory, *, prefix: str = "") -> dict[str, int]:
+def _swap(model, name: str, old: torch.Tensor, value: torch.Tensor, swapped: dict) -> torch.Tensor:
+    """Registers ``value`` in place of the tensor at ``name`` (one new object per old one)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if id(old) not in swapped:
+        is_param = leaf in module._parameters
+        swapped[id(old)] = torch.nn.Parameter(value, requires_grad=False) if is_param else value
+    new = swapped[id(old)]
+    if leaf in module._parameters:
+        module._parameters[leaf] = new
+    else:
+        module._buffers[leaf] = new
+    return new
+
+
+def load_sharded(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int]:
     """Loads the base weights of a model compiled on the meta device (``optimize: {shard}``) from
     an HF safetensors checkpoint dir: each rank reads only the rows covering its shard of every
     sharded weight, and the small unsharded tensors whole. Adapters left on the meta device are
     created (``to_empty``) and initialised as at compile time, with the same seed on every rank.
+    The graphs captured on the meta device bake that device into their factory ops: they are
+    dropped and captured again on ``device`` at the next call (the released weights become
+    zero-stride placeholders there; the shards are found by identity, not sharded again).
     Returns bytes read per kind ({"shards", "whole"})."""
     from safetensors import safe_open
 
@@ -257,7 +275,9 @@ def load_sharded(cm, directory, *, prefix: str = "") -> dict[str, int]:
     store = shard_pass.shard_store(cm)
     directory = Path(directory)
     wanted = dict(store.entries)  # checkpoint key -> (buffer name, shape, dtype, rank, world)
-    names = {n: t for n, t in [*cm.base_model.named_parameters(), *cm.base_model.named_buffers()]}
+    names = {n: t for n, t in [*cm.base_model.named_parameters(remove_duplicate=False),
+                               *cm.base_model.named_buffers(remove_duplicate=False)]}
+    swapped: dict[int, torch.Tensor] = {}  # a meta tensor cannot take CPU data: new objects, ties kept
     read = {"shards": 0, "whole": 0}
     for path in _checkpoint_files(directory):
         with safe_open(str(path), framework="pt") as f:
@@ -265,18 +285,22 @@ def load_sharded(cm, directory, *, prefix: str = "") -> dict[str, int]:
                 name = key.removeprefix(prefix)
                 if name in wanted:
                     buf, shape, dtype, rank, world = wanted.pop(name)
-                    chunk = _read_chunk(f, key, shape, rank, world).to(dtype)
+                    chunk = _read_chunk(f, key, shape, rank, world).to(device=device, dtype=dtype)
                     store.set_shard(buf, chunk)
                     read["shards"] += chunk.numel() * chunk.element_size()
                 elif name in names and names[name].device.type == "meta" and name not in store.released:
-                    t = names[name]
-                    value = f.get_tensor(key).to(t.dtype)
-                    t.data = value
+                    value = f.get_tensor(key).to(device=device, dtype=names[name].dtype)
+                    _swap(cm.base_model, name, names[name], value, swapped)
                     read["whole"] += value.numel() * value.element_size()
     if wanted:
         raise CheckpointError(f"{directory}: no weights for sharded {sorted(wanted)[:5]} "
                               f"({len(wanted)} missing; prefix={prefix!r})")
-    shard_pass.materialize_adapters(cm)
+    for name, t in names.items():
+        if t.device.type == "meta" and name in store.released:
+            new = _swap(cm.base_model, name, t, torch.zeros((), dtype=t.dtype, device=device).expand(t.shape), swapped)
+            store.by_id[id(new)] = name
+    shard_pass.materialize_adapters(cm, device=device)
+    cm.graphs.clear()
     return read
 
 
