@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.fsdp import FSDPModule
 
 from peftc.errors import CheckpointError, PeftcError, SpecError
 
@@ -208,8 +209,6 @@ def on_rank0(write, collective: bool = True):
 def check_not_wrapped(cm) -> None:
     """FSDP2 ``fully_shard(cm)`` swaps the parameters for DTensors the captured graphs never read:
     training would silently update copies. Refuse, naming what to use instead."""
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(cm, FSDPModule):
         raise PeftcError("fully_shard() was applied to a CompiledModel: its graphs read the parameters "
                          "captured at compile time, not FSDP's sharded DTensors. Use "

@@ -47,38 +47,52 @@ def launch(cases, tmp_path, ref_cache, *, timeout=300, group_timeout=30, check=T
 # ---------------------------------------------------------------- 2 ranks
 
 
-def test_shard_and_ddp_match_one_process(tmp_path, ref_cache):
-    r, _, _ = launch(["shard", "ddp", "no_reshard", "hybrid", "fully_shard", "bad_mesh"], tmp_path, ref_cache)
-    for name in ("shard", "ddp", "no_reshard_prefetch", "hybrid_mesh_2x1"):
+def matches(r, *names):
+    """Losses within 1e-5 and adapter weights within 1e-4 of one process after 3 AdamW steps."""
+    for name in names:
         assert r[name]["loss_diff"] <= 1e-5 and r[name]["weight_diff"] <= 1e-4, (name, r[name])
+
+
+def test_shard_and_ddp_match_one_process(tmp_path, ref_cache):
+    r, _, _ = launch(["shard", "ddp", "fully_shard", "bad_mesh"], tmp_path, ref_cache)
+    matches(r, "shard", "ddp")
     s = r["shard"]
     assert s["live_bytes"] <= 0.6 * s["base_bytes"], s  # every live tensor, after the step
     assert s["gathered_alive_after_forward"] == 0 and s["peak_gathered"] > 0
     assert s["counts"]["shard"] == 21 and s["counts"]["shard_grad_mean"] == 8
-    assert r["no_reshard_prefetch"]["kept_after_forward"] > 0 == r["no_reshard_prefetch"]["kept_after_backward"]
     assert "optimize: {shard" in r["fully_shard"]["error"]
     assert "optimize.shard.mesh" in r["bad_mesh"]["error"]
 
 
-def test_shard_composes_with_fuse_recompute_quantize_and_two_adapters(tmp_path, ref_cache):
-    r, _, _ = launch(["fuse", "recompute_blocks", "recompute_adapters", "quantize", "multi"], tmp_path, ref_cache)
-    for name in ("fuse", "recompute_blocks", "recompute_adapters", "quantize_nf4", "two_adapters"):
-        assert r[name]["loss_diff"] <= 1e-5 and r[name]["weight_diff"] <= 1e-4, (name, r[name])
+def test_shard_options_no_reshard_prefetch_and_hybrid_mesh(tmp_path, ref_cache):
+    r, _, _ = launch(["no_reshard", "hybrid"], tmp_path, ref_cache)
+    matches(r, "no_reshard_prefetch", "hybrid_mesh_2x1")
+    assert r["no_reshard_prefetch"]["kept_after_forward"] > 0 == r["no_reshard_prefetch"]["kept_after_backward"]
+
+
+def test_shard_composes_with_fuse_and_recompute(tmp_path, ref_cache):
+    r, _, _ = launch(["fuse", "recompute_blocks", "recompute_adapters"], tmp_path, ref_cache)
+    matches(r, "fuse", "recompute_blocks", "recompute_adapters")
     assert r["recompute_blocks"]["counts"]["shard_in_blocks"] > 0
+
+
+def test_shard_composes_with_quantize_and_two_adapters(tmp_path, ref_cache):
+    r, _, _ = launch(["quantize", "multi"], tmp_path, ref_cache)
+    matches(r, "quantize_nf4", "two_adapters")
     assert r["quantize_nf4"]["live_bytes"] <= 0.6 * r["quantize_nf4"]["base_bytes"]
 
 
 @pytest.mark.slow  # inductor compiles each rank's graphs: minutes on a loaded 2-core CPU
 def test_shard_under_torch_compile(tmp_path, ref_cache):
     r, _, _ = launch(["compile"], tmp_path, ref_cache, timeout=590)
-    assert r["torch_compile"]["loss_diff"] <= 1e-5 and r["torch_compile"]["weight_diff"] <= 1e-4
+    matches(r, "torch_compile")
 
 
 def test_rank0_save_merged_export_and_meta_start(tmp_path, ref_cache):
     r, _, _ = launch(["save_export", "meta"], tmp_path, ref_cache)
     assert r["save_export"]["writes"] == 1 and r["save_export"]["merged_max_err"] <= 1e-5
-    m = r["meta_start"]
-    assert m["loss_diff"] <= 1e-5 and m["weight_diff"] <= 1e-4 and m["live_bytes"] <= 0.6 * m["base_bytes"]
+    matches(r, "meta_start")
+    assert r["meta_start"]["live_bytes"] <= 0.6 * r["meta_start"]["base_bytes"]
 
 
 def test_stalled_rank_fails_within_the_group_timeout(tmp_path, ref_cache):
