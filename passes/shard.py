@@ -159,10 +159,11 @@ def _gather_inside(gm: fx.GraphModule, call: fx.Node, w: fx.Node, shard_node: fx
     """A Checkpointed region reads W: it gets the shard instead and gathers it itself."""
     region = gm.get_submodule(call.target).region
     phs = [n for n in region.graph.nodes if n.op == "placeholder"]
+    pos = {n: k for k, n in enumerate(region.graph.nodes)}
     for i, a in enumerate(call.args):
-        if a is w:
+        if a is w and phs[i].users:
             ph = phs[i]
-            with region.graph.inserting_after(ph):
+            with region.graph.inserting_before(min(ph.users, key=pos.__getitem__)):  # right before its first use
                 g = region.graph.call_function(torch.ops.peftc.shard_gather.default, (ph, *args))
             _tag(g, next(iter(ph.users), ph), key, "gather", adapter)
             ph.replace_all_uses_with(g, delete_user_cb=lambda n, g=g: n is not g)
