@@ -148,7 +148,7 @@ def _span(u: fx.Node) -> list[fx.Node]:
 
 
 def _tag(node: fx.Node, like: fx.Node, key: str, role: str, adapter: str) -> fx.Node:
-    node.meta[PEFTC] = {"method": "shard", "adapter": adapter, "module": key, "role": role}
+    node.meta[PEFTC] = {"method": "shard", "adapter": adapter, "module": key, "role": role, "optimization": "sharded"}
     if "nn_module_stack" in like.meta:
         node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
     return node
@@ -217,7 +217,8 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 name = f"_peftc_shard_{counts['shard_regions']}"
                 call = extract_region(gm, [shared, *_span(u)], name)
                 if call is not None:
-                    call.meta[PEFTC] = {"method": "shard", "adapter": adapter, "module": key, "role": "regather"}
+                    call.meta[PEFTC] = {"method": "shard", "adapter": adapter, "module": key, "role": "regather",
+                                        "optimization": "sharded"}
                     counts["shard_regions"] += 1
             else:
                 gathers.append(shared)
