@@ -218,7 +218,7 @@ def _widen_mask(gm: fx.GraphModule, mask: fx.Node, p: int, info: dict) -> fx.Nod
     return out
 
 
-_INDEX_OPS = {aten.add.Tensor, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.view.default,
+_INDEX_OPS = {aten.add.Tensor, aten.clamp.default, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.view.default,
               aten.reshape.default, aten.clone.default, aten._to_copy.default, aten.to.dtype}
 
 
