@@ -273,6 +273,8 @@ class Generator:
                 raise SpecError(bad, type(kwargs[bad]).__name__, "unset: cm.generate runs its own static KV cache")
         if kwargs.get("use_cache") is False:
             raise SpecError("use_cache", False, "True: cm.generate always uses its KV cache")
+        if self._virtual_tokens() and ids.shape[1] < 2:  # a length-1 capture fixes the length the prompt widens
+            raise SpecError("input_ids", tuple(ids.shape), "a prompt of 2 tokens or more with a prompt-tuning adapter")
         self._names = self._check_names(adapter_names, ids.shape[0])
         cache = _KVCache(self._cache_length(lm, ids, kwargs) + self._virtual_tokens())
         original = lm.__dict__.get("forward")

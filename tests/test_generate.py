@@ -156,6 +156,10 @@ def test_refusals():
         cm.generate(input_ids=ids, past_key_values=object())
     with pytest.raises(peftc.SpecError, match="input_ids"):
         cm.generate(inputs_embeds=torch.randn(1, 3, 64))
+    prompt = peftc.compile(tiny_model("tiny-llama"), {"methods": [{"prompt": {"tokens": 3}}]},
+                           example_inputs("tiny-llama"))
+    with pytest.raises(peftc.SpecError, match="2 tokens or more"):
+        prompt.generate(input_ids=ids[:, :1])
     t5 = peftc.compile(tiny_model("tiny-t5"), {"methods": [{"lora": {"targets": ["q", "v"]}}]}, example_inputs("tiny-t5"))
     with pytest.raises(peftc.PeftcError, match="decoder-only"):
         t5.generate(input_ids=ids)
