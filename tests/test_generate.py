@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 import peftc
 from peftc.generation import generator
@@ -17,7 +24,11 @@ CONFIGS = {
                                target_modules="all-linear"),
     "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "ptuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=32),
+    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
 }
+CASES = [(n, m) for n in ("tiny-llama", "tiny-gpt2") for m in ("lora", "prefix", "prompt")]
+CASES += [("tiny-llama", "ptuning"), ("tiny-llama", "ia3")]
 
 
 def _batch(seed: int = 1, batch: int = 3, length: int = 7):
@@ -41,8 +52,7 @@ def _pair(tmp_path, name: str, method: str):
     return pm, peftc.from_peft(fresh, tmp_path / "peft", example_inputs(name))
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize(("name", "method"), CASES)
 def test_greedy_tokens_equal_peft(tmp_path, name, method):
     pm, cm = _pair(tmp_path, name, method)
     ids, mask = _batch()
@@ -163,3 +173,20 @@ def test_refusals():
     t5 = peftc.compile(tiny_model("tiny-t5"), {"methods": [{"lora": {"targets": ["q", "v"]}}]}, example_inputs("tiny-t5"))
     with pytest.raises(peftc.PeftcError, match="decoder-only"):
         t5.generate(input_ids=ids)
+
+
+def test_bottleneck_adapter_equals_the_cacheless_loop():
+    """A method PEFT lacks: the cached step graphs give the tokens of whole-sequence forwards."""
+    cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [{"bottleneck": {"placement": "houlsby"}}]},
+                       example_inputs("tiny-llama")).eval()
+    torch.manual_seed(12)
+    with torch.no_grad():
+        for p in cm.trainable_parameters():
+            p.normal_(0, 0.3)  # AdapterHub's init starts near the identity
+    ids, mask = _batch(seed=13)
+    out = cm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, _greedy_without_cache(cm, ids, mask, 6))
+    with torch.no_grad():
+        bare = cm.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0)
+    assert not torch.equal(out, bare)
