@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import time
 from collections import Counter
 
 import torch
@@ -98,42 +99,36 @@ class _DecodeView:
         return AdapterState(spec, [s.targets[i] for i in keep], s.trainable)
 
 
-def _slot_layer(keys: torch.Tensor, values: torch.Tensor, past: torch.Tensor):
+@functools.cache
+def _slot_layer():
+    """The traced cache's layer class (made on first use: transformers is imported lazily)."""
     from transformers.cache_utils import StaticLayer
 
-    class _SlotLayer(StaticLayer):
-        """One layer of the traced cache: ``keys``/``values`` are graph inputs, written in place
-        from slot ``past`` on; the mask spans their whole (symbolic) length."""
+    class SlotLayer(StaticLayer):
+        """``keys``/``values`` are graph inputs, written in place from slot ``past`` on; the mask
+        spans their whole (symbolic) length, so one graph serves every cache length."""
 
-        update, get_mask_sizes, get_seq_length, get_max_cache_shape = (
-            _Slots.update, _Slots.get_mask_sizes, _Slots.get_seq_length, _Slots.get_max_cache_shape)
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: torch.Tensor):
+            super().__init__(max_cache_len=1)
+            self.keys, self.values, self.past = keys, values, past
+            self.is_initialized, self.max_cache_len = True, keys.shape[2]
 
-    layer = _SlotLayer(max_cache_len=1)
-    _Slots.__init__(layer, keys, values, past)
-    return layer
+        def update(self, key_states, value_states, *args, **kwargs):
+            slots = torch.arange(key_states.shape[-2], device=key_states.device) + self.past
+            self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
+            self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+            return self.keys, self.values
 
+        def get_mask_sizes(self, query_length) -> tuple:
+            return self.keys.shape[2], 0
 
-class _Slots:
-    """The methods of a traced cache layer (``_slot_layer``; transformers imported lazily)."""
+        def get_seq_length(self):
+            return self.past
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: torch.Tensor):
-        self.keys, self.values, self.past = keys, values, past
-        self.is_initialized, self.max_cache_len = True, keys.shape[2]
+        def get_max_cache_shape(self):
+            return self.keys.shape[2]
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        slots = torch.arange(key_states.shape[-2], device=key_states.device) + self.past
-        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length) -> tuple:
-        return self.keys.shape[2], 0
-
-    def get_seq_length(self):
-        return self.past
-
-    def get_max_cache_shape(self):
-        return self.keys.shape[2]
+    return SlotLayer
 
 
 def _layers(lm) -> int:
@@ -175,11 +170,11 @@ class _Step(nn.Module):
         n = len(kv) // 2
         seq = input_ids.shape[1]
         positions = (torch.arange(seq, device=input_ids.device) + start).clamp(min=0)
-        layers = [_slot_layer(kv[f"key_{i}"], kv[f"value_{i}"], past) for i in range(n)]
+        layers = [_slot_layer()(kv[f"key_{i}"], kv[f"value_{i}"], past) for i in range(n)]
         extra = {"logits_to_keep": 1} if self._keep else {}
         lm = self._lm  # its class's forward: the instance's is Generator.step during generate
         out = type(lm).forward(lm, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       past_key_values=_traced_cache(self.config, layers), use_cache=True, **extra)
+                               past_key_values=_traced_cache(self.config, layers), use_cache=True, **extra)
         return out.logits[:, -1:]
 
 
@@ -219,8 +214,8 @@ class Generator:
 
     ``prefill`` and ``decode`` are GraphCaches over the model captured by ``_Step`` (they share
     the captures): ``prefill`` rewrites as the compiled model does, ``decode`` leaves out token
-    insertion. ``stats``: ``captures``, ``prefill`` and ``decode`` graph calls, ``steps`` (HF's
-    model calls)."""
+    insertion. ``stats``: ``captures`` (and ``capture_seconds``), ``prefill`` and ``decode`` graph
+    calls, ``steps`` (HF's model calls)."""
 
     def __init__(self, cm):
         self.cm = cm
@@ -231,8 +226,11 @@ class Generator:
         self.decode.captured = self.prefill.captured
 
     def _capture(self, kwargs: dict) -> fx.GraphModule:
+        t0 = time.perf_counter()
+        gm = torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export")[0]
         self.stats["captures"] += 1
-        return torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export")[0]
+        self.stats["capture_seconds"] += time.perf_counter() - t0
+        return gm
 
     def invalidate(self, *, captures: bool = False) -> None:
         if captures:
