@@ -43,6 +43,8 @@ from peftc.graph_cache import MASKS, GraphCache
 
 __all__ = ["Generator", "generate", "generator", "reset"]
 
+_MODE = "peftc_generation_training"  # graph meta: the train flag its dropouts were last set to
+
 
 def generator(cm) -> Generator:
     """The compiled model's generation engine (made on first use, kept on the model)."""
@@ -70,6 +72,10 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
         out = cm.generate(input_ids=ids, num_beams=3, max_new_tokens=8)
         out = cm.generate(input_ids=ids, adapter_names=["a", "__base__"], max_new_tokens=8)  # per sample
     """
+    lm = cm.base_model
+    if (not hasattr(lm, "generate") or getattr(lm, "config", None) is None
+            or getattr(lm.config, "is_encoder_decoder", False)):
+        raise PeftcError(f"generate needs a decoder-only HF language model; {type(lm).__name__} is not one")
     return generator(cm).generate(*args, adapter_names=adapter_names, **kwargs)
 
 
@@ -254,8 +260,6 @@ class Generator:
     # ---- the call --------------------------------------------------------------------------
     def generate(self, *args, adapter_names=None, **kwargs):
         lm = self.cm.base_model
-        if not hasattr(lm, "generate") or getattr(lm.config, "is_encoder_decoder", False):
-            raise PeftcError(f"generate needs a decoder-only HF language model; {type(lm).__name__} is not one")
         if args:
             kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else None
             if kwargs is None:
@@ -312,9 +316,9 @@ class Generator:
 
         self.stats["steps"] += 1
         batch, seq = input_ids.shape
-        like = next(p for p in self.cm.base_model.parameters() if p.is_floating_point())
         prefill = cache.seen == 0
         if prefill:
+            like = next(p for p in self.cm.base_model.parameters() if p.is_floating_point())
             cache.allocate(batch, self._geometry(), like)
         if attention_mask is None:
             attention_mask = torch.ones(batch, cache.seen + seq, dtype=torch.long, device=input_ids.device)
@@ -348,5 +352,7 @@ class Generator:
             for n in used:
                 mask = torch.tensor([name == n for name in names], dtype=torch.float32, device=device)
                 gm.get_submodule(MASKS).register_buffer(n, mask, persistent=False)
-        set_training(gm, training)
+        if gm.meta.get(_MODE) is not training:  # dropout as the compiled model's mode (HF's generate too)
+            set_training(gm, training)
+            gm.meta[_MODE] = training
         return gm

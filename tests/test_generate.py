@@ -170,6 +170,10 @@ def test_refusals():
                            example_inputs("tiny-llama"))
     with pytest.raises(peftc.SpecError, match="2 tokens or more"):
         prompt.generate(input_ids=ids[:, :1])
+    plain = peftc.compile(tiny_model("tiny-torch"), {"methods": [{"lora": {"targets": ["qkv"]}}]},
+                          example_inputs("tiny-torch"))
+    with pytest.raises(peftc.PeftcError, match="decoder-only"):
+        plain.generate(input_ids=ids)
     t5 = peftc.compile(tiny_model("tiny-t5"), {"methods": [{"lora": {"targets": ["q", "v"]}}]}, example_inputs("tiny-t5"))
     with pytest.raises(peftc.PeftcError, match="decoder-only"):
         t5.generate(input_ids=ids)
