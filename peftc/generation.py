@@ -11,8 +11,9 @@ is ``Generator.step``, which runs a captured *step graph*:
         -> logits of the last position (B, 1, V)
 
 The model is captured around a static cache whose tensors are inputs (transformers' executorch
-export keeps them as buffers instead), so one graph serves every batch, cache length and beam
-reordering, and the graph goes through the same rewrite and optimization passes as training:
+export keeps them as buffers instead), so one graph serves every batch size (size 1 apart, as for
+every peftc graph), cache length and beam reordering, and the graph goes through the same rewrite
+and optimization passes as training:
 
 - site methods (LoRA, IA3, ...): the same linear sites;
 - prefix tuning: its pass puts P learned keys/values before the cache's and shifts the positions
