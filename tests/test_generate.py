@@ -52,6 +52,7 @@ def _pair(tmp_path, name: str, method: str):
     return pm, peftc.from_peft(fresh, tmp_path / "peft", example_inputs(name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "method"), CASES)
 def test_greedy_tokens_equal_peft(tmp_path, name, method):
     pm, cm = _pair(tmp_path, name, method)
@@ -148,6 +149,7 @@ def test_mixed_adapters_per_sample():
         cm.generate(input_ids=ids, adapter_names=["default"], **kw)
 
 
+@pytest.mark.slow
 def test_fused_graphs_generate_the_same_tokens():
     ids, mask = _batch(seed=9)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -179,6 +181,7 @@ def test_refusals():
         t5.generate(input_ids=ids)
 
 
+@pytest.mark.slow
 def test_bottleneck_adapter_equals_the_cacheless_loop():
     """A method PEFT lacks: the cached step graphs give the tokens of whole-sequence forwards."""
     cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [{"bottleneck": {"placement": "houlsby"}}]},
