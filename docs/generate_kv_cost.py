@@ -46,8 +46,8 @@ def main(prompt: int = 512, new: int = 16, repeats: int = 3) -> None:
 
     with torch.no_grad():
         for label, gen in (("cm.generate", cm.generate), ("PEFT generate", pm.generate)):
-            one = _median_time(lambda: gen(input_ids=ids, max_new_tokens=1, do_sample=False), repeats)
-            many = _median_time(lambda: gen(input_ids=ids, max_new_tokens=new, do_sample=False), repeats)
+            one = _median_time(lambda g=gen: g(input_ids=ids, max_new_tokens=1, do_sample=False), repeats)
+            many = _median_time(lambda g=gen: g(input_ids=ids, max_new_tokens=new, do_sample=False), repeats)
             print(f"{label}: {prompt}-token prompt, 1 new token {one * 1e3:.0f} ms, {new} new tokens "
                   f"{many * 1e3:.0f} ms, ratio {many / one:.2f}")
         loop = _median_time(cacheless, 1)
