@@ -14,6 +14,7 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
+from transformers import GenerationConfig
 
 import peftc
 from peftc.generation import generator
@@ -95,6 +96,10 @@ def test_kv_cache_counts_and_no_recapture():
     ids2, mask2 = _batch(seed=5, batch=3, length=11)  # another batch size and length: the same graphs
     cm.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=9, do_sample=False)
     assert (stats["prefill"], stats["decode"], stats["captures"]) == (2, 23, 2)
+    longest = cm.generate(input_ids=ids2, attention_mask=mask2, max_length=15, do_sample=False)  # cache: 15
+    shorter = cm.generate(input_ids=ids2, attention_mask=mask2,
+                          generation_config=GenerationConfig(max_new_tokens=3, do_sample=False))
+    assert longest.shape == (3, 15) and torch.equal(shorter, longest[:, :14])
 
 
 def test_beam_search_and_sampling_equal_peft(tmp_path):
