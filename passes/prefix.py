@@ -219,6 +219,7 @@ def _widen_mask(gm: fx.GraphModule, mask: fx.Node, p: int, info: dict) -> fx.Nod
 
 
 _INDEX_OPS = {aten.add.Tensor, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.view.default,
+              aten.clamp.default,  # generation's step graph: positions = clamp(start + arange(s), 0)
               aten.reshape.default, aten.clone.default, aten._to_copy.default, aten.to.dtype}
 
 

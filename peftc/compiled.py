@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from peftc import distributed, inspection, peft_io, targets
+from peftc import distributed, generation, inspection, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, set_training
 from peftc.errors import CheckpointError, SpecError
@@ -152,6 +152,7 @@ class CompiledModel(nn.Module):
 
     def _invalidate(self) -> None:
         self.graphs.invalidate()
+        generation.reset(self)
         merge.sync(self)  # merged or not, the base weights follow the active adapters
         self.registry.refresh_trainable()
 
@@ -219,6 +220,11 @@ class CompiledModel(nn.Module):
             gm.get_submodule(MASKS).register_buffer(n, mask, persistent=False)
         return gm(**kwargs)
 
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """HF ``generate`` (greedy, sampling, beam search, ...) through the running adapters, with a
+        KV cache; ``cm.base_model.generate`` is the bare base model (see ``peftc.generation``)."""
+        return generation.generate(self, *args, adapter_names=adapter_names, **kwargs)
+
     def train(self, mode: bool = True) -> CompiledModel:
         nn.Module.train(self, mode)
         for gm in self.graphs.rewritten.values():
@@ -231,6 +237,7 @@ class CompiledModel(nn.Module):
         super()._apply(fn, recurse)
         if kind() != before:  # exported graphs bake device and dtype into factory ops: re-capture there
             self.graphs.clear()
+            generation.reset(self, captures=True)
         for gm in self.graphs.all_graphs():
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
         return self
