@@ -198,9 +198,12 @@ def test_segmented_equals_masked_and_trains_like_samples_alone():
     total = 0.0
     for i, n in enumerate(names):
         cm.enable_adapters()
-        cm.set_adapter(n) if n != "__base__" else cm.disable_adapters()
+        if n == "__base__":
+            cm.disable_adapters()
+        else:
+            cm.set_adapter(n)
         one = {k: v[i:i + 1] for k, v in ex.items()}
-        loss, g = grads(lambda: (cm(**one).logits * weights[i:i + 1]).sum())
+        loss, g = grads(lambda one=one, w=weights[i:i + 1]: (cm(**one).logits * w).sum())
         total += loss
         for k, v in g.items():
             if v is not None:
