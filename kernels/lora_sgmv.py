@@ -105,14 +105,17 @@ def _check(y, x, index, slots, lora_As, lora_Bs, scales, dropouts):
 
 def _groups(index, slots):
     """Per slot: (k, its samples as a slice when contiguous, else as an index tensor); empty slots skipped."""
-    ids = index.tolist()
+    where = {slot: k for k, slot in enumerate(slots)}
+    samples: dict[int, list[int]] = {}
+    for b, i in enumerate(index.tolist()):
+        if i in where:
+            samples.setdefault(where[i], []).append(b)
     out = []
-    for k, slot in enumerate(slots):
-        samples = [b for b, i in enumerate(ids) if i == slot]
-        if samples:
-            first, last = samples[0], samples[-1] + 1
-            sel = slice(first, last) if last - first == len(samples) else torch.tensor(samples, device=index.device)
-            out.append((k, sel, len(samples)))
+    for k in sorted(samples):
+        chosen = samples[k]
+        first, last = chosen[0], chosen[-1] + 1
+        sel = slice(first, last) if last - first == len(chosen) else torch.tensor(chosen, device=index.device)
+        out.append((k, sel, len(chosen)))
     return out
 
 
