@@ -134,9 +134,13 @@ def _torch_forward(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed,
         xs = _rows(x3, sel)
         if _on(dropouts[k], train):
             xs = xs * keep_mask(seed, k, xs.shape, dropouts[k], x.dtype, x.device)
-        hk = torch.mm(xs, lora_As[k].t())
+        if isinstance(sel, slice) and lora_As[k].shape[0] == r_max:  # h written in place
+            hk = torch.mm(xs, lora_As[k].t(), out=h[sel].view(-1, r_max))
+        else:
+            hk = torch.mm(xs, lora_As[k].t())
         if isinstance(sel, slice):
-            h[sel, :, :hk.shape[1]] = hk.view(n, -1, hk.shape[1])
+            if hk.shape[1] != r_max:
+                h[sel, :, :hk.shape[1]] = hk.view(n, -1, hk.shape[1])
             out[sel].view(-1, out.shape[-1]).addmm_(hk, lora_Bs[k].t(), alpha=scales[k])
         else:
             h[:, :, :hk.shape[1]].index_copy_(0, sel, hk.view(n, -1, hk.shape[1]))
