@@ -14,17 +14,17 @@ low-rank work is one adapter's, whatever n is. Op (registered on import)::
         (B*T, in) both work, for any T (a decode step T=1, a batch of 1)
         index (batch,) int64: each sample's adapter id; slots[k]: the id lora_As[k], lora_Bs[k] serve
         lora_As[k] (r_k, in), lora_Bs[k] (out, r_k): ranks may differ; scales[k], dropouts[k] per slot
-        h (rows, r_max): drop_k(x) A_k^T per row, zero-padded to the largest rank (zero on base rows),
-        non-differentiable, saved for backward
+        h (rows, r_max): drop_k(x) A_k^T per row, zero-padded to the largest rank, non-differentiable,
+        saved for backward; its row order is the device path's own (CPU: sorted by slot; CUDA: as x)
 
 Backward, g = d out: dy = g; for the rows of slot k (keep_k/(1-p_k) the mask, as drawn forward)::
 
     gb = s_k g B_k     dx = keep_k/(1-p_k) * gb A_k  (0 on base rows)     dA_k = gb^T drop_k(x)     dB_k = s_k g^T h
 
 Dropout applies only when ``train and p_k > 0``; the mask is a pure function of (seed, slot, row,
-feature), regenerated in backward instead of saved. CPU: grouped torch: per slot, its samples' rows
-as a view (when contiguous) or one gather, two GEMMs, the result added in place (addmm_) or by
-index_add_. CUDA fp16/bf16/fp32: two Triton launches forward (shrink ``h = drop(x) A^T`` and expand
+feature), regenerated in backward instead of saved. CPU: grouped torch: one gather of the adapted
+rows sorted by slot (none when already in order), per slot two GEMMs into slices of preallocated
+buffers, one index_add_ into the output. CUDA fp16/bf16/fp32: two Triton launches forward (shrink ``h = drop(x) A^T`` and expand
 ``out += s h B^T`` over a device-side sample order, no host sync), four backward (two weight-gradient
 kernels reduce each slot's rows). The devices draw different masks; each agrees with itself.
 
@@ -103,72 +103,86 @@ def _check(y, x, index, slots, lora_As, lora_Bs, scales, dropouts):
         raise ValueError(f"lora_sgmv: dropouts {dropouts}, want 0 <= p < 1")
 
 
-def _groups(index, slots):
-    """Per slot: (k, its samples as a slice when contiguous, else as an index tensor); empty slots skipped."""
+def _segments(index, slots):
+    """The adapted samples sorted by slot (None when that is 0..n-1 in order: no gather needed) and
+    per non-empty slot (k, first position in that order, samples)."""
     where = {slot: k for k, slot in enumerate(slots)}
     samples: dict[int, list[int]] = {}
     for b, i in enumerate(index.tolist()):
         if i in where:
             samples.setdefault(where[i], []).append(b)
-    out = []
+    order, segs = [], []
     for k in sorted(samples):
-        chosen = samples[k]
-        first, last = chosen[0], chosen[-1] + 1
-        sel = slice(first, last) if last - first == len(chosen) else torch.tensor(chosen, device=index.device)
-        out.append((k, sel, len(chosen)))
-    return out
+        segs.append((k, len(order), len(samples[k])))
+        order += samples[k]
+    identity = order == list(range(len(order)))
+    return (None if identity else torch.tensor(order, device=index.device)), len(order), segs
 
 
-def _rows(t3, sel):
-    """The rows of the selected samples as a 2-D matrix (a view for a slice, else a gather)."""
-    part = t3[sel] if isinstance(sel, slice) else t3.index_select(0, sel)
+def _gather(t3, order, n):
+    """The rows of the first n samples of ``order`` as (n * rows, features): a view when in place."""
+    part = t3[:n] if order is None else t3.index_select(0, order)
     return part.reshape(-1, t3.shape[-1])
 
 
 def _torch_forward(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train):
+    """One gather of the adapted rows (sorted by slot), per slot two GEMMs into slices of
+    preallocated buffers, one index_add_ into the output. h is kept in that sorted row order."""
     batch, r_max = index.shape[0], max(a.shape[0] for a in lora_As)
     x3 = x.reshape(batch, -1, x.shape[-1])
     out = y.reshape(batch, -1, y.shape[-1]).clone()
-    h = x.new_zeros(batch, x3.shape[1], r_max)
-    for k, sel, n in _groups(index, slots):
-        xs = _rows(x3, sel)
+    rows = x3.shape[1]
+    h = x.new_zeros(batch * rows, r_max)
+    order, n, segs = _segments(index, slots)
+    if n == 0:
+        return out.view(y.shape), h
+    xs = _gather(x3, order, n)
+    delta = y.new_empty(n * rows, y.shape[-1])
+    for k, first, count in segs:
+        lo, hi, r = first * rows, (first + count) * rows, lora_As[k].shape[0]
+        xk = xs[lo:hi]
         if _on(dropouts[k], train):
-            xs = xs * keep_mask(seed, k, xs.shape, dropouts[k], x.dtype, x.device)
-        if isinstance(sel, slice) and lora_As[k].shape[0] == r_max:  # h written in place
-            hk = torch.mm(xs, lora_As[k].t(), out=h[sel].view(-1, r_max))
+            xk = xk * keep_mask(seed, k, xk.shape, dropouts[k], x.dtype, x.device)
+        if r == r_max:
+            hk = torch.mm(xk, lora_As[k].t(), out=h[lo:hi])
         else:
-            hk = torch.mm(xs, lora_As[k].t())
-        if isinstance(sel, slice):
-            if hk.shape[1] != r_max:
-                h[sel, :, :hk.shape[1]] = hk.view(n, -1, hk.shape[1])
-            out[sel].view(-1, out.shape[-1]).addmm_(hk, lora_Bs[k].t(), alpha=scales[k])
-        else:
-            h[:, :, :hk.shape[1]].index_copy_(0, sel, hk.view(n, -1, hk.shape[1]))
-            out.index_add_(0, sel, torch.mm(hk, lora_Bs[k].t()).view(n, -1, out.shape[-1]), alpha=scales[k])
-    return out.view(y.shape), h.view(-1, r_max)
+            hk = torch.mm(xk, lora_As[k].t())
+            h[lo:hi, :r] = hk
+        torch.addmm(delta[lo:hi], hk, lora_Bs[k].t(), beta=0, alpha=scales[k], out=delta[lo:hi])
+    if order is None:
+        out[:n] += delta.view(n, rows, -1)
+    else:
+        out.index_add_(0, order, delta.view(n, rows, -1))
+    return out.view(y.shape), h
 
 
 def _torch_backward(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train, need_dx):
     batch = index.shape[0]
     x3, g3 = x.reshape(batch, -1, x.shape[-1]), grad.reshape(batch, -1, grad.shape[-1])
-    h3 = h.view(batch, -1, h.shape[-1])
+    rows = x3.shape[1]
     d_as, d_bs = [torch.zeros_like(a) for a in lora_As], [torch.zeros_like(b) for b in lora_Bs]
     dx = x.new_zeros(x3.shape) if need_dx else x.new_empty(0)
-    for k, sel, n in _groups(index, slots):
-        r = lora_As[k].shape[0]
-        xs, gs, hs = _rows(x3, sel), _rows(g3, sel), _rows(h3, sel)[:, :r]
-        mask = keep_mask(seed, k, xs.shape, dropouts[k], x.dtype, x.device) if _on(dropouts[k], train) else None
-        gb = torch.mm(gs, lora_Bs[k]).mul_(scales[k])  # s g B: (rows, r)
-        d_as[k] = torch.mm(gb.t(), xs if mask is None else xs * mask)
-        d_bs[k] = torch.mm(hs.t(), gs).mul_(scales[k]).t().contiguous()
+    order, n, segs = _segments(index, slots)
+    if n == 0:
+        return (dx.view(x.shape) if need_dx else dx), d_as, d_bs
+    xs, gs = _gather(x3, order, n), _gather(g3, order, n)
+    dxs = x.new_empty(n * rows, x.shape[-1]) if need_dx else None
+    for k, first, count in segs:
+        lo, hi, r = first * rows, (first + count) * rows, lora_As[k].shape[0]
+        xk, gk, hk = xs[lo:hi], gs[lo:hi], h[lo:hi, :r]
+        mask = keep_mask(seed, k, xk.shape, dropouts[k], x.dtype, x.device) if _on(dropouts[k], train) else None
+        gb = torch.mm(gk, lora_Bs[k]).mul_(scales[k])  # s g B: (rows, r)
+        d_as[k] = torch.mm(gb.t(), xk if mask is None else xk * mask)
+        d_bs[k] = torch.mm(hk.t(), gk).mul_(scales[k]).t().contiguous()
         if need_dx:
-            dxs = torch.mm(gb, lora_As[k])
+            torch.mm(gb, lora_As[k], out=dxs[lo:hi])
             if mask is not None:
-                dxs.mul_(mask)
-            if isinstance(sel, slice):
-                dx[sel] = dxs.view(n, -1, x.shape[-1])
-            else:
-                dx.index_copy_(0, sel, dxs.view(n, -1, x.shape[-1]))
+                dxs[lo:hi].mul_(mask)
+    if need_dx:
+        if order is None:
+            dx[:n] = dxs.view(n, rows, -1)
+        else:
+            dx.index_copy_(0, order, dxs.view(n, rows, -1))
     return (dx.view(x.shape) if need_dx else dx), d_as, d_bs
 
 
