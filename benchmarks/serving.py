@@ -60,7 +60,7 @@ class ServeConfig:
 
     @classmethod
     def quick(cls) -> ServeConfig:
-        return cls(hidden=64, intermediate=128, vocab=128, batch=8, seq=4, decode_batch=8, r=4, adapters=(1, 2, 4),
+        return cls(hidden=64, intermediate=128, vocab=128, batch=8, seq=4, decode_batch=8, r=4, adapters=(1, 4),
                    reps=2, report=None)
 
 
