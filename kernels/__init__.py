@@ -7,8 +7,9 @@ survive torch.export and torch.compile. Importing a module registers its op.
     ia3_linear    torch.ops.peftc.ia3_linear: y = (x W^T + b) * l ("out") or (x * l) W^T + b ("in")
     dora_linear   torch.ops.peftc.dora_linear: y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b
                   (PEFT's DoRA; with dropout in training the base term is x W^T + (mn - 1) drop(x) W^T)
+    lora_sgmv     torch.ops.peftc.lora_sgmv: a mixed batch, each sample's rows through its own adapter's A, B
     quant_linear  torch.ops.peftc.quant_linear / quant_dora_linear: W stored NF4 or int8, dequantized inside
                   the op (Triton: in the GEMM's tiles), + LoRA / DoRA; autograd saves the quantized W only
 """
 
-__all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_siblings", "quant_linear"]
+__all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_sgmv", "lora_siblings", "quant_linear"]

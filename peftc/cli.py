@@ -7,6 +7,7 @@
     peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --optimize fuse recompute --memory
     peftc methods
     peftc bench --memory                          # saved-for-backward bytes per recompute policy vs PEFT (+GC)
+    peftc bench --serving                         # mixed batches: segmented vs masked LoRA, 1-64 adapters
     peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
 """
 
@@ -134,6 +135,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
+    if "--serving" in rest:  # benchmarks/serving.py: mixed-batch cost vs number of adapters
+        from peftc.benchmarks import serving
+
+        serving.main([a for a in rest if a != "--serving"])
+        return 0
     if "--memory" in rest:  # benchmarks/memory.py: saved-for-backward and weight bytes per variant
         from peftc.benchmarks import memory
 
@@ -281,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
                        "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...); "
-                       "--memory: benchmarks/memory.py (saved-for-backward bytes per recompute policy)",
+                       "--memory: benchmarks/memory.py (saved-for-backward bytes per recompute policy); "
+                       "--serving: benchmarks/serving.py (mixed batches, cost vs number of adapters)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda args: cmd_bench(args.rest))

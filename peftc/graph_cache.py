@@ -21,6 +21,7 @@ from peftc.capture import set_training
 from peftc.graph import install_module
 from peftc.passes import PassContext, optimize_passes, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
+from peftc.passes.sgmv import segment
 
 __all__ = ["GraphCache", "signature", "MASKS"]
 
@@ -57,6 +58,7 @@ class GraphCache:
         self.rewritten: dict[tuple, fx.GraphModule] = {}  # for the current adapter state
         self.example_key: tuple | None = None  # (signature, None) of the example inputs
         self.counts, self.timings = Counter(), {}
+        self.segment_mixed = True  # mixed batches: LoRA terms through peftc::lora_sgmv (passes/sgmv.py); False: masked
 
     def context(self, name: str, counts: Counter, timings: dict) -> PassContext:
         """The pass context for adapter ``name``."""
@@ -96,6 +98,8 @@ class GraphCache:
                     gm.get_submodule(MASKS).register_buffer(name, torch.ones(1), persistent=False)
                     ctx.sample_mask = f"{MASKS}.{name}"
                 gm = run_pipeline(gm, ctx, passes)
+            if mixed and self.segment_mixed and not adapters.merged:  # one op per linear, rows by adapter
+                gm = run_pipeline(gm, ctx, [("sgmv", segment)])
             names = mixed if mixed is not None else adapters.running
             if names and not adapters.merged:  # optimizations see every adapter's nodes at once
                 gm = run_pipeline(gm, self.context(names[0], counts, timings),
