@@ -51,16 +51,19 @@ def forward_keywords(model: nn.Module) -> tuple[list[str], frozenset[str] | None
 
 def check_keywords(kwargs: dict, named: list[str], extra: frozenset[str] | None) -> None:
     """An unknown keyword (``ids=`` for ``input_ids=``) is the user's mistake: said before capture,
-    where torch.export would report it as a ``dynamic_shapes`` mismatch."""
-    if extra is None:
+    where torch.export would report it as a ``dynamic_shapes`` mismatch. Keywords the model takes
+    only through ``**kwargs`` (``output_hidden_states``) cannot be exported as graph inputs either."""
+    unknown = sorted(k for k in kwargs if k not in named)
+    if not unknown or extra is None:
         return
-    unknown = sorted(k for k in kwargs if k not in named and k not in extra)
-    if unknown:
-        close = {k: [n for n in named if k in n or n in k] for k in unknown}
-        hint = "; ".join(f"did you mean {v[0]!r} for {k!r}?" for k, v in close.items() if v)
-        raise SpecError("forward keyword", unknown[0] if len(unknown) == 1 else unknown,
-                        f"the model's forward parameters {named}" + (" (and transformers' attention/"
-                        "output keywords)" if extra else ""), hint)
+    through_kwargs = [k for k in unknown if k in extra]
+    close = {k: [n for n in named if k in n or n in k] for k in unknown if k not in extra}
+    hints = [f"did you mean {v[0]!r} for {k!r}?" for k, v in close.items() if v]
+    if through_kwargs:
+        hints.append(f"{through_kwargs} reach the model only through its **kwargs, which capture "
+                     "(torch.export) cannot take as inputs; set them on the model's config instead")
+    raise SpecError("forward keyword", unknown[0] if len(unknown) == 1 else unknown,
+                    f"the model's forward parameters {named}", " ".join(hints))
 
 
 def bind_forward(cm: nn.Module, model: nn.Module) -> None:
