@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
     from peftc.errors import PeftcError
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     for module in DEPENDENCY_WARNINGS:  # their deprecation notices are for their callers' authors, not users
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    # torch logs (not warns) a deprecation notice per Enum that torchao registers on import
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if argv[:1] == ["bench"]:  # its flags belong to the benchmark's own parser
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,6 +1,7 @@
 """The peftc command line, run in-process: demo, compile, inspect, methods, errors."""
 
 import json
+import logging
 import os
 import stat
 import warnings
@@ -167,6 +168,7 @@ def test_dependency_future_warnings_are_hidden_ours_are_not(monkeypatch):
         warnings.simplefilter("always")
         assert main(["bench", "--quick"]) == 0
     assert [str(w.message) for w in seen] == ["ours"]
+    assert logging.getLogger("torch.utils._pytree").getEffectiveLevel() == logging.ERROR
 
 
 def test_bench_quick_runs_every_variant(tmp_path):
