@@ -251,7 +251,7 @@ def cmd_demo(args) -> int:
     import peftc
 
     torch.manual_seed(0)
-    spec = peftc.Spec.load(args.spec) if args.spec else peftc.Spec.from_dict(DEMO_SPEC)
+    spec = _spec(args.spec) if args.spec else peftc.Spec.from_dict(DEMO_SPEC)
     model, inputs = _load(args)
     pristine = copy.deepcopy(model)  # the PEFT reference is built on an untouched copy
     console.rule(f"[bold]peftc demo: {args.model}")
