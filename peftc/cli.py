@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compile, train, save and check an adapter against HF PEFT")
     _model_args(p, "tiny-llama")
-    p.add_argument("--spec", help="spec file (default: LoRA r=8 on all linear layers)")
+    p.add_argument("--spec", help="spec file or PEFT adapter dir (default: LoRA r=8 on all linear layers)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-3 for minilm, else 1e-2)")
     p.add_argument("--out", help="adapter directory (default: a new temp dir)")

@@ -5,6 +5,8 @@ forward gets an empty batch), decides from the forward's ``**kwargs`` whether to
 ``num_items_in_batch``, and reads ``config``, ``device``, ``main_input_name`` and the checkpointing
 switches. ``HFSurface`` is the mixin CompiledModel takes them from; ``bind_forward`` gives each
 instance a forward whose signature is the wrapped model's plus keyword-only ``adapter_names``.
+Not covered: Trainer's label smoothing recognises causal LMs by class name (``CompiledX`` is
+not one).
 
 Trainer saves ``save_pretrained`` output only for ``PreTrainedModel``/``PeftModel`` instances;
 for any other module it writes the full ``state_dict()``. ``adapter_checkpoints()`` is the
@@ -67,23 +69,27 @@ def check_keywords(kwargs: dict, named: list[str], extra: frozenset[str] | None)
 
 
 def bind_forward(cm: nn.Module, model: nn.Module) -> None:
-    """Gives ``cm`` an instance ``forward`` with ``model.forward``'s signature (its parameters,
-    ``**kwargs`` last) plus keyword-only ``adapter_names``, so ``inspect.signature(cm.forward)``
-    (what Trainer reads) shows the real parameters. A signature lives on a function, and a bound
-    method's signature is its class function's, so each instance gets its own function."""
+    """Makes ``cm``'s forward signature ``model.forward``'s (its parameters, ``**kwargs`` last)
+    plus keyword-only ``adapter_names``. Trainer reads it from the instance (dataset columns)
+    and from the class (``find_labels``: which inputs are labels, so eval reports a loss), and a
+    method's signature is its class function's: so ``cm`` becomes an instance of a subclass,
+    ``Compiled<ModelClass>``, whose ``forward`` carries the signature and calls CompiledModel's."""
     base = inspect.signature(model.forward)
     params = [p for p in base.parameters.values() if p.kind is not _P.VAR_POSITIONAL]
     var_kw = [p for p in params if p.kind is _P.VAR_KEYWORD]
     params = [p for p in params if p.kind is not _P.VAR_KEYWORD]
     params.append(_P("adapter_names", _P.KEYWORD_ONLY, default=None, annotation="list[str] | None"))
-    cls_forward = type(cm).forward
+    cls = type(cm)
+    cls_forward = cls.forward
 
     @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
         return cls_forward(self, *args, **kwargs)
 
     forward.__signature__ = base.replace(parameters=[_P("self", _P.POSITIONAL_OR_KEYWORD), *params, *var_kw])
-    object.__setattr__(cm, "forward", forward.__get__(cm))
+    name = f"Compiled{type(model).__name__}"  # Trainer reads "QuestionAnswering" etc. in the class name
+    cm.__class__ = type(name, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": name,
+                                       "__doc__": cls.__doc__})
 
 
 def checkpointing_notes(kwargs) -> list[str]:

@@ -36,7 +36,11 @@ def test_forward_signature_is_the_models_plus_adapter_names(name):
     assert ours["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
     var_kw = [n for n, p in theirs.items() if p.kind is p.VAR_KEYWORD]
     assert list(ours) == [*named, "adapter_names", *var_kw]  # **kwargs stays last
+    from_class = inspect.signature(type(cm).forward).parameters  # what Trainer's find_labels reads
+    assert list(from_class) == ["self", *ours]
+    assert isinstance(cm, peftc.CompiledModel) and type(cm).__name__ == f"Compiled{type(cm.base_model).__name__}"
     clone = copy.deepcopy(cm)
+    assert type(clone) is type(cm)
     assert inspect.signature(clone.forward).parameters.keys() == ours.keys()
     assert clone.forward.__self__ is clone
 

@@ -59,6 +59,8 @@ def test_trainer_default_arguments_train_and_checkpoint_loads_in_peft(tmp_path):
     after = _loss(cm, rows)
     assert after < before, (before, after)
     assert result.global_step == 3 and result.training_loss > 0
+    metrics = trainer.evaluate(rows)  # eval mode, labels in: Trainer's loss is the model's
+    assert metrics["eval_loss"] == pytest.approx(after, abs=1e-5)
 
     ckpt = tmp_path / "checkpoint-3"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
