@@ -62,7 +62,8 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
 def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:
     """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes
     ``recompute: {policy: blocks}`` unless the spec chose a recompute policy itself."""
-    if not getattr(model, "is_gradient_checkpointing", False):
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name; the old one warns
+    if not (on if on is not None else getattr(model, "is_gradient_checkpointing", False)):
         return spec, None
     if "recompute" in spec.optimize:
         return spec, (f"the model had gradient_checkpointing_enable(); the spec's recompute "
