@@ -12,7 +12,6 @@ and ``capture.set_training`` flips every dropout (base and adapter) in them.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from peftc import distributed, generation, inspection, peft_io, targets
+from peftc import distributed, generation, hf_surface, inspection, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, set_training
 from peftc.errors import CheckpointError, SpecError
@@ -63,7 +62,8 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
 def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:
     """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes
     ``recompute: {policy: blocks}`` unless the spec chose a recompute policy itself."""
-    if not getattr(model, "is_gradient_checkpointing", False):
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name; the old one warns
+    if not (on if on is not None else getattr(model, "is_gradient_checkpointing", False)):
         return spec, None
     if "recompute" in spec.optimize:
         return spec, (f"the model had gradient_checkpointing_enable(); the spec's recompute "
@@ -72,7 +72,7 @@ def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, st
             "recompute (blocks) because the model had gradient_checkpointing_enable()")
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(hf_surface.HFSurface, nn.Module):
     """The base model with adapters inserted into its captured graph(s).
 
     Graphs are a function of the captured graph and the adapter state: every change of
@@ -93,8 +93,8 @@ class CompiledModel(nn.Module):
         self.notes: list[str] = []  # settings the user gave that peftc translated (graph_summary shows them)
         self.registry = AdapterRegistry(model, self.adapters, spec, resolved)
         self.graphs = GraphCache(self.registry, self._capture)
-        self._params = [n for n, p in inspect.signature(model.forward).parameters.items()
-                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self._params, self._extra_keywords = hf_surface.forward_keywords(model)
+        hf_surface.bind_forward(self, model)  # inspect.signature(cm.forward) is the model's (Trainer reads it)
         for p in model.parameters():
             p.requires_grad_(False)
         self.training = model.training
@@ -192,6 +192,7 @@ class CompiledModel(nn.Module):
                     raise TypeError(f"got multiple values for argument {n!r}")
                 kwargs[n] = a
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        hf_surface.check_keywords(kwargs, self._params, self._extra_keywords)
         if "use_cache" in self._params and "use_cache" not in kwargs:
             kwargs["use_cache"] = False  # a captured graph cannot return a KV cache object
         return kwargs
@@ -246,8 +247,9 @@ class CompiledModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """HF's switch: recompute per transformer block (``optimize: {recompute: {policy: blocks}}``);
         the graphs are rebuilt on the next call. Checkpointing is always non-reentrant."""
+        unused = hf_surface.checkpointing_notes(gradient_checkpointing_kwargs)  # bad kwargs fail first
         self._set_recompute({"policy": "blocks"})
-        self.notes = ["recompute (blocks) because of cm.gradient_checkpointing_enable()"]
+        self.notes = ["recompute (blocks) because of cm.gradient_checkpointing_enable()", *unused]
 
     def gradient_checkpointing_disable(self) -> None:
         """Drops the recompute optimization; the graphs are rebuilt without it."""

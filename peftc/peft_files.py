@@ -61,6 +61,12 @@ def read_peft_weights(path: str | os.PathLike, *, allow_pickle: bool = False) ->
     raise CheckpointError(f"{d}: has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Writes config + weights; each file goes to a temp name first, then is renamed."""
     from safetensors.torch import save_file  # looked up per call (tests replace it to simulate a full disk)
@@ -78,6 +84,8 @@ def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict
         tmps.append(w_tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, w_tmp,
                   metadata={"format": "pt"})
+        for t in tmps:  # mkstemp makes 0600; saved files get a normal file's mode (0666 less the umask)
+            os.chmod(t, 0o666 & ~_umask())
         os.replace(w_tmp, d / WEIGHTS_NAME)
         os.replace(cfg_tmp, d / CONFIG_NAME)
     finally:

@@ -1,10 +1,15 @@
 """The peftc command line, run in-process: demo, compile, inspect, methods, errors."""
 
 import json
+import logging
+import os
+import stat
+import warnings
 
 import pytest
 import torch
 
+import peftc
 from peftc import Spec
 from peftc.cli import main
 from peftc.models import tiny_model
@@ -81,9 +86,89 @@ def test_demo_trains_and_matches_peft(tmp_path, capsys):
 
 
 def test_demo_on_the_pretrained_minilm(tmp_path, capsys):
+    """At 1e-2 the contrastive loss rose (1.09 -> 2.08) and the demo exited 1 saying nothing."""
     torch.manual_seed(0)
     assert main(["demo", "--model", "minilm", "--steps", "2", "--out", str(tmp_path / "m")]) == 0
-    assert "match" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "match" in text and "(lr 0.001)" in text and "failed" not in text
+    first, last = [float(x) for x in text.split("loss: ")[1].split(" over")[0].split(" -> ")]
+    assert last < first
+
+
+@pytest.mark.parametrize("model", ["tiny-t5", "tiny-torch"])
+def test_demo_runs_on_seq2seq_and_plain_torch_models(model, tmp_path, capsys):
+    assert main(["demo", "--model", model, "--steps", "3", "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert "MISMATCH" not in text and "failed" not in text and "match" in text
+
+
+def test_demo_that_does_not_learn_says_why(tmp_path, capsys):
+    assert main(["demo", "--model", "tiny-gpt2", "--steps", "1", "--out", str(tmp_path / "d")]) == 1
+    assert "loss did not decrease" in capsys.readouterr().out  # one step: first loss == last loss
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"peftc {peftc.__version__}"
+
+
+def test_spec_may_be_a_peft_adapter_dir(tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["compile", "--model", "tiny-llama", "--spec", "examples/llama-lora.yaml", "--out", str(out)]) == 0
+    first = capsys.readouterr().out.split("trainable parameters: ")[1].split()[0]
+    assert main(["compile", "--model", "tiny-llama", "--spec", str(out)]) == 0
+    assert capsys.readouterr().out.split("trainable parameters: ")[1].split()[0] == first == "14,336"
+
+
+def test_saved_adapter_files_honour_the_umask(tmp_path):
+    cm = peftc.compile(tiny_model("tiny-llama"), Spec.load("examples/llama-lora.yaml"), {"input_ids": torch.randint(0, 128, (1, 4))})
+    old = os.umask(0o022)
+    try:
+        cm.save_adapter(tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644, name
+
+
+def test_inspect_diff_follows_module(capsys):
+    base = ["inspect", "--model", "tiny-gpt2", "--spec", "examples/gpt2-lora.yaml", "--diff"]
+    assert main(base) == 0
+    full = {line for line in capsys.readouterr().out.splitlines() if line.startswith("+") and "lora" in line}
+    assert main([*base, "--module", "transformer.h.1"]) == 0
+    text = capsys.readouterr().out
+    part = {line for line in text.splitlines() if line.startswith("+") and "lora" in line}
+    assert "rewritten (transformer.h.1)" in text
+    assert part and part < full  # a strict subset: h.0's inserted nodes are left out
+
+
+def test_inspect_missing_module_is_a_clear_error(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("compiled before --module was checked")
+
+    monkeypatch.setattr("peftc.compile", boom)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--model", "tiny-gpt2", "--spec", "examples/gpt2-lora.yaml", "--module", "transformer.h.7"])
+    text = str(e.value.code)
+    assert "'transformer.h.7' is not a module of GPT2LMHeadModel" in text and "transformer.h.1" in text
+    assert "Traceback" not in text
+
+
+def test_dependency_future_warnings_are_hidden_ours_are_not(monkeypatch):
+    def bench(rest):
+        warnings.warn_explicit("old api", FutureWarning, "x.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("old api", FutureWarning, "x.py", 2, module="copyreg")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 3, module="peftc.spec")
+        return 0
+
+    monkeypatch.setattr("peftc.cli.cmd_bench", bench)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["bench", "--quick"]) == 0
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert logging.getLogger("torch.utils._pytree").getEffectiveLevel() == logging.ERROR
 
 
 def test_bench_quick_runs_every_variant(tmp_path):
