@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from peftc.errors import CheckpointError
+from peftc.peft_files import normal_mode
 
 __all__ = ["write_hf_model"]
 
@@ -142,6 +143,7 @@ def write_hf_model(model, path: str | os.PathLike, tensors, *, untied=(), max_sh
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
             os.replace(path, old / path.name)
+        os.chmod(tmp, normal_mode(directory=True))  # mkdtemp made it 0700
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old)

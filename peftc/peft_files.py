@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from peftc.errors import CheckpointError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter",
+           "normal_mode"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,10 +62,12 @@ def read_peft_weights(path: str | os.PathLike, *, allow_pickle: bool = False) ->
     raise CheckpointError(f"{d}: has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
 
 
-def _umask() -> int:
+def normal_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give (0666/0777 less the umask): temp files and dirs
+    from ``tempfile`` are 0600/0700 and must get it before they are renamed into place."""
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
@@ -85,7 +88,7 @@ def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, w_tmp,
                   metadata={"format": "pt"})
         for t in tmps:  # mkstemp makes 0600; saved files get a normal file's mode (0666 less the umask)
-            os.chmod(t, 0o666 & ~_umask())
+            os.chmod(t, normal_mode())
         os.replace(w_tmp, d / WEIGHTS_NAME)
         os.replace(cfg_tmp, d / CONFIG_NAME)
     finally:

@@ -127,10 +127,14 @@ def test_saved_adapter_files_honour_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         cm.save_adapter(tmp_path / "a")
+        cm.save_merged(tmp_path / "merged")
     finally:
         os.umask(old)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755  # not mkdtemp's 0700
+    for f in (tmp_path / "merged").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
 
 
 def test_inspect_diff_follows_module(capsys):
