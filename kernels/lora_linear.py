@@ -37,9 +37,11 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from peftc.capture import register_train_flag
+from peftc.kernels import lora_triton as LT
 
 try:
     import triton
@@ -61,30 +63,46 @@ def draw_seed(device=None) -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
-def dropout_mask(seed: torch.Tensor, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The fused-torch path's keep mask, scaled by 1/(1-p), drawn from torch.Generator(seed).
-
-    Each 64-bit draw gives four uniform 16-bit lanes (on CPU half the cost of torch.rand, one
-    32-bit draw per element); keep where lane >= p * 2^16, so the keep probability is 1 - p with
-    p rounded to a multiple of 1/65536.
-    """
+def _drop_bits(seed: torch.Tensor, shape, p: float, device=None) -> torch.Tensor:
+    """Bool (tokens, features), true where dropped: four 16-bit lanes per 64-bit draw from
+    torch.Generator(seed) (on CPU half the cost of torch.rand's one 32-bit draw per element);
+    dropped where lane < p * 2^16, so the keep probability is 1 - p with p rounded to 1/65536."""
     device = torch.device("cpu") if device is None else torch.device(device)
     gen = torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
-    lanes = words.view(torch.int16)[:n].view(shape).to(torch.float32)  # exact: int16 fits fp32
-    keep = lanes.ge_(round(p * 65536) - 32768)
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+    return words.view(torch.int16)[:n].view(shape).lt(round(p * 65536) - 32768)
+
+
+def dropout_mask(seed: torch.Tensor, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The fused-torch path's keep mask scaled by 1/(1-p) (``_drop_bits``' complement): for references."""
+    return (~_drop_bits(seed, shape, p, device)).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def pack_bits(drop: torch.Tensor) -> torch.Tensor:
+    """Bool (T, d) -> uint8 (T, ceil(d / 8)): the mask kept from forward to backward at 1/32 of
+    drop(x) in fp32 (numpy's packbits: ~20x faster here than drawing the mask again)."""
+    return torch.from_numpy(np.packbits(drop.numpy(), axis=-1))
+
+
+def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=d).view(np.bool_))
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, mask=None):
-    """Unfused eager semantics; ``mask`` is a scaled keep mask (e.g. from ``dropout_mask``)."""
-    xd = x if mask is None else x * mask.reshape(x.shape)
-    return torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
+    """HF PEFT's eager semantics; ``mask`` is a scaled keep mask (e.g. from ``dropout_mask``). Mixed
+    dtypes as PEFT: the low-rank term in the adapter dtype, added after type promotion, cast back."""
+    xa = x.to(lora_A.dtype)
+    xd = xa if mask is None else xa * mask.reshape(x.shape).to(xa.dtype)
+    base = torch.nn.functional.linear(x, weight, bias)
+    return (base + (xd @ lora_A.t()) @ lora_B.t() * scale).to(base.dtype)
 
 
 def _dropout_on(p: float, train: bool) -> bool:
     return bool(train) and p > 0.0
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(x, weight, bias, lora_A, lora_B, p):
@@ -94,40 +112,64 @@ def _check(x, weight, bias, lora_A, lora_B, p):
         raise ValueError(f"lora_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
                          f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}: want (..., in), (out, in), "
                          "(r, in), (out, r)")
-    if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype}) > 1:
-        raise ValueError(f"lora_linear: x, weight, lora_A, lora_B must share a dtype, got {x.dtype}, "
-                         f"{weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
-    if bias is not None and tuple(bias.shape) != (out,):
-        raise ValueError(f"lora_linear: bias {tuple(bias.shape)}, want ({out},)")
+    if x.dtype != weight.dtype or lora_A.dtype != lora_B.dtype or lora_A.dtype not in _FLOATS:
+        raise ValueError(f"lora_linear: x and weight share the base dtype, lora_A and lora_B a float adapter "
+                         f"dtype; got {x.dtype}, {weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != weight.dtype):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)} {bias.dtype}, want ({out},) {weight.dtype}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"lora_linear: dropout p={p}, want 0 <= p < 1")
 
 
-def _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _add_low_rank(y, h, lora_B, scale):
+    """y + s * h B^T: in place when y has the adapter dtype, else in it and cast back (PEFT's promotion)."""
+    if y.dtype == h.dtype:
+        return y.addmm_(h, lora_B.t(), alpha=scale)
+    return torch.mm(h, lora_B.t()).mul_(scale).add_(y).to(y.dtype)
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, keep_bits=False):
+    """(y, h) or, with ``keep_bits``, (y, h, bits): the packed drop mask for ``_torch_backward``."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    xa, bits = _as(x2, lora_A.dtype), x2.new_empty(0, dtype=torch.uint8)
     if _dropout_on(p, train):
-        x2 = x2 * dropout_mask(seed, x2.shape, p, x.dtype, x.device)
-    h = torch.mm(x2, lora_A.t())
-    y.addmm_(h, lora_B.t(), alpha=scale)  # s * (x A^T) B^T, in place
-    return y.view(*x.shape[:-1], weight.shape[0]), h
+        drop = _drop_bits(seed, x2.shape, p, x.device)
+        xa = xa.masked_fill(drop, 0.0)
+        bits = pack_bits(drop) if keep_bits and x.device.type == "cpu" else bits
+    h = torch.mm(xa, lora_A.t())  # drop(x) A^T, the 1/(1-p) applied to the r-wide h
+    if _dropout_on(p, train):
+        h.mul_(1.0 / (1.0 - p))
+    y = _add_low_rank(y, h, lora_B, scale).view(*x.shape[:-1], weight.shape[0])
+    return (y, h, bits) if keep_bits else (y, h)
 
 
-def _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+def _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, bits=None):
+    """(dx, dA, dB); the drop mask from ``bits`` when forward kept it, else drawn again from seed."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    mask = dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else None
-    xd = x2 if mask is None else x2 * mask
-    gbs = torch.mm(g, lora_B).mul_(scale)  # s * g B: (tokens, r)
-    d_a = torch.mm(gbs.t(), xd)
-    d_b = torch.mm(h.t(), g).mul_(scale).t().contiguous()  # (r, T) @ (T, out): faster than g^T h
+    on = _dropout_on(p, train)
+    drop = None
+    if on:
+        drop = unpack_bits(bits, x2.shape[1]) if bits is not None and bits.numel() else \
+            _drop_bits(seed, x2.shape, p, x.device)
+    ga = _as(g, lora_A.dtype)
+    gbs = torch.mm(ga, lora_B).mul_(scale / (1.0 - p) if on else scale)  # s/(1-p) * g B: (tokens, r)
+    xa = _as(x2, lora_A.dtype)
+    d_a = torch.mm(gbs.t(), xa if drop is None else xa.masked_fill(drop, 0.0))
+    d_b = torch.mm(h.t(), ga).mul_(scale).t().contiguous()  # (r, T) @ (T, out): faster than g^T h
     if not need_dx:
         return x.new_empty(0), d_a, d_b
     dx = torch.mm(g, weight)
-    if mask is None:
+    if drop is None and dx.dtype == gbs.dtype:
         dx.addmm_(gbs, lora_A)
     else:
-        dx.addcmul_(torch.mm(gbs, lora_A), mask)
+        low = torch.mm(gbs, lora_A)
+        dx.add_((low if drop is None else low.masked_fill_(drop, 0.0)).to(dx.dtype))
     return dx.view(x.shape), d_a, d_b
 
 
@@ -228,31 +270,34 @@ def _triton_seed(x, seed):
     return seed.to(device=x.device, dtype=torch.int64)
 
 
-def triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, blocks=None):
-    """(y, h) in two launches: h = drop(x) A^T, then y = x W^T + b + s h B^T (epilogue)."""
+def triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, configs=None):
+    """(y, h): y = addmm(b, x, W^T) on cuBLAS; h = drop(x) A^T and y += s h B^T by ``lora_triton``.
+    ``configs``: one triton.Config per kernel (down, accumulate) instead of autotuning (tests)."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg = configs or (None, None)
     x2 = x.reshape(-1, x.shape[-1])
     on = _dropout_on(p, train)
-    h = _mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0,
-            drop=1 if on else 0, seed=seed, p=p, ld=x2.shape[1], blocks=blocks)
-    y = _mm(x2, weight.t(), out_dtype=x.dtype, bias=bias, epi=(h, lora_B.t()), beta=scale, blocks=blocks)
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    h = LT.down(x2, lora_A, alpha=1 / (1 - p) if on else 1.0, drop=on, seed=seed, p=p, config=down_cfg)
+    LT.accumulate(y, h, lora_B.t(), beta=scale, config=acc_cfg)
     return y.view(*x.shape[:-1], weight.shape[0]), h
 
 
-def triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, blocks=None):
-    """(dx, dA, dB): g B once, dx's low-rank term masked in the GEMM epilogue."""
+def triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, configs=None):
+    """(dx, dA, dB): gb = s g B (down), dA and dB split-K over tokens (wgrad), dx = g W on cuBLAS plus
+    keep/(1-p) * gb A (accumulate). ``configs``: (down, accumulate, wgrad) triton.Configs or None."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg, wg_cfg = configs or (None, None, None)
     g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    on, ld = _dropout_on(p, train), x2.shape[1]
+    on = _dropout_on(p, train)
     inv = 1 / (1 - p) if on else 1.0
-    kw = dict(seed=seed, p=p, ld=ld, blocks=blocks)
-    gb = _mm(g, lora_B, out_dtype=x.dtype, blocks=blocks)  # (tokens, r); tl.dot wants equal dtypes
-    d_a = _mm(gb.t(), x2, out_dtype=lora_A.dtype, alpha=scale * inv, drop=2 if on else 0, **kw)
-    d_b = _mm(g.t(), h, out_dtype=lora_B.dtype, alpha=scale, blocks=blocks)
+    gb = LT.down(g, lora_B.t(), alpha=scale, config=down_cfg)  # (tokens, r) in the adapter dtype
+    d_a = LT.wgrad(x2, gb, alpha=inv, drop=on, seed=seed, p=p, config=wg_cfg).t().contiguous()
+    d_b = LT.wgrad(g, h, alpha=scale, config=wg_cfg)
     if not need_dx:
         return x.new_empty(0), d_a, d_b
-    dx = _mm(g, weight, out_dtype=x.dtype, epi=(gb, lora_A), beta=scale * inv,
-             drop=3 if on else 0, **kw)
+    dx = torch.mm(g, weight)
+    LT.accumulate(dx, gb, lora_A, beta=inv, drop=on, seed=seed, p=p, config=acc_cfg)
     return dx.view(x.shape), d_a, d_b
 
 
@@ -264,8 +309,19 @@ def triton_dropout_mask(seed, tokens, features, p, device=None) -> torch.Tensor:
                seed=_triton_seed(ones, seed), p=p, ld=features, blocks=(16, 16, 16))
 
 
-def _use_triton(x) -> bool:
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _use_triton(x, lora_A=None) -> bool:
+    ok = (torch.float16, torch.bfloat16, torch.float32)
+    return triton is not None and x.dtype in ok and (lora_A is None or lora_A.dtype in ok)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+    if _use_triton(x, lora_A) and x.is_cuda:
+        return (*triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train), _no_bits(x))
+    return _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, keep_bits=True)
+
+
+def _no_bits(x):
+    return x.new_empty(0, dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------- custom-op registration
@@ -274,53 +330,47 @@ def _use_triton(x) -> bool:
 @torch.library.custom_op("peftc::lora_linear", mutates_args=())
 def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
-                    train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
-
-
-@_lora_linear_op.register_kernel("cuda")
-def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
-    fn = triton_forward if _use_triton(x) else _torch_forward
-    return fn(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
+                    train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
     _check(x, weight, bias, lora_A, lora_B, p)
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
+    tokens = x.numel() // x.shape[-1]
+    keep = _dropout_on(p, train) and x.device.type == "cpu"  # CPU keeps the packed mask for backward
+    bits = x.new_empty(tokens, -(-x.shape[-1] // 8), dtype=torch.uint8) if keep else _no_bits(x)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), lora_A.new_empty(tokens, lora_A.shape[0]), bits
 
 
 @torch.library.custom_op("peftc::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                             lora_B: torch.Tensor, h: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
-                             train: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
-
-
-@_lora_linear_backward_op.register_kernel("cuda")
-def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
-    fn = triton_backward if _use_triton(x) else _torch_backward
-    return fn(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+                             lora_B: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, scale: float, p: float,
+                             seed: torch.Tensor, train: bool,
+                             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x, lora_A) and x.is_cuda:
+        return triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+    return _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, bits)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+def _(grad, x, weight, lora_A, lora_B, h, bits, scale, p, seed, train, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, p, seed, train = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)  # x and h: drop(x) is regenerated
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], output[2], seed)  # x, h, mask bits: no drop(x)
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.args = (scale, p, train)
 
 
-def _backward(ctx, grad, _grad_h):
-    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+def _backward(ctx, grad, _grad_h, _grad_bits):
+    x, weight, lora_A, lora_B, h, bits, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     scale, p, train = ctx.args
-    dx, d_a, d_b = torch.ops.peftc.lora_linear_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed,
+    dx, d_a, d_b = torch.ops.peftc.lora_linear_backward(grad, x, weight, lora_A, lora_B, h, bits, scale, p, seed,
                                                         train, need[0])
     g = grad.reshape(-1, grad.shape[-1])
     d_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1])) if need[1] else None  # trainable base only

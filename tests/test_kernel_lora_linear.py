@@ -62,9 +62,12 @@ def test_opcheck_schema_fake_and_autograd_registration(p):
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))
     torch.library.opcheck(OP, (x, w, b, a, bb, 1.5, p, torch.tensor(3), True))
     g, h = torch.randn(2, 5, 6), torch.randn(10, 3)
+    bits = OP(x, w, b, a, bb, 1.5, p, torch.tensor(3), True)[2]
+    assert bits.dtype == torch.uint8 and bits.shape == ((10, 1) if p else (0,))
     for need_dx in (True, False):
-        args = (g, x.detach(), w, a.detach(), bb.detach(), h, 1.5, p, torch.tensor(3), True, need_dx)
-        torch.library.opcheck(torch.ops.peftc.lora_linear_backward.default, args)
+        for kept in {bits, bits[:0]}:  # the forward's packed mask, or none (drawn again from the seed)
+            args = (g, x.detach(), w, a.detach(), bb.detach(), h, kept, 1.5, p, torch.tensor(3), True, need_dx)
+            torch.library.opcheck(torch.ops.peftc.lora_linear_backward.default, args)
 
 
 def test_input_without_grad_still_trains_the_adapter():
