@@ -1,33 +1,41 @@
 """Fused LoRA linear: the frozen base GEMM and the low-rank path in one opaque op.
 
-    y = x W^T + b + s * drop(x) A^T B^T          drop(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
+    y = (x W^T + b + s * B(A(drop(x)))).to(base dtype)     drop(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
 
 Op (registered on import)::
 
-    torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed, train) -> (y, h)
-        x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
+    torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed, train) -> (y, h, bits)
+        x (..., in); weight (out, in); bias (out,) or None  -- the base dtype (bf16/fp16/fp32)
+        lora_A (r, in); lora_B (out, r)                     -- the adapter dtype (e.g. fp32 on a bf16 base)
         scale: s; p: dropout probability; seed: int64 0-d tensor; train: dropout only when true
-        y (..., out); h = drop(x) A^T (tokens, r), returned (non-differentiable) for autograd to save
+        y (..., out) in the base dtype; h = drop(x) A^T (tokens, r) in the adapter dtype; bits: the CPU
+        path's drop mask packed 8 per byte (empty on CUDA); h and bits are non-differentiable, saved
 
-``lora_linear(...)`` below calls it and returns y.
+Mixed dtypes follow HF PEFT: the low-rank term runs in the adapter dtype on x.to(A.dtype), the
+base output is promoted for the add and the sum cast back; dA, dB come back in the adapter dtype,
+dx in the base dtype. ``lora_linear(...)`` below calls the op and returns y.
 
-Dropout applies only when ``train and p > 0``. Its mask is a pure function of (seed, token,
-feature), so backward regenerates it instead of saving drop(x): autograd keeps x (and the
-parameters it already holds) and the r-wide h, never a (tokens, in) copy. Backward, g = dY::
+Dropout applies only when ``train and p > 0``. Autograd keeps x (and the parameters it already
+holds), the r-wide h and, on CPU, the mask as bits (1/32 of drop(x) in fp32): never a (tokens, in)
+copy. Measured on CPU, packing (numpy) is ~20x cheaper than drawing the mask a second time. On
+CUDA the mask is a pure function of (seed, token, feature), recomputed wherever x is read.
+Backward, g = dY::
 
-    dx = g W + s * keep/(1-p) * ((g B) A)      dA = s * (g B)^T drop(x)      dB = s * g^T h
+    dx = g W + keep/(1-p) * ((s g B) A)      dA = s * (g B)^T drop(x)      dB = s * g^T h
 
 dW = g^T x and db = sum(g) are computed only when weight/bias require grad (never for a frozen
 base). Double backward is not supported.
 
 Devices: CPU (and any dtype Triton does not take) runs fused torch code: one addmm for the base,
 x A^T once, the low-rank term added in place (addmm_), the mask drawn from a torch.Generator
-seeded with ``seed`` (``dropout_mask``). CUDA fp16/bf16/fp32 runs one strided Triton GEMM kernel
-(2 launches forward, 4 backward) whose epilogue adds the bias and the low-rank term, with the
-mask from ``tl.rand(seed, token * in + feature)``. The two devices draw different masks for a
-seed; each is consistent between its forward and backward. x, weight, lora_A and lora_B must
-share a dtype (the caller casts). Forward and backward are opaque custom ops with fake impls,
-so graphs using them survive torch.export and torch.compile without graph breaks.
+seeded with ``seed`` (``dropout_mask``). CUDA keeps x W^T and g W on cuBLAS (torch.addmm/mm) and
+runs only the LoRA-specific traffic in Triton (``lora_triton``: dropout + x A^T in one pass, the
+up-projection accumulated into y in one pass, g B, split-K dA/dB, the masked dx term), autotuned,
+with the mask from ``tl.rand(seed, token * in + feature)``. The two devices draw different masks
+for a seed; each is consistent between its forward and backward. ``_mm`` (one strided Triton GEMM
+with a low-rank epilogue) stays for dora_linear, ia3_linear and quant_linear. Forward and
+backward are opaque custom ops with fake impls, so graphs using them survive torch.export and
+torch.compile without graph breaks.
 
     >>> y = lora_linear(x, W, b, A, B, scale=2.0, p=0.05, train=True)   # draws a seed
 """
@@ -49,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask",
+__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask", "pack_bits", "unpack_bits",
            "triton_forward", "triton_backward", "draw_seed", "bench", "time_backward", "print_bench"]
 
 BLOCKS = (64, 64, 32)  # Triton (BLOCK_M, BLOCK_N, BLOCK_K); the rank is tiled by 16
