@@ -143,6 +143,10 @@ if triton is not None:
     _wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=["C", "R", "DROP"])(_wgrad_kernel)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -207,10 +211,13 @@ def wgrad(pm, q, *, alpha=1.0, drop=False, seed=None, p=0.0, out_dtype=None, spl
     partials, summed by torch (deterministic, no atomics); the result in ``out_dtype`` (q's)."""
     (m, c), r = pm.shape, q.shape[1]
     _check_int32(pm, q)
-    if splits is None:  # enough programs to fill a GPU when C / BLOCK_C alone does not
-        splits = max(1, min(-(-m // SPLIT_TOKENS), -(-264 // max(1, -(-c // 64)))))
-    chunk = -(-(-(-m // splits)) // 128) * 128  # a multiple of every BLOCK_M
-    splits = max(1, -(-m // chunk))
+    if m == 0:
+        return torch.zeros(c, r, dtype=out_dtype or q.dtype, device=pm.device)
+    if splits is None:  # enough programs to fill the GPU (2 per SM) when C / 64 alone does not
+        sms = torch.cuda.get_device_properties(pm.device).multi_processor_count if pm.is_cuda else 1
+        splits = max(1, min(_cdiv(m, SPLIT_TOKENS), _cdiv(2 * sms, _cdiv(c, 64))))
+    chunk = _cdiv(_cdiv(m, splits), 128) * 128  # a multiple of every BLOCK_M
+    splits = _cdiv(m, chunk)
     part = torch.empty(splits, c, r, dtype=torch.float32, device=pm.device)
     meta = _meta(q.dtype, pm.is_cuda, drop, r)
     grid = lambda cfg: (triton.cdiv(c, cfg["BLOCK_C"]), splits, triton.cdiv(r, meta["BLOCK_R"]))
