@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 __all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask", "pack_bits", "unpack_bits",
-           "triton_forward", "triton_backward", "draw_seed", "bench", "time_backward", "print_bench"]
+           "triton_forward", "triton_backward", "draw_seed"]
 
 BLOCKS = (64, 64, 32)  # Triton (BLOCK_M, BLOCK_N, BLOCK_K); the rank is tiled by 16
 
@@ -398,70 +398,3 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, t
         on = _dropout_on(p, train)
         seed = draw_seed(x.device) if on else torch.zeros((), dtype=torch.int64, device=x.device)
     return torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed, bool(train))[0]
-
-
-# ---------------------------------------------------------------- micro-benchmark
-
-
-def bench(tokens=1024, d=512, r=16, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
-    """Fused op vs unfused eager torch vs the frozen base linear alone: forward + backward (dx,
-    dA, dB; frozen W), interleaved runs after 3 warm-up rounds. Returns
-    ``{p: {variant: {"median_ms", "p10_ms", "p90_ms", "overhead_pct"}}}``."""
-    torch.manual_seed(0)
-    kw = {"device": device}
-    weight, bias = torch.randn(d, d, **kw) / d**0.5, torch.randn(d, **kw)
-    lora_A = (torch.randn(r, d, **kw) / d**0.5).requires_grad_()
-    lora_B = (torch.randn(d, r, **kw) / r**0.5).requires_grad_()
-    x, dy = torch.randn(tokens, d, requires_grad=True, **kw), torch.randn(tokens, d, **kw)
-    linear = torch.nn.functional.linear
-
-    def unfused(p):
-        xd = torch.nn.functional.dropout(x, p, training=True) if p else x
-        return linear(x, weight, bias) + 2.0 * ((xd @ lora_A.t()) @ lora_B.t())
-
-    runs = {"base linear (frozen)": (lambda p: linear(x, weight, bias), [x]),
-            "unfused torch": (unfused, [x, lora_A, lora_B]),
-            "fused op": (lambda p: lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, train=True),
-                         [x, lora_A, lora_B])}
-    return time_backward(runs, dy, dropouts, reps, device, "base linear (frozen)")
-
-
-def time_backward(runs: dict, grad_outputs, dropouts, reps: int, device, base: str) -> dict:
-    """Interleaved forward + backward timings of ``runs`` (name -> (fn(p), inputs)) after 3
-    warm-up rounds: ``{p: {name: {"median_ms", "p10_ms", "p90_ms", "overhead_pct" over base}}}``."""
-    import statistics
-    import time
-
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    out = {}
-    for p in dropouts:
-        times = {k: [] for k in runs}
-        for _ in range(reps + 3):
-            for name, (fn, inputs) in runs.items():
-                sync()
-                t0 = time.perf_counter()
-                torch.autograd.grad(fn(p), inputs, grad_outputs)
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        floor = statistics.median(times[base][3:])
-        out[p] = {}
-        for name, ts in times.items():
-            med, q = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10)
-            out[p][name] = {"median_ms": med, "p10_ms": q[0], "p90_ms": q[-1], "overhead_pct": 100 * (med / floor - 1)}
-    return out
-
-
-def print_bench(title: str, results: dict) -> None:
-    print(f"{title}, {torch.get_num_threads()} threads")
-    for p, rows in results.items():
-        for name, s in rows.items():
-            print(f"p={p:<5} {name:22s} {s['median_ms']:7.2f} ms  (p10-p90 {s['p10_ms']:.2f}-{s['p90_ms']:.2f})"
-                  f"  {s['overhead_pct']:+.0f}%")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1:
-        torch.set_num_threads(int(sys.argv[1]))
-    print_bench("T=1024 d=512 r=16", bench())

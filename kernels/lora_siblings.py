@@ -58,7 +58,7 @@ from peftc.kernels.lora_linear import (
     unpack_bits,
 )
 
-__all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward", "bench"]
+__all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward"]
 
 
 def lora_siblings_reference(x, weights, biases, lora_As, lora_Bs, scales, mask=None):
@@ -257,45 +257,3 @@ def lora_siblings(x, weights, biases, lora_As, lora_Bs, scales, p: float = 0.0, 
     ys, _, _ = torch.ops.peftc.lora_siblings(x, list(weights), list(biases), list(lora_As), list(lora_Bs),
                                           [float(s) for s in scales], float(p), seed, bool(train))
     return ys
-
-
-# ---------------------------------------------------------------- micro-benchmark
-
-
-def bench(tokens=1024, d=512, r=16, n=3, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
-    """n q/k/v-like siblings (d -> d, rank r, frozen bases with bias): one lora_siblings op vs n
-    lora_linear ops vs unfused eager torch vs the n frozen base linears alone; forward + backward
-    (dx, dA, dB), interleaved, 3 warm-up rounds. ``{p: {variant: {median_ms, p10_ms, p90_ms,
-    overhead_pct}}}``, overhead relative to the frozen bases."""
-    from peftc.kernels.lora_linear import lora_linear, time_backward
-
-    torch.manual_seed(0)
-    kw = {"device": device}
-    ws = [torch.randn(d, d, **kw) / d**0.5 for _ in range(n)]
-    bs = [torch.randn(d, **kw) for _ in range(n)]
-    As = [(torch.randn(r, d, **kw) / d**0.5).requires_grad_() for _ in range(n)]
-    Bs = [(torch.randn(d, r, **kw) / r**0.5).requires_grad_() for _ in range(n)]
-    x, dys = torch.randn(tokens, d, requires_grad=True, **kw), [torch.randn(tokens, d, **kw) for _ in range(n)]
-    linear, dropout = torch.nn.functional.linear, torch.nn.functional.dropout
-    leaves = [x, *As, *Bs]
-
-    def unfused(p):
-        return [linear(x, w, b) + 2.0 * ((dropout(x, p, training=True) @ a.t()) @ bb.t())
-                for w, b, a, bb in zip(ws, bs, As, Bs)]
-
-    runs = {"base linears (frozen)": (lambda p: [linear(x, w, b) for w, b in zip(ws, bs)], [x]),
-            "unfused torch": (unfused, leaves),
-            f"{n} lora_linear ops": (lambda p: [lora_linear(x, w, b, a, bb, 2.0, p, train=True)
-                                                for w, b, a, bb in zip(ws, bs, As, Bs)], leaves),
-            "lora_siblings op": (lambda p: lora_siblings(x, ws, bs, As, Bs, [2.0] * n, p, train=True), leaves)}
-    return time_backward(runs, dys, dropouts, reps, device, "base linears (frozen)")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1:
-        torch.set_num_threads(int(sys.argv[1]))
-    from peftc.kernels.lora_linear import print_bench
-
-    print_bench("T=1024 d=512 r=16, 3 siblings", bench())

@@ -205,6 +205,13 @@ def test_fp32_adapters_on_a_low_precision_base_compute_as_peft(base, p):
         assert rel(t.grad, t_ref.grad) < (1e-2 if dt == base else 1e-5)
 
 
+def test_opcheck_mixed_dtypes():
+    x, w, b, a, bb = make((2, 5), d_in=7, d_out=6, r=3, dtype=torch.bfloat16, seed=15)
+    args = (x.requires_grad_(), w, b, a.float().requires_grad_(), bb.float().requires_grad_())
+    for p in (0.0, 0.2):
+        torch.library.opcheck(OP, (*args, 1.5, p, torch.tensor(3), True))
+
+
 def test_backward_uses_the_mask_kept_from_forward():
     """The packed drop bits saved by forward are the forward's mask; backward reads them, not the seed
     (the kept bits, altered, change the gradients; the seed, altered, does not)."""
