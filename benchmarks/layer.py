@@ -184,11 +184,11 @@ def breakdown(tokens, d, r, dtype, adapter, p, reps, device) -> dict:
     rows = {"base GEMM y = x W^T + b": t(lambda: torch.addmm(b, x, w.t())),
             "base GEMM dx = g W": t(lambda: torch.mm(g, w)),
             "r-wide: h = x A^T": t(lambda: torch.mm(xa, a.t())),
-            "r-wide: y += s h B^T": t(lambda: y.addmm_(h.to(y.dtype), bb.t().to(y.dtype), alpha=0.0)),
+            "r-wide: y + s h B^T": t(lambda: torch.addmm(y, h.to(y.dtype), bb.t().to(y.dtype), alpha=2.0)),
             "r-wide: g B": t(lambda: torch.mm(ga, bb)),
             "r-wide: dA = (gB)^T x": t(lambda: torch.mm(gbs.t(), xa)),
             "r-wide: dB = h^T g": t(lambda: torch.mm(h.t(), ga)),
-            "r-wide: dx += (gB) A": t(lambda: dx.addmm_(gbs.to(dx.dtype), a.to(dx.dtype), alpha=0.0))}
+            "r-wide: dx + (gB) A": t(lambda: torch.addmm(dx, gbs.to(dx.dtype), a.to(dx.dtype)))}
     if p and not str(device).startswith("cuda"):
         drop = L._drop_bits(seed, (tokens, d), p)
         bits = L.pack_bits(drop)
@@ -239,14 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="base dtype (default fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--adapter-dtype", choices=sorted(DTYPES), default="fp32", help="PEFT's default: fp32")
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
-    ap.add_argument("--reps", type=int, help="default 30 on CPU, 50 on CUDA")
+    ap.add_argument("--reps", type=int, help="default 60 on CPU, 50 on CUDA")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
     ap.add_argument("--report", default="benchmarks/RESULTS.md")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 reps: the script end to end")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     tokens, d = args.tokens or (8192 if cuda else 1024), args.d or (4096 if cuda else 512)
-    reps = args.reps or (50 if cuda else 30)
+    reps = args.reps or (50 if cuda else 60)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dry_run:
         tokens, d, reps = 64, 32, 2
     dtype, adapter = DTYPES[args.dtype or ("bf16" if cuda else "fp32")], DTYPES[args.adapter_dtype]
