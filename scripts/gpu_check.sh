@@ -30,7 +30,7 @@ if [ "${1:-}" = "--dry-run" ]; then
     out=$(mktemp -d)
     report="$out/RESULTS.md"
     step "layer benchmark (dry run)" 300 $py -m benchmarks.layer --dry-run --out "$out" --report "$report"
-    step "step benchmark (dry run)" 300 $py -m benchmarks.step_time --quick --gpu-shape --compile --no-progress \
+    step "step benchmark (dry run)" 600 $py -m benchmarks.step_time --quick --gpu-shape --no-progress \
         --out "$out" --report "$report"
     grep -c ':begin -->' "$report" | grep -qx 2 || failed+=("report sections")
     echo "dry-run report: $report"
