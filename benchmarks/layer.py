@@ -208,6 +208,7 @@ def breakdown(tokens, d, r, dtype, adapter, p, reps, device) -> dict:
 def _markdown(result: dict) -> str:
     c, gpu = result["config"], result["config"]["device"].startswith("cuda")
     lines = [f"# Per layer: one LoRA linear on {'GPU' if gpu else 'CPU'} ({result['environment']})", "",
+             *([f"> {c['note']}", ""] if c.get("note") else []),
              f"Command: `{c['command']}`", "",
              f"T = {c['tokens']} tokens, d_in = d_out = {c['d']}, r = {c['r']}, base {c['dtype']}, adapters "
              f"{c['adapter_dtype']}; forward + backward (dx, dA, dB; W and b frozen); {c['reps']} reps "
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
     ap.add_argument("--report", default="benchmarks/RESULTS.md")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 reps: the script end to end")
+    ap.add_argument("--note", default="", help="a line printed on top of the report (e.g. machine load)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     tokens, d = args.tokens or (8192 if cuda else 1024), args.d or (4096 if cuda else 512)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"schema": "peftc.bench.layer/1",
               "config": {"device": args.device, "tokens": tokens, "d": d, "r": args.r, "reps": reps,
                          "dtype": str(dtype).split(".")[1], "adapter_dtype": str(adapter).split(".")[1],
-                         "dropouts": dropouts, "breakdown_p": bp,
+                         "dropouts": dropouts, "breakdown_p": bp, "note": args.note,
                          "command": shlex.join(["python", "-m", "benchmarks.layer", *(sys.argv[1:] if argv is None
                                                                                       else argv)])},
               "environment": env,
