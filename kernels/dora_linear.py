@@ -29,6 +29,10 @@ fp16/bf16/fp32 runs Triton: h by lora_linear's ``_mm``; y and z by ``_dora_fwd_k
 and, with dropout, x_d W^T from the same tiles, the low-rank epilogue, column scale and bias);
 backward by ia3_linear's ``scaled_mm`` (g' B, dB), ``_mm`` (dA), ``colsum`` (dm) and
 ``_dora_dx_kernel``. The norm (weight-sized, token-independent) is torch on both devices.
+Adapters (A, B, magnitude) in another dtype than the base (fp32 on bf16, HF PEFT's default): x, W
+and b are cast to the adapter dtype, as PEFT's DoRA path casts x and W, y is cast back; dx comes
+back in the base dtype, dA, dB, dm in the adapter dtype. (Without dropout PEFT adds its bf16 base
+output instead of the fp32 one: the two differ by bf16 rounding.)
 
     >>> y = dora_linear(x, W, b, A, B, m, scale=2.0, p=0.1, train=True)   # draws a seed
 """
@@ -79,9 +83,10 @@ def _check(x, weight, bias, lora_A, lora_B, magnitude, p):
         raise ValueError(f"dora_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, "
                          f"lora_B {tuple(lora_B.shape)}, magnitude {tuple(magnitude.shape)}: want (..., in), "
                          "(out, in), (r, in), (out, r), (out,)")
-    if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, magnitude.dtype}) > 1:
-        raise ValueError("dora_linear: x, weight, lora_A, lora_B, magnitude must share a dtype")
-    if bias is not None and tuple(bias.shape) != (out,):
+    if x.dtype != weight.dtype or len({lora_A.dtype, lora_B.dtype, magnitude.dtype}) > 1:
+        raise ValueError("dora_linear: x and weight share the base dtype, lora_A, lora_B, magnitude the adapter "
+                         f"dtype; got {x.dtype}, {weight.dtype}, {lora_A.dtype}, {lora_B.dtype}, {magnitude.dtype}")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != weight.dtype):
         raise ValueError(f"dora_linear: bias {tuple(bias.shape)}, want ({out},)")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dora_linear: dropout p={p}, want 0 <= p < 1")
@@ -288,25 +293,42 @@ def _use_triton(x) -> bool:
 # ---------------------------------------------------------------- custom-op registration
 
 
+def _up(*ts, dtype):
+    """Tensors cast to the adapter dtype (None stays None): PEFT's DoRA casts x and W to it as well."""
+    return [t if t is None else t.to(dtype) for t in ts]
+
+
+def _forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
+    if x.dtype != lora_A.dtype:  # adapters in another dtype: compute in theirs, y back in the base dtype
+        y, h, z, n = _forward(*_up(x, weight, bias, dtype=lora_A.dtype), lora_A, lora_B, magnitude, scale, p, seed,
+                              train)
+        return y.to(x.dtype), h, z, n
+    fn = triton_forward if x.is_cuda and _use_triton(x) else _torch_forward
+    return fn(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
+
+
+def _backward_impl(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx):
+    if x.dtype != lora_A.dtype:
+        dx, d_a, d_b, d_m = _backward_impl(*_up(grad, x, weight, dtype=lora_A.dtype), lora_A, lora_B, magnitude, h,
+                                           z, n, scale, p, seed, train, need_dx)
+        return dx.to(x.dtype), d_a, d_b, d_m
+    fn = triton_backward if x.is_cuda and _use_triton(x) else _torch_backward
+    return fn(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
+
+
 @torch.library.custom_op("peftc::dora_linear", mutates_args=())
 def _dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
                     train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
-
-
-@_dora_linear_op.register_kernel("cuda")
-def _(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
-    fn = triton_forward if _use_triton(x) else _torch_forward
-    return fn(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
+    return _forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
 
 
 @_dora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
     _check(x, weight, bias, lora_A, lora_B, magnitude, p)
     tokens, out = x.numel() // x.shape[-1], weight.shape[0]
-    return (x.new_empty(*x.shape[:-1], out), x.new_empty(tokens, lora_A.shape[0]), x.new_empty(tokens, out),
-            weight.new_empty(out))
+    return (x.new_empty(*x.shape[:-1], out), lora_A.new_empty(tokens, lora_A.shape[0]), lora_A.new_empty(tokens, out),
+            lora_A.new_empty(out))
 
 
 @torch.library.custom_op("peftc::dora_linear_backward", mutates_args=())
@@ -314,13 +336,7 @@ def _dora_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.
                              lora_B: torch.Tensor, magnitude: torch.Tensor, h: torch.Tensor, z: torch.Tensor,
                              n: torch.Tensor, scale: float, p: float, seed: torch.Tensor, train: bool,
                              need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _torch_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
-
-
-@_dora_linear_backward_op.register_kernel("cuda")
-def _(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx):
-    fn = triton_backward if _use_triton(x) else _torch_backward
-    return fn(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
+    return _backward_impl(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
 
 
 @_dora_linear_backward_op.register_fake
@@ -343,7 +359,7 @@ def _backward(ctx, grad, _gh, _gz, _gn):
     scale, p, train = ctx.args
     dx, d_a, d_b, d_m = torch.ops.peftc.dora_linear_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n,
                                                              scale, p, seed, train, need[0])
-    g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    g, x2 = _up(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), dtype=lora_A.dtype)
     d_w = None
     if need[1]:  # trainable base only: d/dW of x W^T + (mn - 1) x_d W^T (the norm is detached)
         mn = magnitude / n
@@ -351,7 +367,8 @@ def _backward(ctx, grad, _gh, _gz, _gn):
             d_w = torch.mm(g.t(), x2).addmm_((g * (mn - 1)).t(), x2 * _mask(seed, x2, p))
         else:
             d_w = torch.mm((g * mn).t(), x2)
-    d_bias = g.sum(0) if need[2] else None
+        d_w = d_w.to(weight.dtype)
+    d_bias = g.sum(0).to(weight.dtype) if need[2] else None
     return dx if need[0] else None, d_w, d_bias, d_a, d_b, d_m, None, None, None, None
 
 

@@ -23,8 +23,9 @@ Deriving u = y / l would save even that but breaks where l has zeros.
 Devices: CPU (and dtypes Triton does not take) runs fused torch code (addmm, one elementwise
 scale). CUDA fp16/bf16/fp32 runs ``_scaled_mm_kernel``: one strided GEMM whose prologue scales
 the A operand along K and whose epilogue adds the bias, optionally stores the unscaled tile and
-scales columns; dl is a column-sum kernel (deterministic, no atomics). x, weight, l (and bias)
-must share a dtype (the caller casts).
+scales columns; dl is a column-sum kernel (deterministic, no atomics). x, weight (and bias) share
+the base dtype; l may be in another (fp32 on a bf16 base, as HF PEFT keeps it): then the scaling
+runs in l's dtype and casts back, exactly PEFT's order, on the torch code (CPU and CUDA).
 
     >>> y = ia3_linear(x, W, b, l, "out")   # l: (out,)
 """
@@ -70,32 +71,38 @@ def _check(x, weight, bias, vec, mode):
     if x.shape[-1] != d or tuple(vec.shape) != (want,):
         raise ValueError(f"ia3_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, vec {tuple(vec.shape)}: "
                          f"want (..., in), (out, in), ({'in' if mode == 'in' else 'out'},)")
-    if len({x.dtype, weight.dtype, vec.dtype}) > 1:
-        raise ValueError(f"ia3_linear: x, weight, vec must share a dtype, got {x.dtype}, {weight.dtype}, {vec.dtype}")
-    if bias is not None and tuple(bias.shape) != (out,):
+    if x.dtype != weight.dtype or not vec.is_floating_point():
+        raise ValueError(f"ia3_linear: x and weight share the base dtype, vec a float dtype; got {x.dtype}, "
+                         f"{weight.dtype}, {vec.dtype}")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != weight.dtype):
         raise ValueError(f"ia3_linear: bias {tuple(bias.shape)}, want ({out},)")
+
+
+def _v(t, vec):
+    """t in vec's dtype (PEFT scales in the vector's dtype, then casts back)."""
+    return t if t.dtype == vec.dtype else t.to(vec.dtype)
 
 
 def _torch_forward(x, weight, bias, vec, mode):
     x2 = x.reshape(-1, x.shape[-1])
     shape = (*x.shape[:-1], weight.shape[0])
     if mode == "in":
-        x2 = x2 * vec
+        x2 = (_v(x2, vec) * vec).to(x.dtype)
     u = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
     if mode == "in":
         return u.view(shape), x.new_empty(0)
-    return (u * vec).view(shape), u.view(shape)
+    return (_v(u, vec) * vec).to(x.dtype).view(shape), u.view(shape)
 
 
 def _torch_backward(grad, x, weight, vec, u, mode, need_dx):
     g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     if mode == "out":
-        dl = (g * u.reshape(g.shape)).sum(0)
-        dx = torch.mm(g * vec, weight).view(x.shape) if need_dx else x.new_empty(0)
+        dl = (_v(g, vec) * _v(u.reshape(g.shape), vec)).sum(0)
+        dx = torch.mm((_v(g, vec) * vec).to(x.dtype), weight).view(x.shape) if need_dx else x.new_empty(0)
         return dx, dl
     v = torch.mm(g, weight)
-    dl = (x2 * v).sum(0)
-    return (v.mul_(vec).view(x.shape) if need_dx else x.new_empty(0)), dl
+    dl = (_v(x2, vec) * _v(v, vec)).sum(0)
+    return ((_v(v, vec) * vec).to(x.dtype).view(x.shape) if need_dx else x.new_empty(0)), dl
 
 
 # ---------------------------------------------------------------- Triton kernels and launchers
@@ -209,8 +216,10 @@ def triton_backward(grad, x, weight, vec, u, mode, need_dx, blocks=None):
     return (dx.view(x.shape) if need_dx else x.new_empty(0)), colsum(x2, v, out_dtype=vec.dtype)
 
 
-def _use_triton(x) -> bool:
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _use_triton(x, vec=None) -> bool:
+    """Triton takes fp16/bf16/fp32 with the vector in x's dtype; mixed dtypes run the torch code."""
+    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
+        (vec is None or vec.dtype == x.dtype)
 
 
 # ---------------------------------------------------------------- custom-op registration
@@ -224,7 +233,7 @@ def _ia3_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 @_ia3_linear_op.register_kernel("cuda")
 def _(x, weight, bias, vec, mode):
-    return (triton_forward if _use_triton(x) else _torch_forward)(x, weight, bias, vec, mode)
+    return (triton_forward if _use_triton(x, vec) else _torch_forward)(x, weight, bias, vec, mode)
 
 
 @_ia3_linear_op.register_fake
@@ -242,7 +251,7 @@ def _ia3_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 @_ia3_linear_backward_op.register_kernel("cuda")
 def _(grad, x, weight, vec, u, mode, need_dx):
-    return (triton_backward if _use_triton(x) else _torch_backward)(grad, x, weight, vec, u, mode, need_dx)
+    return (triton_backward if _use_triton(x, vec) else _torch_backward)(grad, x, weight, vec, u, mode, need_dx)
 
 
 @_ia3_linear_backward_op.register_fake
@@ -262,9 +271,10 @@ def _backward(ctx, grad, _grad_u):
     need = ctx.needs_input_grad
     dx, dl = torch.ops.peftc.ia3_linear_backward(grad, x, weight, vec, u, ctx.mode, need[0])
     g = grad.reshape(-1, grad.shape[-1])
-    gl = g * vec if ctx.mode == "out" else g
+    gl = (g * vec).to(g.dtype) if ctx.mode == "out" else g
     x2 = x.reshape(-1, x.shape[-1])
-    d_w = torch.mm(gl.t(), x2 * vec if ctx.mode == "in" else x2) if need[1] else None  # trainable base only
+    xs = (x2 * vec).to(x.dtype) if ctx.mode == "in" else x2
+    d_w = torch.mm(gl.t(), xs) if need[1] else None  # trainable base only
     d_bias = gl.sum(0) if need[2] else None
     return dx if need[0] else None, d_w, d_bias, dl if need[3] else None, None
 

@@ -1,33 +1,41 @@
 """Fused LoRA linear: the frozen base GEMM and the low-rank path in one opaque op.
 
-    y = x W^T + b + s * drop(x) A^T B^T          drop(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
+    y = (x W^T + b + s * B(A(drop(x)))).to(base dtype)     drop(x) = x * keep / (1 - p),  keep ~ Bernoulli(1 - p)
 
 Op (registered on import)::
 
-    torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed, train) -> (y, h)
-        x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
+    torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed, train) -> (y, h, bits)
+        x (..., in); weight (out, in); bias (out,) or None  -- the base dtype (bf16/fp16/fp32)
+        lora_A (r, in); lora_B (out, r)                     -- the adapter dtype (e.g. fp32 on a bf16 base)
         scale: s; p: dropout probability; seed: int64 0-d tensor; train: dropout only when true
-        y (..., out); h = drop(x) A^T (tokens, r), returned (non-differentiable) for autograd to save
+        y (..., out) in the base dtype; h = drop(x) A^T (tokens, r) in the adapter dtype; bits: the CPU
+        path's drop mask packed 8 per byte (empty on CUDA); h and bits are non-differentiable, saved
 
-``lora_linear(...)`` below calls it and returns y.
+Mixed dtypes follow HF PEFT: the low-rank term runs in the adapter dtype on x.to(A.dtype), the
+base output is promoted for the add and the sum cast back; dA, dB come back in the adapter dtype,
+dx in the base dtype. ``lora_linear(...)`` below calls the op and returns y.
 
-Dropout applies only when ``train and p > 0``. Its mask is a pure function of (seed, token,
-feature), so backward regenerates it instead of saving drop(x): autograd keeps x (and the
-parameters it already holds) and the r-wide h, never a (tokens, in) copy. Backward, g = dY::
+Dropout applies only when ``train and p > 0``. Autograd keeps x (and the parameters it already
+holds), the r-wide h and, on CPU, the mask as bits (1/32 of drop(x) in fp32): never a (tokens, in)
+copy. Measured on CPU, packing (numpy) is ~20x cheaper than drawing the mask a second time. On
+CUDA the mask is a pure function of (seed, token, feature), recomputed wherever x is read.
+Backward, g = dY::
 
-    dx = g W + s * keep/(1-p) * ((g B) A)      dA = s * (g B)^T drop(x)      dB = s * g^T h
+    dx = g W + keep/(1-p) * ((s g B) A)      dA = s * (g B)^T drop(x)      dB = s * g^T h
 
 dW = g^T x and db = sum(g) are computed only when weight/bias require grad (never for a frozen
 base). Double backward is not supported.
 
 Devices: CPU (and any dtype Triton does not take) runs fused torch code: one addmm for the base,
 x A^T once, the low-rank term added in place (addmm_), the mask drawn from a torch.Generator
-seeded with ``seed`` (``dropout_mask``). CUDA fp16/bf16/fp32 runs one strided Triton GEMM kernel
-(2 launches forward, 4 backward) whose epilogue adds the bias and the low-rank term, with the
-mask from ``tl.rand(seed, token * in + feature)``. The two devices draw different masks for a
-seed; each is consistent between its forward and backward. x, weight, lora_A and lora_B must
-share a dtype (the caller casts). Forward and backward are opaque custom ops with fake impls,
-so graphs using them survive torch.export and torch.compile without graph breaks.
+seeded with ``seed`` (``dropout_mask``). CUDA keeps x W^T and g W on cuBLAS (torch.addmm/mm) and
+runs only the LoRA-specific traffic in Triton (``lora_triton``: dropout + x A^T in one pass, the
+up-projection accumulated into y in one pass, g B, split-K dA/dB, the masked dx term), autotuned,
+with the mask from ``tl.rand(seed, token * in + feature)``. The two devices draw different masks
+for a seed; each is consistent between its forward and backward. ``_mm`` (one strided Triton GEMM
+with a low-rank epilogue) stays for dora_linear, ia3_linear and quant_linear. Forward and
+backward are opaque custom ops with fake impls, so graphs using them survive torch.export and
+torch.compile without graph breaks.
 
     >>> y = lora_linear(x, W, b, A, B, scale=2.0, p=0.05, train=True)   # draws a seed
 """
@@ -37,9 +45,11 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from peftc.capture import register_train_flag
+from peftc.kernels import lora_triton as LT
 
 try:
     import triton
@@ -47,8 +57,8 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask",
-           "triton_forward", "triton_backward", "draw_seed", "bench", "time_backward", "print_bench"]
+__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "triton_dropout_mask", "pack_bits", "unpack_bits",
+           "triton_forward", "triton_backward", "draw_seed"]
 
 BLOCKS = (64, 64, 32)  # Triton (BLOCK_M, BLOCK_N, BLOCK_K); the rank is tiled by 16
 
@@ -61,30 +71,46 @@ def draw_seed(device=None) -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
-def dropout_mask(seed: torch.Tensor, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The fused-torch path's keep mask, scaled by 1/(1-p), drawn from torch.Generator(seed).
-
-    Each 64-bit draw gives four uniform 16-bit lanes (on CPU half the cost of torch.rand, one
-    32-bit draw per element); keep where lane >= p * 2^16, so the keep probability is 1 - p with
-    p rounded to a multiple of 1/65536.
-    """
+def _drop_bits(seed: torch.Tensor, shape, p: float, device=None) -> torch.Tensor:
+    """Bool (tokens, features), true where dropped: four 16-bit lanes per 64-bit draw from
+    torch.Generator(seed) (on CPU half the cost of torch.rand's one 32-bit draw per element);
+    dropped where lane < p * 2^16, so the keep probability is 1 - p with p rounded to 1/65536."""
     device = torch.device("cpu") if device is None else torch.device(device)
     gen = torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
-    lanes = words.view(torch.int16)[:n].view(shape).to(torch.float32)  # exact: int16 fits fp32
-    keep = lanes.ge_(round(p * 65536) - 32768)
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+    return words.view(torch.int16)[:n].view(shape).lt(round(p * 65536) - 32768)
+
+
+def dropout_mask(seed: torch.Tensor, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The fused-torch path's keep mask scaled by 1/(1-p) (``_drop_bits``' complement): for references."""
+    return (~_drop_bits(seed, shape, p, device)).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def pack_bits(drop: torch.Tensor) -> torch.Tensor:
+    """Bool (T, d) -> uint8 (T, ceil(d / 8)): the mask kept from forward to backward at 1/32 of
+    drop(x) in fp32 (numpy's packbits: ~20x faster here than drawing the mask again)."""
+    return torch.from_numpy(np.packbits(drop.numpy(), axis=-1))
+
+
+def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=d).view(np.bool_))
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, mask=None):
-    """Unfused eager semantics; ``mask`` is a scaled keep mask (e.g. from ``dropout_mask``)."""
-    xd = x if mask is None else x * mask.reshape(x.shape)
-    return torch.nn.functional.linear(x, weight, bias) + scale * ((xd @ lora_A.t()) @ lora_B.t())
+    """HF PEFT's eager semantics; ``mask`` is a scaled keep mask (e.g. from ``dropout_mask``). Mixed
+    dtypes as PEFT: the low-rank term in the adapter dtype, added after type promotion, cast back."""
+    xa = x.to(lora_A.dtype)
+    xd = xa if mask is None else xa * mask.reshape(x.shape).to(xa.dtype)
+    base = torch.nn.functional.linear(x, weight, bias)
+    return (base + (xd @ lora_A.t()) @ lora_B.t() * scale).to(base.dtype)
 
 
 def _dropout_on(p: float, train: bool) -> bool:
     return bool(train) and p > 0.0
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(x, weight, bias, lora_A, lora_B, p):
@@ -94,40 +120,64 @@ def _check(x, weight, bias, lora_A, lora_B, p):
         raise ValueError(f"lora_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
                          f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}: want (..., in), (out, in), "
                          "(r, in), (out, r)")
-    if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype}) > 1:
-        raise ValueError(f"lora_linear: x, weight, lora_A, lora_B must share a dtype, got {x.dtype}, "
-                         f"{weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
-    if bias is not None and tuple(bias.shape) != (out,):
-        raise ValueError(f"lora_linear: bias {tuple(bias.shape)}, want ({out},)")
+    if x.dtype != weight.dtype or lora_A.dtype != lora_B.dtype or lora_A.dtype not in _FLOATS:
+        raise ValueError(f"lora_linear: x and weight share the base dtype, lora_A and lora_B a float adapter "
+                         f"dtype; got {x.dtype}, {weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != weight.dtype):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)} {bias.dtype}, want ({out},) {weight.dtype}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"lora_linear: dropout p={p}, want 0 <= p < 1")
 
 
-def _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _add_low_rank(y, h, lora_B, scale):
+    """y + s * h B^T: in place when y has the adapter dtype, else in it and cast back (PEFT's promotion)."""
+    if y.dtype == h.dtype:
+        return y.addmm_(h, lora_B.t(), alpha=scale)
+    return torch.mm(h, lora_B.t()).mul_(scale).add_(y).to(y.dtype)
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, keep_bits=False):
+    """(y, h) or, with ``keep_bits``, (y, h, bits): the packed drop mask for ``_torch_backward``."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    xa, bits = _as(x2, lora_A.dtype), x2.new_empty(0, dtype=torch.uint8)
     if _dropout_on(p, train):
-        x2 = x2 * dropout_mask(seed, x2.shape, p, x.dtype, x.device)
-    h = torch.mm(x2, lora_A.t())
-    y.addmm_(h, lora_B.t(), alpha=scale)  # s * (x A^T) B^T, in place
-    return y.view(*x.shape[:-1], weight.shape[0]), h
+        drop = _drop_bits(seed, x2.shape, p, x.device)
+        xa = xa.masked_fill(drop, 0.0)
+        bits = pack_bits(drop) if keep_bits and x.device.type == "cpu" else bits
+    h = torch.mm(xa, lora_A.t())  # drop(x) A^T, the 1/(1-p) applied to the r-wide h
+    if _dropout_on(p, train):
+        h.mul_(1.0 / (1.0 - p))
+    y = _add_low_rank(y, h, lora_B, scale).view(*x.shape[:-1], weight.shape[0])
+    return (y, h, bits) if keep_bits else (y, h)
 
 
-def _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+def _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, bits=None):
+    """(dx, dA, dB); the drop mask from ``bits`` when forward kept it, else drawn again from seed."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    mask = dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else None
-    xd = x2 if mask is None else x2 * mask
-    gbs = torch.mm(g, lora_B).mul_(scale)  # s * g B: (tokens, r)
-    d_a = torch.mm(gbs.t(), xd)
-    d_b = torch.mm(h.t(), g).mul_(scale).t().contiguous()  # (r, T) @ (T, out): faster than g^T h
+    on = _dropout_on(p, train)
+    drop = None
+    if on:
+        drop = unpack_bits(bits, x2.shape[1]) if bits is not None and bits.numel() else \
+            _drop_bits(seed, x2.shape, p, x.device)
+    ga = _as(g, lora_A.dtype)
+    gbs = torch.mm(ga, lora_B).mul_(scale / (1.0 - p) if on else scale)  # s/(1-p) * g B: (tokens, r)
+    xa = _as(x2, lora_A.dtype)
+    d_a = torch.mm(gbs.t(), xa if drop is None else xa.masked_fill(drop, 0.0))
+    d_b = torch.mm(h.t(), ga).mul_(scale).t().contiguous()  # (r, T) @ (T, out): faster than g^T h
     if not need_dx:
         return x.new_empty(0), d_a, d_b
     dx = torch.mm(g, weight)
-    if mask is None:
+    if drop is None and dx.dtype == gbs.dtype:
         dx.addmm_(gbs, lora_A)
     else:
-        dx.addcmul_(torch.mm(gbs, lora_A), mask)
+        low = torch.mm(gbs, lora_A)
+        dx.add_((low if drop is None else low.masked_fill_(drop, 0.0)).to(dx.dtype))
     return dx.view(x.shape), d_a, d_b
 
 
@@ -228,31 +278,34 @@ def _triton_seed(x, seed):
     return seed.to(device=x.device, dtype=torch.int64)
 
 
-def triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, blocks=None):
-    """(y, h) in two launches: h = drop(x) A^T, then y = x W^T + b + s h B^T (epilogue)."""
+def triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, configs=None):
+    """(y, h): y = addmm(b, x, W^T) on cuBLAS; h = drop(x) A^T and y += s h B^T by ``lora_triton``.
+    ``configs``: one triton.Config per kernel (down, accumulate) instead of autotuning (tests)."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg = configs or (None, None)
     x2 = x.reshape(-1, x.shape[-1])
     on = _dropout_on(p, train)
-    h = _mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0,
-            drop=1 if on else 0, seed=seed, p=p, ld=x2.shape[1], blocks=blocks)
-    y = _mm(x2, weight.t(), out_dtype=x.dtype, bias=bias, epi=(h, lora_B.t()), beta=scale, blocks=blocks)
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    h = LT.down(x2, lora_A, alpha=1 / (1 - p) if on else 1.0, drop=on, seed=seed, p=p, config=down_cfg)
+    LT.accumulate(y, h, lora_B.t(), beta=scale, config=acc_cfg)
     return y.view(*x.shape[:-1], weight.shape[0]), h
 
 
-def triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, blocks=None):
-    """(dx, dA, dB): g B once, dx's low-rank term masked in the GEMM epilogue."""
+def triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, configs=None):
+    """(dx, dA, dB): gb = s g B (down), dA and dB split-K over tokens (wgrad), dx = g W on cuBLAS plus
+    keep/(1-p) * gb A (accumulate). ``configs``: (down, accumulate, wgrad) triton.Configs or None."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg, wg_cfg = configs or (None, None, None)
     g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    on, ld = _dropout_on(p, train), x2.shape[1]
+    on = _dropout_on(p, train)
     inv = 1 / (1 - p) if on else 1.0
-    kw = dict(seed=seed, p=p, ld=ld, blocks=blocks)
-    gb = _mm(g, lora_B, out_dtype=x.dtype, blocks=blocks)  # (tokens, r); tl.dot wants equal dtypes
-    d_a = _mm(gb.t(), x2, out_dtype=lora_A.dtype, alpha=scale * inv, drop=2 if on else 0, **kw)
-    d_b = _mm(g.t(), h, out_dtype=lora_B.dtype, alpha=scale, blocks=blocks)
+    gb = LT.down(g, lora_B.t(), alpha=scale, config=down_cfg)  # (tokens, r) in the adapter dtype
+    d_a = LT.wgrad(x2, gb, alpha=inv, drop=on, seed=seed, p=p, config=wg_cfg).t().contiguous()
+    d_b = LT.wgrad(g, h, alpha=scale, config=wg_cfg)
     if not need_dx:
         return x.new_empty(0), d_a, d_b
-    dx = _mm(g, weight, out_dtype=x.dtype, epi=(gb, lora_A), beta=scale * inv,
-             drop=3 if on else 0, **kw)
+    dx = torch.mm(g, weight)
+    LT.accumulate(dx, gb, lora_A, beta=inv, drop=on, seed=seed, p=p, config=acc_cfg)
     return dx.view(x.shape), d_a, d_b
 
 
@@ -264,8 +317,19 @@ def triton_dropout_mask(seed, tokens, features, p, device=None) -> torch.Tensor:
                seed=_triton_seed(ones, seed), p=p, ld=features, blocks=(16, 16, 16))
 
 
-def _use_triton(x) -> bool:
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _use_triton(x, lora_A=None) -> bool:
+    ok = (torch.float16, torch.bfloat16, torch.float32)
+    return triton is not None and x.dtype in ok and (lora_A is None or lora_A.dtype in ok)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
+    if _use_triton(x, lora_A) and x.is_cuda:
+        return (*triton_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train), _no_bits(x))
+    return _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train, keep_bits=True)
+
+
+def _no_bits(x):
+    return x.new_empty(0, dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------- custom-op registration
@@ -274,53 +338,47 @@ def _use_triton(x) -> bool:
 @torch.library.custom_op("peftc::lora_linear", mutates_args=())
 def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
-                    train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _torch_forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
-
-
-@_lora_linear_op.register_kernel("cuda")
-def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
-    fn = triton_forward if _use_triton(x) else _torch_forward
-    return fn(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
+                    train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, train)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, p, seed, train):
     _check(x, weight, bias, lora_A, lora_B, p)
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
+    tokens = x.numel() // x.shape[-1]
+    keep = _dropout_on(p, train) and x.device.type == "cpu"  # CPU keeps the packed mask for backward
+    bits = x.new_empty(tokens, -(-x.shape[-1] // 8), dtype=torch.uint8) if keep else _no_bits(x)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), lora_A.new_empty(tokens, lora_A.shape[0]), bits
 
 
 @torch.library.custom_op("peftc::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                             lora_B: torch.Tensor, h: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
-                             train: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
-
-
-@_lora_linear_backward_op.register_kernel("cuda")
-def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
-    fn = triton_backward if _use_triton(x) else _torch_backward
-    return fn(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+                             lora_B: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, scale: float, p: float,
+                             seed: torch.Tensor, train: bool,
+                             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x, lora_A) and x.is_cuda:
+        return triton_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+    return _torch_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx, bits)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad, x, weight, lora_A, lora_B, h, scale, p, seed, train, need_dx):
+def _(grad, x, weight, lora_A, lora_B, h, bits, scale, p, seed, train, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, p, seed, train = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)  # x and h: drop(x) is regenerated
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], output[2], seed)  # x, h, mask bits: no drop(x)
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.args = (scale, p, train)
 
 
-def _backward(ctx, grad, _grad_h):
-    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+def _backward(ctx, grad, _grad_h, _grad_bits):
+    x, weight, lora_A, lora_B, h, bits, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     scale, p, train = ctx.args
-    dx, d_a, d_b = torch.ops.peftc.lora_linear_backward(grad, x, weight, lora_A, lora_B, h, scale, p, seed,
+    dx, d_a, d_b = torch.ops.peftc.lora_linear_backward(grad, x, weight, lora_A, lora_B, h, bits, scale, p, seed,
                                                         train, need[0])
     g = grad.reshape(-1, grad.shape[-1])
     d_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1])) if need[1] else None  # trainable base only
@@ -340,70 +398,3 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, t
         on = _dropout_on(p, train)
         seed = draw_seed(x.device) if on else torch.zeros((), dtype=torch.int64, device=x.device)
     return torch.ops.peftc.lora_linear(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed, bool(train))[0]
-
-
-# ---------------------------------------------------------------- micro-benchmark
-
-
-def bench(tokens=1024, d=512, r=16, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
-    """Fused op vs unfused eager torch vs the frozen base linear alone: forward + backward (dx,
-    dA, dB; frozen W), interleaved runs after 3 warm-up rounds. Returns
-    ``{p: {variant: {"median_ms", "p10_ms", "p90_ms", "overhead_pct"}}}``."""
-    torch.manual_seed(0)
-    kw = {"device": device}
-    weight, bias = torch.randn(d, d, **kw) / d**0.5, torch.randn(d, **kw)
-    lora_A = (torch.randn(r, d, **kw) / d**0.5).requires_grad_()
-    lora_B = (torch.randn(d, r, **kw) / r**0.5).requires_grad_()
-    x, dy = torch.randn(tokens, d, requires_grad=True, **kw), torch.randn(tokens, d, **kw)
-    linear = torch.nn.functional.linear
-
-    def unfused(p):
-        xd = torch.nn.functional.dropout(x, p, training=True) if p else x
-        return linear(x, weight, bias) + 2.0 * ((xd @ lora_A.t()) @ lora_B.t())
-
-    runs = {"base linear (frozen)": (lambda p: linear(x, weight, bias), [x]),
-            "unfused torch": (unfused, [x, lora_A, lora_B]),
-            "fused op": (lambda p: lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, train=True),
-                         [x, lora_A, lora_B])}
-    return time_backward(runs, dy, dropouts, reps, device, "base linear (frozen)")
-
-
-def time_backward(runs: dict, grad_outputs, dropouts, reps: int, device, base: str) -> dict:
-    """Interleaved forward + backward timings of ``runs`` (name -> (fn(p), inputs)) after 3
-    warm-up rounds: ``{p: {name: {"median_ms", "p10_ms", "p90_ms", "overhead_pct" over base}}}``."""
-    import statistics
-    import time
-
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    out = {}
-    for p in dropouts:
-        times = {k: [] for k in runs}
-        for _ in range(reps + 3):
-            for name, (fn, inputs) in runs.items():
-                sync()
-                t0 = time.perf_counter()
-                torch.autograd.grad(fn(p), inputs, grad_outputs)
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        floor = statistics.median(times[base][3:])
-        out[p] = {}
-        for name, ts in times.items():
-            med, q = statistics.median(ts[3:]), statistics.quantiles(ts[3:], n=10)
-            out[p][name] = {"median_ms": med, "p10_ms": q[0], "p90_ms": q[-1], "overhead_pct": 100 * (med / floor - 1)}
-    return out
-
-
-def print_bench(title: str, results: dict) -> None:
-    print(f"{title}, {torch.get_num_threads()} threads")
-    for p, rows in results.items():
-        for name, s in rows.items():
-            print(f"p={p:<5} {name:22s} {s['median_ms']:7.2f} ms  (p10-p90 {s['p10_ms']:.2f}-{s['p90_ms']:.2f})"
-                  f"  {s['overhead_pct']:+.0f}%")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1:
-        torch.set_num_threads(int(sys.argv[1]))
-    print_bench("T=1024 d=512 r=16", bench())

@@ -7,10 +7,12 @@ The low-rank inputs of all siblings come from ONE GEMM against the stacked A = [
 Op (registered on import)::
 
     torch.ops.peftc.lora_siblings(x, weights[], biases[], lora_As[], lora_Bs[], scales[], p, seed, train)
-        -> (ys[], h)
+        -> (ys[], h, bits)
         x (..., in); weights[i] (out_i, in); biases[i] (out_i,) or None; lora_As[i] (r_i, in);
         lora_Bs[i] (out_i, r_i); scales[i]: s_i; p, seed, train as peftc::lora_linear
-        ys[i] (..., out_i); h (tokens, R), non-differentiable, saved for backward
+        ys[i] (..., out_i); h (tokens, R) in the adapters' dtype and bits (the CPU's packed drop mask,
+        else empty): non-differentiable, saved for backward. Adapters may be fp32 on a bf16/fp16 base,
+        computed as HF PEFT does (see peftc::lora_linear).
 
 ``lora_siblings(...)`` below calls it and returns ys. Backward, g_i = dY_i, keep/(1-p) the mask::
 
@@ -18,18 +20,19 @@ Op (registered on import)::
     dx = sum_i g_i W_i + keep/(1-p) * (gbs A)       dA = gbs^T drop(x)  (split by rows)
     dB_i = s_i g_i^T h_i
 
-so dx's low-rank term and all dA are one GEMM each; autograd saves x and h only (besides the
-parameters it holds); the mask is regenerated from ``seed`` exactly as lora_linear does it
-(``dropout_mask`` on CPU, ``tl.rand(seed, token * in + feature)`` in Triton), so a one-sibling
-call equals lora_linear. dW_i, db_i only when the base requires grad.
+so dx's low-rank term and all dA are one GEMM each; autograd saves x, h and the mask bits (besides
+the parameters it holds); the mask is drawn exactly as lora_linear draws it (``dropout_mask`` on
+CPU, kept as bits; ``tl.rand(seed, token * in + feature)`` in Triton, regenerated), so a
+one-sibling call equals lora_linear. dW_i, db_i only when the base requires grad.
 
 Dropout deviation: PEFT draws an independent mask per module; here the siblings share one. Each
 sibling's own dropout is PEFT's in distribution, but the masks are correlated across siblings,
 which is why passes/fuse.py groups sites with p > 0 only under ``shared_dropout: true``.
 
 Devices: CPU runs fused torch (addmm per base, one mm for h, addmm_ in place per sibling); CUDA
-fp16/bf16/fp32 runs lora_linear's strided Triton GEMM ``_mm`` (1 + n launches forward, the
-low-rank epilogue and bias fused into each base GEMM; 2n + 2 + (n - 1) backward).
+fp16/bf16/fp32 keeps every base GEMM on cuBLAS (addmm) and runs the r-wide traffic in
+``lora_triton``: one ``down`` for h, one ``accumulate`` per sibling forward; backward n ``down``
+(g_i B_i), one split-K ``wgrad`` for every dA, n for the dB_i, one ``accumulate`` for dx.
 
     >>> y_q, y_k, y_v = lora_siblings(x, [Wq, Wk, Wv], [None] * 3, [Aq, Ak, Av], [Bq, Bk, Bv], [2.0] * 3)
 """
@@ -39,23 +42,28 @@ from __future__ import annotations
 import torch
 
 from peftc.capture import register_train_flag
+from peftc.kernels import lora_triton as LT
 from peftc.kernels.lora_linear import (
+    _add_low_rank,
+    _as,
     _check,
+    _drop_bits,
     _dropout_on,
-    _mm,
+    _no_bits,
     _triton_seed,
     _use_triton,
     draw_seed,
-    dropout_mask,
+    lora_linear_reference,
+    pack_bits,
+    unpack_bits,
 )
 
-__all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward", "bench"]
+__all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward"]
 
 
 def lora_siblings_reference(x, weights, biases, lora_As, lora_Bs, scales, mask=None):
-    """Unfused eager semantics, one shared scaled keep ``mask`` (or None)."""
-    xd = x if mask is None else x * mask.reshape(x.shape)
-    return [torch.nn.functional.linear(x, w, b) + s * ((xd @ a.t()) @ bb.t())
+    """PEFT's eager semantics per sibling (``lora_linear_reference``), one shared scaled keep ``mask``."""
+    return [lora_linear_reference(x, w, b, a, bb, s, mask)
             for w, b, a, bb, s in zip(weights, biases, lora_As, lora_Bs, scales)]
 
 
@@ -66,6 +74,8 @@ def _check_all(x, weights, biases, lora_As, lora_Bs, scales, p):
                          f"{n}, {len(biases)}, {len(lora_As)}, {len(lora_Bs)}, {len(scales)}")
     for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
         _check(x, w, b, a, bb, p)
+    if len({a.dtype for a in lora_As}) > 1:
+        raise ValueError(f"lora_siblings: the adapters share a dtype, got {[a.dtype for a in lora_As]}")
     _check_bias_grad(biases)
 
 
@@ -87,75 +97,88 @@ def _blocks(lora_As):
 
 
 def _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
+    """(ys, h, bits): bits is the packed drop mask kept for backward (CPU, dropout on) or empty."""
     x2 = x.reshape(-1, x.shape[-1])
-    xd = x2 * dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else x2
-    h = torch.mm(xd, torch.cat(lora_As).t())  # all siblings' x A_i^T in one GEMM
+    xa, bits = _as(x2, lora_As[0].dtype), _no_bits(x)
+    if _dropout_on(p, train):
+        drop = _drop_bits(seed, x2.shape, p, x.device)
+        xa = xa.masked_fill(drop, 0.0)
+        bits = pack_bits(drop) if x.device.type == "cpu" else bits
+    h = torch.mm(xa, torch.cat(lora_As).t())  # all siblings' x A_i^T in one GEMM
+    if _dropout_on(p, train):
+        h.mul_(1.0 / (1.0 - p))
     ys = []
     for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As)):
         y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
-        y.addmm_(h[:, lo:hi], bb.t(), alpha=s)
-        ys.append(y.view(*x.shape[:-1], w.shape[0]))
-    return ys, h
+        ys.append(_add_low_rank(y, h[:, lo:hi], bb, s).view(*x.shape[:-1], w.shape[0]))
+    return ys, h, bits
 
 
-def _torch_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
+def _torch_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, seed, train, need_dx):
     x2 = x.reshape(-1, x.shape[-1])
     gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-    mask = dropout_mask(seed, x2.shape, p, x.dtype, x.device) if _dropout_on(p, train) else None
-    gbs = torch.cat([torch.mm(g, bb).mul_(s) for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)  # (tokens, R)
-    d_a = torch.mm(gbs.t(), x2 if mask is None else x2 * mask)  # (R, in): every dA_i
+    on, ad = _dropout_on(p, train), lora_As[0].dtype
+    drop = None
+    if on:
+        drop = unpack_bits(bits, x2.shape[1]) if bits.numel() else _drop_bits(seed, x2.shape, p, x.device)
+    inv = 1.0 / (1.0 - p) if on else 1.0
+    gas = [_as(g, ad) for g in gs]
+    gbs = torch.cat([torch.mm(g, bb).mul_(s * inv) for g, bb, s in zip(gas, lora_Bs, scales)], dim=1)  # (T, R)
+    xa = _as(x2, ad)
+    d_a = torch.mm(gbs.t(), xa if drop is None else xa.masked_fill(drop, 0.0))  # (R, in): every dA_i
     d_as = [d_a[lo:hi].clone() for lo, hi in _blocks(lora_As)]  # an op's outputs may not alias each other
     d_bs = [torch.mm(h[:, lo:hi].t(), g).mul_(s).t().contiguous()
-            for g, s, (lo, hi) in zip(gs, scales, _blocks(lora_As))]
+            for g, s, (lo, hi) in zip(gas, scales, _blocks(lora_As))]
     if not need_dx:
         return x.new_empty(0), d_as, d_bs
     dx = torch.mm(gs[0], weights[0])
     for g, w in zip(gs[1:], weights[1:]):
         dx.addmm_(g, w)
-    if mask is None:
+    if drop is None and dx.dtype == ad:
         dx.addmm_(gbs, torch.cat(lora_As))
     else:
-        dx.addcmul_(torch.mm(gbs, torch.cat(lora_As)), mask)
+        low = torch.mm(gbs, torch.cat(lora_As))
+        dx.add_((low if drop is None else low.masked_fill_(drop, 0.0)).to(dx.dtype))
     return dx.view(x.shape), d_as, d_bs
 
 
-# ---------------------------------------------------------------- CUDA: lora_linear's Triton GEMM
+# ---------------------------------------------------------------- CUDA: cuBLAS + lora_triton
 
 
-def triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train, blocks=None):
-    """h = drop(x) [A_1; ...]^T in one launch; y_i = x W_i^T + b_i + s_i h_i B_i^T, one launch each."""
+def triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train, configs=None):
+    """h = drop(x) [A_1; ...]^T in one ``down``; y_i = addmm (cuBLAS), then ``accumulate`` s_i h_i B_i^T."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg = configs or (None, None)
     x2 = x.reshape(-1, x.shape[-1])
     on = _dropout_on(p, train)
-    h = _mm(x2, torch.cat(lora_As).t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0,
-            drop=1 if on else 0, seed=seed, p=p, ld=x2.shape[1], blocks=blocks)
-    ys = [_mm(x2, w.t(), out_dtype=x.dtype, bias=b, epi=(h[:, lo:hi], bb.t()), beta=s, blocks=blocks)
-          .view(*x.shape[:-1], w.shape[0])
-          for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As))]
+    h = LT.down(x2, torch.cat(lora_As), alpha=1 / (1 - p) if on else 1.0, drop=on, seed=seed, p=p, config=down_cfg)
+    ys = []
+    for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As)):
+        y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+        ys.append(LT.accumulate(y, h[:, lo:hi], bb.t(), beta=s, config=acc_cfg).view(*x.shape[:-1], w.shape[0]))
     return ys, h
 
 
-def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx, blocks=None):
-    """(dx, dAs, dBs): gbs once, dA in one launch, dx's masked low-rank term in the first base epilogue."""
+def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx, configs=None):
+    """(dx, dAs, dBs): gbs by one ``down`` per sibling, every dA in one split-K ``wgrad``, dx = sum g_i W_i
+    on cuBLAS plus keep/(1-p) gbs [A_1; ...] by one ``accumulate``."""
     seed = _triton_seed(x, seed)
+    down_cfg, acc_cfg, wg_cfg = configs or (None, None, None)
     x2 = x.reshape(-1, x.shape[-1])
     gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-    on, ld = _dropout_on(p, train), x2.shape[1]
+    on = _dropout_on(p, train)
     inv = 1 / (1 - p) if on else 1.0
-    kw = dict(seed=seed, p=p, ld=ld, blocks=blocks)
     spans = _blocks(lora_As)
-    gbs = torch.cat([_mm(g, bb, out_dtype=x.dtype, alpha=s, blocks=blocks)
-                     for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)
-    d_a = _mm(gbs.t(), x2, out_dtype=lora_As[0].dtype, alpha=inv, drop=2 if on else 0, **kw)
-    d_as = [d_a[lo:hi].clone() for lo, hi in spans]
-    d_bs = [_mm(g.t(), h[:, lo:hi], out_dtype=bb.dtype, alpha=s, blocks=blocks)
-            for g, bb, s, (lo, hi) in zip(gs, lora_Bs, scales, spans)]
+    gbs = torch.cat([LT.down(g, bb.t(), alpha=s, config=down_cfg) for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)
+    d_a = LT.wgrad(x2, gbs, alpha=inv, drop=on, seed=seed, p=p, config=wg_cfg)  # (in, R)
+    d_as = [d_a[:, lo:hi].t().contiguous() for lo, hi in spans]
+    d_bs = [LT.wgrad(g, h[:, lo:hi], alpha=s, config=wg_cfg) for g, s, (lo, hi) in zip(gs, scales, spans)]
     if not need_dx:
         return x.new_empty(0), d_as, d_bs
-    dx = _mm(gs[0], weights[0], out_dtype=x.dtype, epi=(gbs, torch.cat(lora_As)), beta=inv,
-             drop=3 if on else 0, **kw)
+    dx = torch.mm(gs[0], weights[0])
     for g, w in zip(gs[1:], weights[1:]):
-        dx += _mm(g, w, out_dtype=x.dtype, blocks=blocks)
+        dx.addmm_(g, w)
+    LT.accumulate(dx, gbs, torch.cat(lora_As), beta=inv, drop=on, seed=seed, p=p, config=acc_cfg)
     return dx.view(x.shape), d_as, d_bs
 
 
@@ -165,39 +188,34 @@ def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, tra
 @torch.library.custom_op("peftc::lora_siblings", mutates_args=())
 def _lora_siblings_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                       lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], scales: list[float], p: float,
-                      seed: torch.Tensor, train: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+                      seed: torch.Tensor, train: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    if _use_triton(x, lora_As[0]) and x.is_cuda:
+        return (*triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train), _no_bits(x))
     return _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train)
-
-
-@_lora_siblings_op.register_kernel("cuda")
-def _(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
-    fn = triton_forward if _use_triton(x) else _torch_forward
-    return fn(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train)
 
 
 @_lora_siblings_op.register_fake
 def _(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
     _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
     ys = [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
-    return ys, x.new_empty(x.numel() // x.shape[-1], sum(a.shape[0] for a in lora_As))
+    tokens = x.numel() // x.shape[-1]
+    keep = _dropout_on(p, train) and x.device.type == "cpu"
+    bits = x.new_empty(tokens, -(-x.shape[-1] // 8), dtype=torch.uint8) if keep else _no_bits(x)
+    return ys, lora_As[0].new_empty(tokens, sum(a.shape[0] for a in lora_As)), bits
 
 
 @torch.library.custom_op("peftc::lora_siblings_backward", mutates_args=())
 def _lora_siblings_backward_op(grads: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
                                lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], h: torch.Tensor,
-                               scales: list[float], p: float, seed: torch.Tensor, train: bool,
+                               bits: torch.Tensor, scales: list[float], p: float, seed: torch.Tensor, train: bool,
                                need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    return _torch_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
-
-
-@_lora_siblings_backward_op.register_kernel("cuda")
-def _(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
-    fn = triton_backward if _use_triton(x) else _torch_backward
-    return fn(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
+    if _use_triton(x, lora_As[0]) and x.is_cuda:
+        return triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
+    return _torch_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, seed, train, need_dx)
 
 
 @_lora_siblings_backward_op.register_fake
-def _(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx):
+def _(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, seed, train, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, [torch.empty_like(a) for a in lora_As], [torch.empty_like(bb) for bb in lora_Bs]
 
@@ -206,19 +224,19 @@ def _setup_context(ctx, inputs, output):
     x, weights, biases, lora_As, lora_Bs, scales, p, seed, train = inputs
     n = len(weights)
     _check_bias_grad(biases)
-    ctx.save_for_backward(x, output[1], seed, *weights, *lora_As, *lora_Bs)  # x and h: drop(x) regenerated
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], output[2], seed, *weights, *lora_As, *lora_Bs)  # x, h, mask bits
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.args = (n, [b is not None for b in biases], scales, p, train)
 
 
-def _backward(ctx, grads, _grad_h):
+def _backward(ctx, grads, _grad_h, _grad_bits):
     n, has_bias, scales, p, train = ctx.args
-    x, h, seed, *rest = ctx.saved_tensors
+    x, h, bits, seed, *rest = ctx.saved_tensors
     weights, lora_As, lora_Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
     need = ctx.needs_input_grad  # x, [weights], [biases] (or one flag if one is None), [lora_As], ...
     need_w, need_b = need[1], need[2] if all(has_bias) else [False] * n
-    dx, d_as, d_bs = torch.ops.peftc.lora_siblings_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p,
-                                                            seed, train, bool(need[0]))
+    dx, d_as, d_bs = torch.ops.peftc.lora_siblings_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales,
+                                                            p, seed, train, bool(need[0]))
     x2 = x.reshape(-1, x.shape[-1])
     gs = [g.reshape(-1, g.shape[-1]) for g in grads]
     d_w = [torch.mm(g.t(), x2) if nw else None for g, nw in zip(gs, need_w)]  # trainable base only
@@ -236,48 +254,6 @@ def lora_siblings(x, weights, biases, lora_As, lora_Bs, scales, p: float = 0.0, 
     _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
     if seed is None:
         seed = draw_seed(x.device) if _dropout_on(p, train) else torch.zeros((), dtype=torch.int64, device=x.device)
-    ys, _ = torch.ops.peftc.lora_siblings(x, list(weights), list(biases), list(lora_As), list(lora_Bs),
+    ys, _, _ = torch.ops.peftc.lora_siblings(x, list(weights), list(biases), list(lora_As), list(lora_Bs),
                                           [float(s) for s in scales], float(p), seed, bool(train))
     return ys
-
-
-# ---------------------------------------------------------------- micro-benchmark
-
-
-def bench(tokens=1024, d=512, r=16, n=3, reps=40, dropouts=(0.0, 0.05), device="cpu") -> dict:
-    """n q/k/v-like siblings (d -> d, rank r, frozen bases with bias): one lora_siblings op vs n
-    lora_linear ops vs unfused eager torch vs the n frozen base linears alone; forward + backward
-    (dx, dA, dB), interleaved, 3 warm-up rounds. ``{p: {variant: {median_ms, p10_ms, p90_ms,
-    overhead_pct}}}``, overhead relative to the frozen bases."""
-    from peftc.kernels.lora_linear import lora_linear, time_backward
-
-    torch.manual_seed(0)
-    kw = {"device": device}
-    ws = [torch.randn(d, d, **kw) / d**0.5 for _ in range(n)]
-    bs = [torch.randn(d, **kw) for _ in range(n)]
-    As = [(torch.randn(r, d, **kw) / d**0.5).requires_grad_() for _ in range(n)]
-    Bs = [(torch.randn(d, r, **kw) / r**0.5).requires_grad_() for _ in range(n)]
-    x, dys = torch.randn(tokens, d, requires_grad=True, **kw), [torch.randn(tokens, d, **kw) for _ in range(n)]
-    linear, dropout = torch.nn.functional.linear, torch.nn.functional.dropout
-    leaves = [x, *As, *Bs]
-
-    def unfused(p):
-        return [linear(x, w, b) + 2.0 * ((dropout(x, p, training=True) @ a.t()) @ bb.t())
-                for w, b, a, bb in zip(ws, bs, As, Bs)]
-
-    runs = {"base linears (frozen)": (lambda p: [linear(x, w, b) for w, b in zip(ws, bs)], [x]),
-            "unfused torch": (unfused, leaves),
-            f"{n} lora_linear ops": (lambda p: [lora_linear(x, w, b, a, bb, 2.0, p, train=True)
-                                                for w, b, a, bb in zip(ws, bs, As, Bs)], leaves),
-            "lora_siblings op": (lambda p: lora_siblings(x, ws, bs, As, Bs, [2.0] * n, p, train=True), leaves)}
-    return time_backward(runs, dys, dropouts, reps, device, "base linears (frozen)")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1:
-        torch.set_num_threads(int(sys.argv[1]))
-    from peftc.kernels.lora_linear import print_bench
-
-    print_bench("T=1024 d=512 r=16, 3 siblings", bench())

@@ -268,8 +268,10 @@ def triton_backward(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, b
     return dx.view(*grad.shape[:-1], dx.shape[1]), d_a, d_b
 
 
-def _use_triton(x, fmt) -> bool:
-    return triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _use_triton(x, fmt, lora_A=None) -> bool:
+    """CUDA with fp16/bf16/fp32; adapters in another dtype (fp32 on bf16) run the torch code."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
+        (lora_A is None or lora_A.dtype == x.dtype)
 
 
 # ---------------------------------------------------------------- CPU path (dequantize into a temporary)
@@ -311,7 +313,7 @@ def _quant_linear_op(x: torch.Tensor, data: torch.Tensor, qscale: torch.Tensor, 
                      lora_B: torch.Tensor | None, scale: float, p: float, seed: torch.Tensor | None, train: bool,
                      fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     q = (data, qscale, qscale2, qoffset)
-    fn = triton_forward if _use_triton(x, fmt) else _torch_forward
+    fn = triton_forward if _use_triton(x, fmt, lora_A) else _torch_forward
     return fn(x, q, bias, lora_A, lora_B, scale, p, seed, train, fmt, block_size)
 
 
@@ -320,7 +322,7 @@ def _(x, data, qscale, qscale2, qoffset, bias, lora_A, lora_B, scale, p, seed, t
     if x.shape[-1] != _in_features(data, fmt):
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not fit a ({data.shape[0]}, "
                          f"{_in_features(data, fmt)}) weight")
-    h = x.new_empty(0) if lora_A is None else x.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
+    h = x.new_empty(0) if lora_A is None else lora_A.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
     return x.new_empty(*x.shape[:-1], data.shape[0]), h
 
 
@@ -331,7 +333,7 @@ def _quant_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, data: torch.T
                               seed: torch.Tensor | None, train: bool, fmt: str, block_size: int,
                               need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = (data, qscale, qscale2, qoffset)
-    fn = triton_backward if _use_triton(grad, fmt) else _torch_backward
+    fn = triton_backward if _use_triton(grad, fmt, lora_A) else _torch_backward
     return fn(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, block_size, need_dx)
 
 
@@ -373,15 +375,14 @@ def _quant_dora_op(x: torch.Tensor, data: torch.Tensor, qscale: torch.Tensor, qs
                    magnitude: torch.Tensor, scale: float, p: float, seed: torch.Tensor, train: bool, fmt: str,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = dequantize(data, qscale, qscale2, qoffset, fmt, block_size, x.dtype)
-    fn = _dora.triton_forward if _use_triton(x, fmt) else _dora._torch_forward
-    return fn(x, w, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
+    return _dora._forward(x, w, bias, lora_A, lora_B, magnitude, scale, p, seed, train)  # mixed dtypes too
 
 
 @_quant_dora_op.register_fake
 def _(x, data, qscale, qscale2, qoffset, bias, lora_A, lora_B, magnitude, scale, p, seed, train, fmt, block_size):
     tokens, out = x.numel() // x.shape[-1], data.shape[0]
-    return (x.new_empty(*x.shape[:-1], out), x.new_empty(tokens, lora_A.shape[0]), x.new_empty(tokens, out),
-            magnitude.new_empty(out))
+    return (x.new_empty(*x.shape[:-1], out), lora_A.new_empty(tokens, lora_A.shape[0]),
+            lora_A.new_empty(tokens, out), magnitude.new_empty(out))
 
 
 @torch.library.custom_op("peftc::quant_dora_linear_backward", mutates_args=())
@@ -391,8 +392,7 @@ def _quant_dora_backward_op(grad: torch.Tensor, x: torch.Tensor, data: torch.Ten
                             p: float, seed: torch.Tensor, train: bool, fmt: str, block_size: int,
                             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = dequantize(data, qscale, qscale2, qoffset, fmt, block_size, x.dtype)
-    fn = _dora.triton_backward if _use_triton(x, fmt) else _dora._torch_backward
-    return fn(grad, x, w, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
+    return _dora._backward_impl(grad, x, w, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
 
 
 @_quant_dora_backward_op.register_fake

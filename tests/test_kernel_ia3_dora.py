@@ -173,6 +173,52 @@ def test_opcheck_schema_fake_and_autograd_registration(p):
         torch.library.opcheck(torch.ops.peftc.dora_linear_backward.default, args)
 
 
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_ia3_fp32_vector_on_a_bf16_base_computes_as_peft(mode):
+    """HF PEFT: "out" y = (base(x) * l).to(bf16); "in" y = base((x.float() * l).to(bf16)); dl in fp32."""
+    x, w, b, v = make_ia3((3, 7), mode=mode, dtype=torch.bfloat16, seed=21)
+    v = v.float()
+    grad = torch.randn(3, 7, 53, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    fused, ref = ([t.clone().requires_grad_() for t in (x, v)] for _ in range(2))
+    y = I.ia3_linear(fused[0], w, b, fused[1], mode)
+    lin = torch.nn.functional.linear
+    y_ref = (lin(ref[0], w, b) * ref[1]).to(torch.bfloat16) if mode == "out" else \
+        lin((ref[0].float() * ref[1]).to(torch.bfloat16), w, b)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for t, t_ref, dt in zip(fused, ref, (torch.bfloat16, torch.float32)):
+        assert t.grad.dtype == dt and rel(t.grad, t_ref.grad) < 1e-3
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_fp32_adapters_on_a_bf16_base(p):
+    """A, B, magnitude in fp32 on a bf16 base: y and dx in bf16, dA, dB, dm in fp32, within bf16 rounding
+    of PEFT's formula in float64."""
+    x, w, b, a, bb, m = make_dora((3, 7), dtype=torch.bfloat16, seed=23)
+    a, bb, m = a.float(), bb.float(), m.float()
+    seed = torch.tensor(5)
+    mask = dropout_mask(seed, (21, 37), p, torch.float64) if p else None
+    grad = torch.randn(3, 7, 53, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb, m)]
+    y = D.dora_linear(leaves[0], w, b, *leaves[1:], 1.5, p, train=True, seed=seed)
+    y.backward(grad)
+    y_ref, (dx, _, _, da, db, dm) = dora_ref(x, w, b, a, bb, m, 1.5, mask, grad)
+    assert y.dtype == torch.bfloat16 and rel(y, y_ref) < 2e-2
+    for t, want, dt in zip(leaves, (dx, da, db, dm), (torch.bfloat16, *[torch.float32] * 3)):
+        assert t.grad.dtype == dt and rel(t.grad, want) < 2e-2
+
+
+def test_opcheck_mixed_dtypes():
+    """Fake impls give the dtypes the real ones return when adapters are fp32 on a bf16 base."""
+    x, w, b, v = make_ia3((2, 5), d_in=7, d_out=6, dtype=torch.bfloat16, seed=25)
+    torch.library.opcheck(IA3, (x.requires_grad_(), w, b, v.float().requires_grad_(), "out"))
+    x, w, b, a, bb, m = make_dora((2, 5), d_in=7, d_out=6, rank=3, dtype=torch.bfloat16, seed=26)
+    args = [x.requires_grad_(), w, b, *(t.float().requires_grad_() for t in (a, bb, m))]
+    torch.library.opcheck(DORA, (*args, 1.5, 0.2, torch.tensor(3), True))
+
+
 def test_bad_inputs_raise():
     x, w, b, v = make_ia3()
     with pytest.raises(ValueError, match="mode"):

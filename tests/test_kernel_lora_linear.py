@@ -5,6 +5,7 @@ under TRITON_INTERPRET=1 in a subprocess (tests/test_kernel_lora_linear_triton.p
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from interpreted import run_interpreted
@@ -62,9 +63,12 @@ def test_opcheck_schema_fake_and_autograd_registration(p):
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))
     torch.library.opcheck(OP, (x, w, b, a, bb, 1.5, p, torch.tensor(3), True))
     g, h = torch.randn(2, 5, 6), torch.randn(10, 3)
+    bits = OP(x, w, b, a, bb, 1.5, p, torch.tensor(3), True)[2]
+    assert bits.dtype == torch.uint8 and bits.shape == ((10, 1) if p else (0,))
     for need_dx in (True, False):
-        args = (g, x.detach(), w, a.detach(), bb.detach(), h, 1.5, p, torch.tensor(3), True, need_dx)
-        torch.library.opcheck(torch.ops.peftc.lora_linear_backward.default, args)
+        for kept in {bits, bits[:0]}:  # the forward's packed mask, or none (drawn again from the seed)
+            args = (g, x.detach(), w, a.detach(), bb.detach(), h, kept, 1.5, p, torch.tensor(3), True, need_dx)
+            torch.library.opcheck(torch.ops.peftc.lora_linear_backward.default, args)
 
 
 def test_input_without_grad_still_trains_the_adapter():
@@ -177,4 +181,52 @@ def test_triton_kernels_under_interpreter():
     path = Path(__file__).with_name("test_kernel_lora_linear_triton.py")
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])
     passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 13 and "skipped" not in tail, tail  # every interpreter case ran
+    assert passed and int(passed.group(1)) >= 16 and "skipped" not in tail, tail  # every interpreter case ran
+
+
+@pytest.mark.parametrize("base, p", [(torch.bfloat16, 0.0), (torch.bfloat16, 0.2), (torch.float16, 0.2)])
+def test_fp32_adapters_on_a_low_precision_base_compute_as_peft(base, p):
+    """HF PEFT: lora = B(A(drop(x.to(A.dtype)))) * s in fp32, y = (x W^T + b + lora).to(base); grads of
+    A and B in fp32, of x in the base dtype. The reference is that formula run eagerly in those dtypes."""
+    x, w, b, a, bb = make((3, 7), dtype=base, seed=12)
+    a, bb = a.float(), bb.float()
+    seed = torch.tensor(17)
+    mask = dropout_mask(seed, (21, 37), p) if p else None
+    grad = torch.randn(3, 7, 53, generator=torch.Generator().manual_seed(13)).to(base)
+    fused, ref = ([t.clone().requires_grad_() for t in (x, a, bb)] for _ in range(2))
+    y = lora_linear(fused[0], w, b, fused[1], fused[2], 2.0, p, train=True, seed=seed)
+    y_ref = lora_linear_reference(ref[0], w, b, ref[1], ref[2], 2.0, mask)
+    assert y.dtype == y_ref.dtype == base
+    torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for t, t_ref, dt in zip(fused, ref, (base, torch.float32, torch.float32)):
+        assert t.grad.dtype == dt
+        assert rel(t.grad, t_ref.grad) < (1e-2 if dt == base else 1e-5)
+
+
+def test_opcheck_mixed_dtypes():
+    x, w, b, a, bb = make((2, 5), d_in=7, d_out=6, r=3, dtype=torch.bfloat16, seed=15)
+    args = (x.requires_grad_(), w, b, a.float().requires_grad_(), bb.float().requires_grad_())
+    for p in (0.0, 0.2):
+        torch.library.opcheck(OP, (*args, 1.5, p, torch.tensor(3), True))
+
+
+def test_backward_uses_the_mask_kept_from_forward():
+    """The packed drop bits saved by forward are the forward's mask; backward reads them, not the seed
+    (the kept bits, altered, change the gradients; the seed, altered, does not)."""
+    x, w, b, a, bb = make((4, 6), d_in=20, d_out=10, r=3, seed=14)
+    seed, grad = torch.tensor(8), torch.randn(4, 6, 10)
+    y, h, bits = OP(x, w, b, a, bb, 2.0, 0.3, seed, True)
+    drop = dropout_mask(seed, (24, 20), 0.3) == 0
+    assert torch.equal(torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=20).astype(bool)), drop)
+    back = torch.ops.peftc.lora_linear_backward
+    dx, d_a, d_b = back(grad, x, w, a, bb, h, bits, 2.0, 0.3, seed, True, True)
+    ref = [t.clone().requires_grad_() for t in (x, a, bb)]
+    lora_linear_reference(ref[0], w, b, ref[1], ref[2], 2.0, dropout_mask(seed, (24, 20), 0.3)).backward(grad)
+    for got, t in zip((dx, d_a, d_b), ref):
+        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+    other = back(grad, x, w, a, bb, h, bits, 2.0, 0.3, torch.tensor(9), True, True)
+    assert all(torch.equal(u, v) for u, v in zip(other, (dx, d_a, d_b)))
+    flipped = back(grad, x, w, a, bb, h, bits ^ 0xFF, 2.0, 0.3, seed, True, True)
+    assert not torch.allclose(flipped[1], d_a)

@@ -54,7 +54,7 @@ def test_gradcheck_float64(p):
     leaves = tuple(t.requires_grad_() for t in (x, *ws, *bs, *As, *Bs))
 
     def fn(x, *ts):
-        ys, _ = OP(x, list(ts[:n]), list(ts[n:2 * n]), list(ts[2 * n:3 * n]), list(ts[3 * n:]), [1.5, 0.7], p, seed,
+        ys, _, _ = OP(x, list(ts[:n]), list(ts[n:2 * n]), list(ts[2 * n:3 * n]), list(ts[3 * n:]), [1.5, 0.7], p, seed,
                    True)
         return tuple(ys)
 
@@ -103,10 +103,13 @@ def test_opcheck_schema_fake_and_autograd_registration(p):
     x, As, Bs = x.requires_grad_(), [a.requires_grad_() for a in As], [b.requires_grad_() for b in Bs]
     torch.library.opcheck(OP, (x, ws, bs, As, Bs, SCALES, p, torch.tensor(3), True))
     grads, h = [torch.randn(2, 5, w.shape[0]) for w in ws], torch.randn(10, 6)
+    bits = OP(x, ws, bs, As, Bs, SCALES, p, torch.tensor(3), True)[2]
+    assert bits.dtype == torch.uint8 and bits.shape == ((10, 1) if p else (0,))
     for need_dx in (True, False):
-        args = (grads, x.detach(), ws, [a.detach() for a in As], [b.detach() for b in Bs], h, SCALES, p,
-                torch.tensor(3), True, need_dx)
-        torch.library.opcheck(torch.ops.peftc.lora_siblings_backward.default, args)
+        for kept in {bits, bits[:0]}:  # the forward's packed mask, or none (drawn again from the seed)
+            args = (grads, x.detach(), ws, [a.detach() for a in As], [b.detach() for b in Bs], h, kept, SCALES, p,
+                    torch.tensor(3), True, need_dx)
+            torch.library.opcheck(torch.ops.peftc.lora_siblings_backward.default, args)
 
 
 def test_backward_saves_x_and_h_only():
@@ -118,8 +121,9 @@ def test_backward_saves_x_and_h_only():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ys = S.lora_siblings(x, ws, bs, As, Bs, SCALES, 0.1, train=True, seed=seed)
     held = (*ws, *As, *Bs, seed)
-    acts = [t for t in saved if not any(t is q for q in held)]  # activations: x and h, no drop(x)
-    assert len(acts) == 2 and acts[0] is x and acts[1].shape == (128, 12)
+    acts = [t for t in saved if not any(t is q for q in held)]  # activations: x, h, mask bits; no drop(x)
+    assert len(acts) == 3 and acts[0] is x and acts[1].shape == (128, 12)
+    assert acts[2].dtype == torch.uint8 and acts[2].shape == (128, 4)  # 32 features, 8 per byte
     sum(y.sum() for y in ys).backward()
     assert all(w.grad is None for w in ws) and x.grad is not None
 
@@ -181,14 +185,38 @@ def test_torch_compile_inductor_no_graph_breaks():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fp32_adapters_on_a_bf16_base_compute_as_peft(p):
+    """Each sibling as HF PEFT with fp32 adapters on bf16: the low-rank term in fp32 on x.float(), added
+    after promotion, cast back to bf16; dA, dB in fp32, dx in bf16."""
+    x, ws, bs, As, Bs = make((3, 7), dtype=torch.bfloat16, seed=12)
+    As, Bs = [a.float() for a in As], [b.float() for b in Bs]
+    seed = torch.tensor(17)
+    mask = dropout_mask(seed, (21, 37), p) if p else None
+    g = torch.Generator().manual_seed(13)
+    grads = [torch.randn(3, 7, w.shape[0], generator=g).to(torch.bfloat16) for w in ws]
+    fused, ref = ([t.clone().requires_grad_() for t in (x, *As, *Bs)] for _ in range(2))
+    ys = S.lora_siblings(fused[0], ws, bs, fused[1:4], fused[4:], SCALES, p, train=True, seed=seed)
+    ys_ref = S.lora_siblings_reference(ref[0], ws, bs, ref[1:4], ref[4:], SCALES, mask)
+    for y, y_ref in zip(ys, ys_ref):
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    torch.autograd.backward(ys, grads)
+    torch.autograd.backward(ys_ref, grads)
+    assert fused[0].grad.dtype == torch.bfloat16 and rel(fused[0].grad, ref[0].grad) < 1e-2
+    for t, t_ref in zip(fused[1:], ref[1:]):
+        assert t.grad.dtype == torch.float32 and rel(t.grad, t_ref.grad) < 1e-5
+
+
 # ---------------------------------------------------------------- Triton (interpreter; CUDA)
 
-SMALL = (16, 16, 16)
 INTERPRETER_CASES = [  # shape, d_in, outs, ranks, bias
     ((11,), 37, (53, 19, 29), (5, 3, 7), (1, 0, 1)),
     ((2, 11), 37, (53, 19, 29), (5, 3, 7), (0, 0, 0)),  # 3-D input, no bias
     ((9,), 40, (18, 23), (20, 3), (1, 1)),  # stacked rank above the 16-wide rank tile
 ]
+DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+          (torch.bfloat16, torch.float32, 1e-2)]  # fp32 adapters on a bf16 base, as HF PEFT
 
 
 @pytest.mark.slow
@@ -196,7 +224,7 @@ def test_triton_kernels_under_interpreter():
     """Runs this file's interpreter cases in a fresh process: TRITON_INTERPRET precedes triton's import."""
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(Path(__file__))])
     passed = re.search(r"(\d+) passed", tail)
-    want = 2 * 2 * len(INTERPRETER_CASES) + 1
+    want = 2 * len(DTYPES) * len(INTERPRETER_CASES) + 1
     assert passed and int(passed.group(1)) == want and "skipped" not in tail, tail
 
 
@@ -204,21 +232,26 @@ if INTERPRET:  # defined only where triton runs interpreted (the driver above), 
 
     @pytest.mark.parametrize("shape, d_in, outs, ranks, bias", INTERPRETER_CASES)
     @pytest.mark.parametrize("p", [0.0, 0.3])
-    @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-    def test_interpreted_kernels_match_reference(shape, d_in, outs, ranks, bias, p, dtype, tol):
+    @pytest.mark.parametrize("dtype, adapter, tol", DTYPES)
+    def test_interpreted_kernels_match_reference(shape, d_in, outs, ranks, bias, p, dtype, adapter, tol):
         from peftc.kernels.lora_linear import triton_dropout_mask
+        from peftc.kernels.lora_triton import ACCUM_CONFIGS, DOWN_CONFIGS, WGRAD_CONFIGS
 
+        i = INTERPRETER_CASES.index((shape, d_in, outs, ranks, bias))  # a different tile size per case
+        configs = (DOWN_CONFIGS[-2 * i - 1], ACCUM_CONFIGS[2 * i], WGRAD_CONFIGS[2 * i + 1])
         x, ws, bs, As, Bs = make(shape, d_in, outs, ranks, dtype=dtype, bias=bias, seed=1)
+        As, Bs = [a.to(adapter) for a in As], [b.to(adapter) for b in Bs]
         seed, tokens, scales = torch.tensor(2024), x.numel() // d_in, SCALES[:len(outs)]
         mask = triton_dropout_mask(seed, tokens, d_in, p).double() if p else None
         g = torch.Generator().manual_seed(2)
         grads = [torch.randn(*shape, o, generator=g).to(dtype) for o in outs]
-        ys, h = S.triton_forward(x, ws, bs, As, Bs, scales, p, seed, True, blocks=SMALL)
-        dx, d_as, d_bs = S.triton_backward(grads, x, ws, As, Bs, h, scales, p, seed, True, True, blocks=SMALL)
+        ys, h = S.triton_forward(x, ws, bs, As, Bs, scales, p, seed, True, configs=configs[:2])
+        dx, d_as, d_bs = S.triton_backward(grads, x, ws, As, Bs, h, scales, p, seed, True, True, configs=configs)
         ys_ref, dx_ref, da_ref, db_ref = reference(x, ws, bs, As, Bs, scales, mask, grads)
         x2 = x.reshape(-1, d_in).double()
         h_ref = (x2 if mask is None else x2 * mask) @ torch.cat(As).double().t()
         assert h.shape == (tokens, sum(ranks)) and dx.shape == x.shape and dx.dtype == dtype
+        assert all(y.dtype == dtype for y in ys) and all(t.dtype == adapter for t in (h, *d_as, *d_bs))
         pairs = [*zip(ys, ys_ref), (h, h_ref), (dx, dx_ref), *zip(d_as, da_ref), *zip(d_bs, db_ref)]
         for got, want in pairs:
             assert got.shape == want.shape and rel(got, want) < tol
@@ -226,9 +259,9 @@ if INTERPRET:  # defined only where triton runs interpreted (the driver above), 
     def test_interpreted_backward_skips_dx():
         x, ws, bs, As, Bs = make((7,), 20, (12, 5), (3, 2), bias=(1, 1), seed=3)
         seed = torch.tensor(1)
-        _, h = S.triton_forward(x, ws, bs, As, Bs, [1.0, 2.0], 0.2, seed, True, blocks=SMALL)
+        _, h = S.triton_forward(x, ws, bs, As, Bs, [1.0, 2.0], 0.2, seed, True)
         grads = [torch.ones(7, 12), torch.ones(7, 5)]
-        dx, d_as, d_bs = S.triton_backward(grads, x, ws, As, Bs, h, [1.0, 2.0], 0.2, seed, True, False, blocks=SMALL)
+        dx, d_as, d_bs = S.triton_backward(grads, x, ws, As, Bs, h, [1.0, 2.0], 0.2, seed, True, False)
         assert dx.numel() == 0 and [a.shape for a in d_as] == [a.shape for a in As]
         assert [b.shape for b in d_bs] == [b.shape for b in Bs]
 

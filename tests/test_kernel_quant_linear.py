@@ -147,3 +147,30 @@ def test_triton_kernels_under_the_interpreter():
     path = Path(__file__).with_name("test_kernel_quant_linear_triton.py")
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])
     assert "8 passed" in tail, tail
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_adapters_on_a_bf16_base(p):
+    """A quantized bf16 base with fp32 adapters computes as lora_linear (HF PEFT's mixed dtypes) on the
+    dequantized weight: y, dx in bf16, dA, dB in fp32; the fake impl agrees on h's dtype."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    q = QL.quantize_weight(torch.randn(40, 64, generator=g), "int8", 32, True)
+    b = torch.randn(40, generator=g).to(torch.bfloat16)
+    a = (torch.randn(5, 64, generator=g) / 8).requires_grad_()
+    bb = torch.randn(40, 5, generator=g).requires_grad_()
+    seed = torch.tensor(7)
+    y, h = OP(x, *q, b, a, bb, 1.5, p, seed, True, "int8", 32)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    w = QL.dequantize(*q, "int8", 32, torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb)]
+    mask = dropout_mask(seed, (21, 64), p) if p else None
+    y_ref = lora_linear_reference(leaves[0], w, b, leaves[1], leaves[2], 1.5, mask)
+    grad = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    for got, leaf in zip((x, a, bb), leaves):
+        assert got.grad.dtype == leaf.dtype
+        torch.testing.assert_close(got.grad, leaf.grad, atol=1e-2, rtol=1e-2)
+    torch.library.opcheck(OP, (x.detach(), *q, b, a.detach(), bb.detach(), 1.5, p, seed, True, "int8", 32))
