@@ -58,6 +58,12 @@ def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if (i, site.module) in linear:
                 site.node.meta.setdefault(SITES, []).append(i)
                 marked += 1
+    params = {(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "parameter"}
+    for node in gm.graph.nodes if params else ():  # reads of targeted parameters (LoRA on parameters)
+        for i, _ in enumerate(ctx.targets):
+            if node.op == "get_attr" and (i, node.target) in params:
+                node.meta.setdefault(SITES, []).append(i)
+                marked += 1
     whole = [(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "module"]
     if whole:
         for node in gm.graph.nodes:
