@@ -61,7 +61,10 @@ def fuses_experts(model: nn.Module) -> bool:
     (Mixtral, Qwen3-MoE, OLMoE, ...; PEFT reads transformers' conversion table)."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     try:
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            get_checkpoint_conversion_mapping,
+        )
     except ImportError:  # transformers 4: experts are nn.Linear modules, all-linear finds them
         return False
     family = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}.get(mt)

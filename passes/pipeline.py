@@ -61,7 +61,7 @@ def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     params = {(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "parameter"}
     for node in gm.graph.nodes if params else ():  # reads of targeted parameters (LoRA on parameters)
         for i, _ in enumerate(ctx.targets):
-            if node.op == "get_attr" and (i, node.target) in params:
+            if node.op == "get_attr" and node.users and (i, node.target) in params:
                 node.meta.setdefault(SITES, []).append(i)
                 marked += 1
     whole = [(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "module"]
@@ -113,8 +113,8 @@ def check_every_target_has_a_site(cls, gm: fx.GraphModule, ctx: PassContext) -> 
     missing = sorted(set(wanted) - hit)
     if missing:
         runs = {p: sorted(ops.get(p, ())) or "no op in this graph" for p in missing[:8]}
-        raise PassError(f"methods[{wanted[missing[0]]}].{cls.method}: {len(missing)} target(s) resolve to "
-                        f"modules but have no site in the captured graph: {missing}; they run as {runs}, "
+        raise PassError(f"methods[{wanted[missing[0]]}].{cls.method}: {len(missing)} target(s) resolve in the model "
+                        f"but have no site in the captured graph: {missing}; they run as {runs}, "
                         "not as a form this method adapts")
 
 
