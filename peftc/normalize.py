@@ -13,7 +13,7 @@ adds to it, as PEFT does on the wrapped module). Both frontends are covered: ate
 (torch.export) and the torch-level calls ``symbolic_trace`` records.
 
 Pre: a captured graph. Post: no matched form is left; ``gm.meta[NORMALIZED]`` counts what was
-rewritten per form (``graph_summary()`` prints it). The result is the same function: only
+rewritten per form (on the captured graph: ``cm.graphs.captured``). The result is the same function: only
 the order of floating-point operations of a folded bias may change (a fused ``addmm``).
 ``transposed`` Conv1D weights (stored (in, out): GPT-2's ``addmm(b, x, W)``) stay as they
 are: ``as_linear_site`` reads them already.
@@ -27,8 +27,6 @@ from collections import Counter
 
 import torch
 from torch import fx
-
-from peftc.graph import SUMMARY_LINES
 
 __all__ = ["normalize_linears", "NORMALIZED"]
 
@@ -170,8 +168,5 @@ def normalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     if counts:
         graph.lint()
         gm.recompile()
-        total = sum(counts.values())
-        gm.meta.setdefault(SUMMARY_LINES, []).append(
-            f"capture: {total} linear layer(s) written as other ops read as aten.linear ({dict(counts)})")
     gm.meta[NORMALIZED] = dict(counts)
     return gm
