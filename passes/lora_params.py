@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from peftc.errors import CheckpointError
+from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, mount_adapter
 from peftc.passes.context import PassContext, PassResult, marked_nodes
 from peftc.spec import MethodSpec, Sites, register_method
@@ -126,6 +126,12 @@ class LoraParamsSpec(MethodSpec):
                 found = [p for p in MOE_PARAMETERS if match_parameters((p,), names)]
                 if not found:
                     continue
+                refused = [f for f, on in (("dropout", m.dropout > 0), ("dora", m.dora), ("gate", m.gate)) if on]
+                if refused:  # PEFT's ParamWrapper raises for these too
+                    raise SpecError(f"lora.{refused[0]}", getattr(m, refused[0]), "its default with all-linear here",
+                                    f"all-linear on {model.config.model_type} also adapts the experts and router "
+                                    "as parameters, which take no dropout, DoRA or gate (as in PEFT); name the "
+                                    "target modules instead")
                 doubled = {rf".*\.{re.escape(p)}": f for p, f in MOE_PARAMETERS.items() if f > 1 and p in found}
                 out.append(cls(targets=tuple(found), r=m.r, alpha=m.alpha, rslora=m.rslora, init=m.init,
                                rank_pattern={**m.rank_pattern, **{k: m.r * f for k, f in doubled.items()}},

@@ -141,6 +141,8 @@ def test_parameter_targets_are_checked():
     with pytest.raises(SpecError, match="2-D or 3-D"):
         peftc.compile(base, {"methods": [{"lora_params": {"targets": ["input_layernorm.weight"]}}]},
                       {"input_ids": ids(1, 4, 0)})
+    with pytest.raises(SpecError, match="lora.dropout.*take no dropout"):  # PEFT's ParamWrapper refuses too
+        peftc.compile(base, {"methods": [{"lora": {"targets": "all-linear", "dropout": 0.1}}]}, {"input_ids": ids(1, 4, 0)})
     with pytest.raises(SpecError, match="list of parameter names"):
         peftc.Spec.from_dict({"methods": [{"lora_params": {"targets": "all-linear"}}]})
 
