@@ -162,3 +162,22 @@ def test_merge_refuses_before_changing_a_weight():
     with pytest.raises(PeftcError, match="'lora_params' cannot be merged"):
         cm.merge()
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_gpt_oss_experts_stored_in_out(tmp_path):
+    """GPT-OSS stores experts (E, in, out) (``is_transposed``): PEFT's other factor layout."""
+    cfg = tf.GptOssConfig(**{**SMALL, "intermediate_size": 48}, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    base = tf.GptOssForCausalLM(cfg).eval()
+    assert base.model.layers[0].mlp.experts.is_transposed
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(
+        target_modules=["q_proj"], r=2, target_parameters=["experts.gate_up_proj", "experts.down_proj", "router.weight"]))
+    randomize([p for p in pm.parameters() if p.requires_grad], seed=9)
+    pm.save_pretrained(tmp_path)
+    cm = peftc.from_peft(copy.deepcopy(base), tmp_path, {"input_ids": ids(2, 7, 0)}).eval()
+    assert cm.pass_counts["lora_params"] == 3
+    x = ids(3, 9, 10)
+    ref = logits(pm.eval(), x)
+    assert (ref - logits(base, x)).abs().max() > 1e-2
+    torch.testing.assert_close(logits(cm, x), ref, atol=1e-4, rtol=0)
