@@ -77,6 +77,14 @@ def test_all_linear_adapts_what_peft_does(family):
     ref = logits(pm.eval(), x)
     assert (ref - logits(base, x)).abs().max() > 1e-2  # the adapters change the output
     torch.testing.assert_close(logits(cm.eval(), x), ref, atol=1e-4, rtol=0)
+    # and PEFT's gradients, for every factor (experts and router included)
+    pm(input_ids=x).logits.square().mean().backward()
+    cm(input_ids=x).logits.square().mean().backward()
+    live = {p.data_ptr(): p for p in cm.trainable_parameters()}
+    ours = {k: live[v.data_ptr()].grad for k, v in cm.adapter_state_dict().items()}
+    for k, p in get_peft_model_state_dict(pm).items():
+        theirs = dict(pm.named_parameters())[k.replace(".weight", ".default.weight")].grad
+        torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "olmoe"])
