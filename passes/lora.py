@@ -41,7 +41,7 @@ BIAS = ("none", "all", "lora_only")
 
 
 _PEFT_UNSUPPORTED = {  # LoraConfig fields peftc does not implement: value must be the default
-    "lora_bias": lambda v: not v, "target_parameters": lambda v: not v,
+    "lora_bias": lambda v: not v,
     "layer_replication": lambda v: not v, "trainable_token_indices": lambda v: not v,
     "use_qalora": lambda v: not v, "alora_invocation_tokens": lambda v: not v,
     "megatron_config": lambda v: not v, "loftq_config": lambda v: not v,
@@ -122,6 +122,15 @@ class LoraSpec(LinearMethod):
             if key in cfg and not ok(cfg[key]):
                 raise SpecError(f"peft.{key}", cfg[key], "its PEFT default", "not supported by peftc's LoRA")
         tm = cfg.get("target_modules")
+        inits = {True: "default", "gaussian": "gaussian", False: "random"}
+        init = cfg.get("init_lora_weights", True)
+        if init not in inits:
+            raise SpecError("peft.init_lora_weights", init, "true, false or 'gaussian'")
+        from peftc.passes.lora_params import LoraParamsSpec  # it reads LoRA's config, LoRA saves it
+
+        params = LoraParamsSpec.from_lora_config(cfg, inits[init])
+        if not tm and params:  # LoRA on parameters only
+            return [*params, *TrainSpec.from_modules_to_save(cfg)]
         if isinstance(tm, str):
             targets = "all-linear" if tm.lower() == "all-linear" else "re:" + tm
         elif tm:
@@ -129,10 +138,6 @@ class LoraSpec(LinearMethod):
         else:
             raise SpecError("peft.target_modules", tm, "a list of module names or a regex string")
         ex = cfg.get("exclude_modules")
-        init = cfg.get("init_lora_weights", True)
-        inits = {True: "default", "gaussian": "gaussian", False: "random"}
-        if init not in inits:
-            raise SpecError("peft.init_lora_weights", init, "true, false or 'gaussian'")
         lora = cls(
             targets=targets, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8),
             dropout=cfg.get("lora_dropout", 0.0), rslora=bool(cfg.get("use_rslora", False)),
@@ -146,7 +151,7 @@ class LoraSpec(LinearMethod):
             rank_pattern=dict(cfg.get("rank_pattern") or {}),
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
         )
-        return [lora, *TrainSpec.from_modules_to_save(cfg)]
+        return [lora, *params, *TrainSpec.from_modules_to_save(cfg)]
 
     @classmethod
     def to_peft(cls, entries: list[LoraSpec], resolved: list[dict[str, str]], model: nn.Module) -> dict:

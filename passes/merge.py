@@ -117,6 +117,8 @@ def _plan(cm, names) -> tuple[dict[str, list], dict[str, bool], dict[str, torch.
                              "they cannot be merged")
         for entry, targets in zip(state.spec.methods, state.targets):
             for path, kind in targets.items():
+                if entry.sites != "module":
+                    _fold_of(entry)  # before the lookup: a method without a fold says so
                 try:
                     module = cm.adapters.get_submodule(f"{path}.{entry.store_dir}.{name}")
                 except AttributeError:
@@ -127,7 +129,6 @@ def _plan(cm, names) -> tuple[dict[str, list], dict[str, bool], dict[str, torch.
                 if entry.sites == "module":  # trained copies (modules_to_save, BitFit, LN tuning)
                     swaps.update({f"{path}.{k}": v.detach() for k, v in module.state_dict().items()})
                     continue
-                _fold_of(entry)
                 folds[path].append((entry, module))
                 transposed[path] = kind == "conv1d"
     return dict(folds), transposed, swaps

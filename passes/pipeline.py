@@ -25,7 +25,7 @@ from peftc.passes.context import SITES, PassContext, PassResult
 from peftc.spec import BASE_OPTIMIZATIONS, OPTIMIZATION_PHASES, OPTIMIZATIONS, Merging, Spec
 
 __all__ = ["PassResult", "PassContext", "rewrite_passes", "optimize_passes", "merge_passes", "run_pipeline", "verify",
-           "select_sites", "SITES", "REWRITE_PHASES", "OPTIMIZE_PHASES"]
+           "select_sites", "SITES", "REWRITE_PHASES", "OPTIMIZE_PHASES", "check_every_target_has_a_site"]
 
 REWRITE_PHASES: tuple[str, ...] = (  # method phases, in the order they run for one adapter
     "whole_modules",  # W -> W' (a trainable copy of a module trained whole); first: others leave it alone
@@ -58,6 +58,12 @@ def select_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if (i, site.module) in linear:
                 site.node.meta.setdefault(SITES, []).append(i)
                 marked += 1
+    params = {(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "parameter"}
+    for node in gm.graph.nodes if params else ():  # reads of targeted parameters (LoRA on parameters)
+        for i, _ in enumerate(ctx.targets):
+            if node.op == "get_attr" and node.users and (i, node.target) in params:
+                node.meta.setdefault(SITES, []).append(i)
+                marked += 1
     whole = [(i, p) for i, t in enumerate(ctx.targets) for p, kind in t.items() if kind == "module"]
     if whole:
         for node in gm.graph.nodes:
@@ -84,7 +90,32 @@ def _method_pass(cls, gm: fx.GraphModule, ctx: PassContext, *, merged: bool = Fa
     if ctx.sample_mask and not cls.mixed_batch:
         raise PeftcError("a mixed batch (per-sample adapter_names) works with the LoRA family only; "
                          f"adapter {ctx.spec.adapter!r} uses {cls.method}")
-    return cls.merged_rewrite(gm, ctx) if merged else cls.rewrite(gm, ctx)
+    if merged:
+        return cls.merged_rewrite(gm, ctx)
+    result = cls.rewrite(gm, ctx)
+    check_every_target_has_a_site(cls, result.graph_module, ctx)
+    return result
+
+
+def check_every_target_has_a_site(cls, gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Invariant: every module (or parameter) a ``cls`` entry resolved to has a node of this
+    method and adapter in the graph; else a PassError naming them and the ops they run as."""
+    wanted = {p: i for i, (m, t) in enumerate(zip(ctx.spec.methods, ctx.targets)) if isinstance(m, cls) for p in t}
+    if not wanted:
+        return
+    hit, ops = set(), {}
+    for n in gm.graph.nodes:
+        info = n.meta.get(PEFTC)
+        if info and info.get("method") == cls.method and info.get("adapter") == ctx.spec.adapter:
+            hit.update((info.get("module"), info.get("site")))
+        elif n.op in ("call_function", "call_method") and (owner := stack_owner(n)) in wanted:
+            ops.setdefault(owner, set()).add(getattr(n.target, "__name__", str(n.target)))
+    missing = sorted(set(wanted) - hit)
+    if missing:
+        runs = {p: sorted(ops.get(p, ())) or "no op in this graph" for p in missing[:8]}
+        raise PassError(f"methods[{wanted[missing[0]]}].{cls.method}: {len(missing)} target(s) resolve in the model "
+                        f"but have no site in the captured graph: {missing}; they run as {runs}, "
+                        "not as a form this method adapts")
 
 
 def _methods_in_phase_order(spec: Spec) -> list[type]:

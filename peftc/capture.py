@@ -23,6 +23,7 @@ from torch.export import Dim
 
 from peftc.errors import CaptureError
 from peftc.graph import fetch_attr, owning_module
+from peftc.normalize import normalize_linears
 
 __all__ = ["capture", "set_training", "owning_module", "register_train_flag", "DROPOUT_OPS", "SDPA",
            "TRAIN_FLAGS"]
@@ -82,7 +83,7 @@ def _capture_export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
         raise CaptureError(f"torch.export failed on {type(model).__name__}: {e}") from e
     finally:
         quiet.setLevel(level)
-    gm = ep.module()
+    gm = normalize_linears(ep.module())  # x @ W.T, einsum, mm, ... -> aten.linear
     for node in gm.graph.nodes:
         if node.target is SDPA:
             node.meta[TRAIN_P] = _sdpa_p(node)
@@ -130,7 +131,7 @@ def _capture_fx(model: nn.Module, kwargs: dict) -> fx.GraphModule:
         elif node.op == "call_function" and node.target in (F.linear, F.dropout):
             _normalize_functional(node)
     graph.lint()
-    return fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph")
+    return normalize_linears(fx.GraphModule(root, graph, class_name=type(model).__name__ + "Graph"))
 
 
 class _Attr(str):

@@ -114,8 +114,8 @@ def peft_config(adapters, adapter: str) -> dict:
     mine = adapters.entries(adapter, cls)
     cfg = cls.to_peft([m for m, _ in mine], [t for _, t in mine], adapters.base_model)
     for rider in (c for c in METHODS.values() if c.peft_field):
-        saved = sorted({p for _, t in adapters.entries(adapter, rider) for p in t})
-        cfg[rider.peft_field] = saved or None
+        riding = adapters.entries(adapter, rider)
+        cfg[rider.peft_field] = rider.peft_field_value([m for m, _ in riding], [t for _, t in riding], cfg)
     name_or_path = getattr(getattr(adapters.base_model, "config", None), "_name_or_path", None) or None
     cfg.update(task_type=state.spec.task_type, base_model_name_or_path=state.spec.base_model or name_or_path,
                inference_mode=True, revision=None)

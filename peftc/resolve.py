@@ -43,6 +43,8 @@ def resolve_all(spec: Spec, model: nn.Module) -> list[dict[str, str]]:
                 found = [p for p in found if not targets.matches(m.exclude, p)]
             found = _outermost(found) if m.owns_modules else found
             out.append({p: "module" for p in found})
+        elif m.sites is Sites.PARAMETER:  # parameters, by full name (PEFT's target_parameters)
+            out.append(targets.resolve_parameters(m, model, f"methods[{i}].{m.method}"))
         elif m.sites is Sites.GRAPH:  # acts on the graph as a whole (prompts): no module targets
             out.append({})
         else:

@@ -63,6 +63,7 @@ class Sites(str, Enum):
     LINEAR = "linear"  # the linear-layer calls of the resolved modules
     MODULE = "module"  # every node inside the resolved modules (trained copies)
     GRAPH = "graph"  # the graph as a whole (prompts, attention, residual adds): no module targets
+    PARAMETER = "parameter"  # the graph's reads of the resolved parameters (LoRA on MoE experts)
 
 
 class Merging(str, Enum):
@@ -230,6 +231,12 @@ class MethodSpec:
         """Base-model parameters that adapter ``name``'s PEFT checkpoint also holds, by key
         (LoRA's ``bias``); ``adapters`` is the model's AdapterRegistry."""
         return {}
+
+    @classmethod
+    def peft_field_value(cls, entries: list, resolved: list[dict[str, str]], cfg: dict):
+        """The value of ``peft_field`` in the host method's PEFT config ``cfg`` (which it may
+        complete): by default the resolved module paths, or None."""
+        return sorted({p for t in resolved for p in t}) or None
 
     @classmethod
     def from_peft(cls, cfg: Mapping) -> list[MethodSpec]:

@@ -15,7 +15,8 @@ from torch import nn
 from peftc.errors import SpecError
 
 __all__ = ["linear_kind", "module_kind", "match_names", "matches", "resolve", "seq_cls_heads", "infer_task_type",
-           "no_match", "for_model_type", "SEQ_CLS_HEADS"]
+           "no_match", "for_model_type", "SEQ_CLS_HEADS",
+           "match_parameters", "resolve_parameters"]
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS
 
@@ -153,6 +154,24 @@ def resolve(entry, model: nn.Module, where: str, *, task_type=None, kinds=("line
     if not out:
         raise no_match(f"{where}.targets", sel, names)
     return out
+
+
+def match_parameters(selector, names: list[str]) -> list[str]:
+    """Parameter names PEFT's ``target_parameters`` select: the full name or a dotted suffix."""
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in selector)]
+
+
+def resolve_parameters(entry, model: nn.Module, where: str) -> dict[str, str]:
+    """Full parameter names (-> "parameter") that ``entry.targets`` select; 2-D or 3-D only."""
+    params = dict(model.named_parameters())
+    found = match_parameters(entry.targets, list(params))
+    if not found:
+        raise no_match(f"{where}.targets", entry.targets, list(params))
+    for n in found:
+        if params[n].dim() not in (2, 3):
+            raise SpecError(f"{where}.targets", n, "2-D or 3-D parameters (a weight, or fused experts)",
+                            f"{n!r} has shape {tuple(params[n].shape)}")
+    return {n: "parameter" for n in found}
 
 
 def infer_task_type(model: nn.Module) -> str | None:
