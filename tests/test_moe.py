@@ -171,6 +171,10 @@ def test_merge_refuses_before_changing_a_weight():
     with pytest.raises(PeftcError, match="'lora_params' cannot be merged"):
         cm.merge()
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert not cm.registry.merged  # the failed call left the flag as it was, too
+    x = ids(2, 5, 1)
+    with torch.no_grad():
+        assert torch.isfinite(cm(input_ids=x).logits).all()
 
 
 def test_gpt_oss_experts_stored_in_out(tmp_path):
