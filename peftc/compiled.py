@@ -277,12 +277,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         for hook in optimization_hooks(self.spec, "before_merge"):
             hook(self, requantize)
         self.registry.merged = True
-        try:
-            self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
-        except Exception:
-            self.registry.merged = False  # a failed merge leaves the model as it was, flag included
-            self._invalidate()
-            raise
+        self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
 
     def unmerge(self) -> None:
         """Restores the base weights as they were before ``merge`` (bit for bit, CRC-checked)."""
