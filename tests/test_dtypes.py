@@ -1,0 +1,191 @@
+"""HF PEFT's adapter dtypes on bf16 bases (``autocast_adapter_dtype``, passes/dtype_policy.py).
+
+Reference: HF PEFT on the same bf16 tiny Llama, adapter weights made non-zero, saved and loaded
+by peftc (captured at 2 x 7, compared at 3 x 11 with a padded row). PEFT keeps LoRA / DoRA / IA3
+weights in fp32 and computes their path in fp32; prompt and prefix encoders are fp32 either way.
+"""
+
+import copy
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file
+
+import peftc
+from peftc import Spec, SpecError
+from peftc.models import example_inputs, tiny_model
+from peftc.passes.dtype_policy import CAST_ROLES
+
+BF16 = torch.bfloat16
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+}
+LINEAR = ("lora", "dora", "ia3")
+
+
+def bf16_base(seed_from=None):
+    base = tiny_model("tiny-llama").to(BF16)
+    if seed_from is not None:
+        base.load_state_dict(seed_from)
+    return base
+
+
+def randomize(pm, kind, seed=1):
+    """Non-zero adapter weights (PEFT starts LoRA B at zero and IA3 at ones, which hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in pm.parameters() if p.requires_grad):
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.copy_(1 + 0.3 * noise if kind == "ia3" else 0.1 * noise)
+
+
+def capture_inputs():
+    ex = example_inputs("tiny-llama", 2, 7)
+    ex["attention_mask"] = torch.ones_like(ex["input_ids"])
+    return ex
+
+
+def other_inputs():
+    """3 x 11 (captured at 2 x 7), row 0 right-padded."""
+    ex = example_inputs("tiny-llama", 3, 11, seed=5)
+    mask = torch.ones_like(ex["input_ids"])
+    mask[0, 8:] = 0
+    ex["attention_mask"] = mask
+    return ex
+
+
+def logits(model, ex):
+    with torch.no_grad():
+        return model(**ex).logits[:, -ex["input_ids"].shape[1]:].float()  # prompt tuning: PEFT adds P rows
+
+
+def peft_pair(kind, tmp_path, autocast=True):
+    """A bf16 PEFT model with non-zero adapter weights saved to ``tmp_path/peft``, and the base's weights."""
+    base = bf16_base()
+    snapshot = copy.deepcopy(base.state_dict())
+    pm = get_peft_model(base, CONFIGS[kind](), autocast_adapter_dtype=autocast)
+    randomize(pm, kind)
+    pm.save_pretrained(tmp_path / "peft")
+    return pm.eval(), snapshot
+
+
+def adapter_dtypes(cm) -> set:
+    return {p.dtype for p in cm.trainable_parameters()}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_bf16_logits_equal_peft(tmp_path, kind):
+    pm, snapshot = peft_pair(kind, tmp_path)
+    cm = peftc.from_peft(bf16_base(snapshot), tmp_path / "peft", capture_inputs(), trainable=True).eval()
+    assert adapter_dtypes(cm) == {p.dtype for p in pm.parameters() if p.requires_grad} == {torch.float32}
+    ex = other_inputs()
+    ref, ours = logits(pm, ex), logits(cm, ex)
+    assert cm(**ex).logits.dtype == BF16
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+    assert (ref - logits(cm.base_model, ex)).abs().max() > 1e-2  # the adapter matters
+    summary = cm.graph_summary()
+    assert "autocast_adapter_dtype=true: base bfloat16; adapter weights float32" in summary
+    if kind in LINEAR:  # explicit casts in the rewritten graph, visible in the diff
+        roles = [n.meta["peftc"]["role"] for n in cm.graph_module.graph.nodes if "peftc" in n.meta]
+        assert roles.count("cast_out") == cm.pass_counts["upcast"] == 6 and "cast_in" in roles
+        assert "to.dtype" in cm.graph_diff() and "compute in float32" in summary
+    else:
+        assert "prompt encoders float32" in summary
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_keep_base_dtype_equals_peft_without_autocast(tmp_path, kind):
+    """``autocast_adapter_dtype: false``: adapters in bf16, no casts, PEFT's
+    ``get_peft_model(..., autocast_adapter_dtype=False)`` logits; the option survives a save."""
+    pm, snapshot = peft_pair(kind, tmp_path, autocast=False)
+    spec = Spec.from_peft(tmp_path / "peft").replace(autocast_adapter_dtype=False)
+    cm = peftc.compile(bf16_base(snapshot), spec, capture_inputs())
+    cm.load_adapter_state_dict(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    cm.eval()
+    assert adapter_dtypes(cm) == {BF16}
+    assert not any(n.meta.get("peftc", {}).get("role") in CAST_ROLES for n in cm.graph_module.graph.nodes)
+    assert "autocast_adapter_dtype=false" in cm.graph_summary()
+    ex = other_inputs()
+    torch.testing.assert_close(logits(cm, ex), logits(pm, ex), atol=1e-3, rtol=0)
+
+    cm.save_adapter(tmp_path / "ours")
+    assert {t.dtype for t in load_file(tmp_path / "ours" / "adapter_model.safetensors").values()} == {BF16}
+    assert Spec.from_peft(tmp_path / "ours").autocast_adapter_dtype is False  # read back from adapter_config.json
+
+
+def test_option_is_validated():
+    lora = [{"lora": {"targets": ["q_proj"]}}]
+    assert Spec.from_dict({"methods": lora}).autocast_adapter_dtype is True
+    spec = Spec.from_dict({"methods": lora, "autocast_adapter_dtype": False})
+    assert spec.to_dict()["autocast_adapter_dtype"] is False and Spec.from_dict(spec.to_dict()) == spec
+    for bad in ("yes", 1, None):
+        with pytest.raises(SpecError, match="autocast_adapter_dtype") as e:
+            Spec.from_dict({"methods": lora, "autocast_adapter_dtype": bad})
+        assert "true or false" in str(e.value)
+    cfg = LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
+    with pytest.raises(SpecError, match="peft.autocast_adapter_dtype"):
+        Spec.from_peft({**cfg, "autocast_adapter_dtype": "no"})
+    assert Spec.from_peft({**cfg, "autocast_adapter_dtype": False}).autocast_adapter_dtype is False
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_gradients_and_optimizer_state_fp32(tmp_path, kind):
+    """Training: adapter gradients (and AdamW's state) fp32, equal to PEFT's within bf16 noise."""
+    pm, snapshot = peft_pair(kind, tmp_path)
+    cm = peftc.from_peft(bf16_base(snapshot), tmp_path / "peft", capture_inputs(), trainable=True).train()
+    pm.train()
+    ex = other_inputs()
+    labels = ex["input_ids"].clone()
+    pm(**ex, labels=labels).loss.backward()
+    cm(**ex, labels=labels).loss.backward()
+    ref = {k.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): p.grad
+           for k, p in pm.named_parameters() if p.requires_grad}  # PEFT's checkpoint keys
+    ours = {k.removeprefix("base_model.model."): v for k, v in cm._peft_params().items()}
+    assert set(ours) == {k.removeprefix("base_model.model.") for k in ref}
+    for key, p in ours.items():
+        g, r = p.grad, ref["base_model.model." + key]
+        assert g.dtype == r.dtype == torch.float32, key
+        torch.testing.assert_close(g, r, atol=2e-2 * r.abs().max().item() + 1e-6, rtol=0, msg=key)
+    opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-3)
+    opt.step()
+    assert {t.dtype for s in opt.state.values() for k, t in s.items() if k != "step"} == {torch.float32}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_save_load_keeps_peft_dtypes(tmp_path, kind):
+    """peftc saves the tensors PEFT saves, in PEFT's dtypes (fp32), and PEFT loads them to the same logits."""
+    pm, snapshot = peft_pair(kind, tmp_path)
+    cm = peftc.from_peft(bf16_base(snapshot), tmp_path / "peft", capture_inputs(), trainable=True).eval()
+    cm.save_adapter(tmp_path / "ours")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
+    assert {v.dtype for v in ours.values()} == {torch.float32}
+    again = PeftModel.from_pretrained(bf16_base(snapshot), tmp_path / "ours").eval()
+    ex = other_inputs()
+    torch.testing.assert_close(logits(again, ex), logits(cm, ex), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_merge_into_bf16_base(tmp_path, kind):
+    """Merged weights are PEFT's (the fold in fp32, rounded to bf16 once); unmerge restores bits."""
+    pm, snapshot = peft_pair(kind, tmp_path)
+    cm = peftc.from_peft(bf16_base(snapshot), tmp_path / "peft", capture_inputs()).eval()
+    ex = other_inputs()
+    before = logits(cm, ex)
+    cm.merge()
+    merged = pm.merge_and_unload().eval()
+    ours, theirs = cm.base_model.state_dict(), merged.state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], snapshot[k])]
+    assert changed and all(ours[k].dtype == BF16 for k in ours)
+    for k in changed:  # PEFT rounds the same fp32 fold: equal up to one bf16 ulp
+        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=2 ** -7, msg=k)
+    torch.testing.assert_close(logits(cm, ex), logits(merged, ex), atol=2e-2, rtol=0)
+    torch.testing.assert_close(logits(cm, ex), before, atol=3e-2, rtol=0)
+    cm.unmerge()
+    assert all(torch.equal(v, snapshot[k]) for k, v in cm.base_model.state_dict().items())
