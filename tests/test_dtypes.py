@@ -9,7 +9,18 @@ import copy
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from safetensors.torch import load_file
 
 import peftc
@@ -26,7 +37,13 @@ CONFIGS = {
     "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
     "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
 }
-LINEAR = ("lora", "dora", "ia3")
+LINEAR = ("lora", "dora", "ia3", "vera", "loha", "lokr")
+MORE = {  # the other methods PEFT autocasts (or keeps fp32): parity only
+    "vera": lambda: VeraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "ptuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+}
 
 
 def bf16_base(seed_from=None):
@@ -69,7 +86,7 @@ def peft_pair(kind, tmp_path, autocast=True):
     """A bf16 PEFT model with non-zero adapter weights saved to ``tmp_path/peft``, and the base's weights."""
     base = bf16_base()
     snapshot = copy.deepcopy(base.state_dict())
-    pm = get_peft_model(base, CONFIGS[kind](), autocast_adapter_dtype=autocast)
+    pm = get_peft_model(base, {**CONFIGS, **MORE}[kind](), autocast_adapter_dtype=autocast)
     randomize(pm, kind)
     pm.save_pretrained(tmp_path / "peft")
     return pm.eval(), snapshot
@@ -79,7 +96,7 @@ def adapter_dtypes(cm) -> set:
     return {p.dtype for p in cm.trainable_parameters()}
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", [*CONFIGS, *MORE])
 def test_bf16_logits_equal_peft(tmp_path, kind):
     pm, snapshot = peft_pair(kind, tmp_path)
     cm = peftc.from_peft(bf16_base(snapshot), tmp_path / "peft", capture_inputs(), trainable=True).eval()
