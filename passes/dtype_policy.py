@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from peftc.graph import PEFTC, SUMMARY_LINES, Inserter
 
-__all__ = ["UPCAST", "UPCAST_COUNT", "adapter_dtype", "upcast_module", "cast", "node_dtype", "note", "CAST_ROLES", "FIELD"]
+__all__ = ["UPCAST", "UPCAST_COUNT", "adapter_dtype", "module_dtype", "upcast_module", "cast", "node_dtype", "note", "CAST_ROLES", "FIELD"]
 
 aten = torch.ops.aten
 FIELD = "autocast_adapter_dtype"  # the spec / adapter_config.json key, PEFT's argument name
@@ -57,6 +57,12 @@ def upcast_module(module: nn.Module, autocast: bool) -> nn.Module:
             if b.dtype in UPCAST:
                 owner.register_buffer(name, b.to(torch.float32), persistent=name not in owner._non_persistent_buffers_set)
     return module
+
+
+def module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype an adapter module computes in: its first floating parameter's (PEFT reads
+    ``lora_A.weight.dtype``), else ``default``."""
+    return next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), default)
 
 
 def node_dtype(node, default: torch.dtype) -> torch.dtype:

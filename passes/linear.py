@@ -17,7 +17,7 @@ Every inserted node carries peftc meta (method, adapter, module, role) and ``y``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -107,9 +107,12 @@ class LinearMethod(MethodSpec):
             site = as_linear_site(node)
             weight = gm.get_parameter(site.weight.target)
             in_f, out_f = weight.shape if site.transposed else weight.shape[::-1]
-            target = LinearTarget(gm, site, weight, in_f, out_f, dtype_policy.adapter_dtype(weight.dtype, autocast))
+            target = LinearTarget(gm, site, weight, in_f, out_f)
             path = mount_adapter(ctx.store, gm, f"{site.module}.{cls.store_dir}.{adapter}",
                                  lambda t=target, e=entry: dtype_policy.upcast_module(e.make_module(t, ctx), autocast))
+            # the path computes in the adapter's dtype as it is now (PEFT's x.to(A.dtype)): the policy
+            # chose it at creation; a later cm.to(dtype) moves adapters and base alike
+            target = replace(target, dtype=dtype_policy.module_dtype(gm.get_submodule(path), weight.dtype))
             ins = Inserter(node, {"method": cls.method, "adapter": adapter, "module": site.module})
             out = entry.output(ins, target, path, ctx)
             if out is not None:

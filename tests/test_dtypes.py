@@ -282,3 +282,19 @@ def test_quantized_base_keeps_fp32_lora(tmp_path):
     cm.train()
     cm(**ex, labels=ex["input_ids"]).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in cm.trainable_parameters())
+
+
+def test_moving_the_model_follows_the_adapters_dtype():
+    """As PEFT casts x to the adapter's *current* dtype: an fp32 model compiled, then moved to bf16
+    (adapters too, as ``PeftModel.to``), re-captures without casts and runs in bf16; moved back
+    to fp32 it matches its own first output."""
+    cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [{"lora": {"targets": ["q_proj", "v_proj"],
+                                                                        "init": "random"}}]}, capture_inputs()).eval()
+    ex = other_inputs()
+    first = logits(cm, ex)
+    cm.to(BF16)
+    out = cm(**ex).logits
+    assert out.dtype == BF16 and adapter_dtypes(cm) == {BF16} and "upcast" not in cm.pass_counts
+    torch.testing.assert_close(out.float(), first, atol=0.1, rtol=0)
+    cm.to(torch.float32)
+    torch.testing.assert_close(logits(cm, ex), first, atol=0.05, rtol=0)  # weights went through bf16
