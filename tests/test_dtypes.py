@@ -298,3 +298,26 @@ def test_moving_the_model_follows_the_adapters_dtype():
     torch.testing.assert_close(out.float(), first, atol=0.1, rtol=0)
     cm.to(torch.float32)
     torch.testing.assert_close(logits(cm, ex), first, atol=0.05, rtol=0)  # weights went through bf16
+
+
+def test_quantized_dora_with_dropout_reads_every_weight_quantized(tmp_path):
+    """DoRA with dropout recomputes its base on ``W.to(fp32)``: that read is dequantized too (no
+    weight kept full precision); eval logits near PEFT's on the dequantized weights (PEFT
+    subtracts the bias from the bf16 output in eval where the graph recomputes in fp32)."""
+    base = bf16_base()
+    snapshot = copy.deepcopy(base.state_dict())
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, lora_dropout=0.1)
+    pm = get_peft_model(base, cfg)
+    randomize(pm, "dora")
+    pm.save_pretrained(tmp_path / "peft")
+    cm = _load_peft({"optimize": {"quantize": {}}}, tmp_path, snapshot)
+    ex = other_inputs()
+    out = logits(cm, ex)
+    assert cm.pass_counts["quantize"] > 0 and cm.pass_counts.get("quantize_kept", 0) == 0
+    assert adapter_dtypes(cm) == {torch.float32}
+    deq = bf16_base(snapshot)
+    for path, qw in cm.adapters.get_submodule(Q.ROOT).named_modules():
+        if isinstance(qw, Q.QuantizedWeight):
+            deq.get_submodule(path).weight.data = qw.dequantize(BF16)
+    ref = PeftModel.from_pretrained(deq, tmp_path / "peft").eval()
+    torch.testing.assert_close(out, logits(ref, ex), atol=3e-2, rtol=0)
