@@ -12,7 +12,10 @@ What PEFT does on a bf16 / fp16 base (``tuners_utils.cast_adapter_dtype``, ``lor
                 where it joins it (passes/prompt.py, passes/prefix.py)
 
 ``autocast_adapter_dtype: false`` (spec field, or the same key in an adapter_config.json) keeps the
-adapters of the linear methods in the base dtype: no cast node is inserted. On a float32 base both
+adapters of the linear methods in the base dtype: no cast node is inserted. The policy picks the
+dtype an adapter is created in; the graph then casts to the adapter's dtype as it is when a call
+is captured (``module_dtype``, PEFT's ``x.to(lora_A.weight.dtype)``), so ``cm.to(dtype)`` (which
+re-captures) moves adapters and base together, as ``PeftModel.to`` does. On a float32 base both
 policies are the same graph. The rewrites insert the casts as ``aten.to.dtype`` nodes with roles
 ``cast_in`` / ``cast_out`` / ``cast_weight``, so ``graph_diff()`` shows them and the fusion pass can
 match through them; ``note`` writes one ``graph_summary()`` line per adapter naming the policy.
