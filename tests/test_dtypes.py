@@ -168,7 +168,7 @@ def test_gradients_and_optimizer_state_fp32(tmp_path, kind):
     for key, p in ours.items():
         g, r = p.grad, ref["base_model.model." + key]
         assert g.dtype == r.dtype == torch.float32, key
-        torch.testing.assert_close(g, r, atol=2e-2 * r.abs().max().item() + 1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(g, r, atol=1e-3 * r.abs().max().item(), rtol=0, msg=key)  # measured: equal
     opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-3)
     opt.step()
     assert {t.dtype for s in opt.state.values() for k, t in s.items() if k != "step"} == {torch.float32}
@@ -201,9 +201,9 @@ def test_merge_into_bf16_base(tmp_path, kind):
     ours, theirs = cm.base_model.state_dict(), merged.state_dict()
     changed = [k for k in ours if not torch.equal(ours[k], snapshot[k])]
     assert changed and all(ours[k].dtype == BF16 for k in ours)
-    for k in changed:  # PEFT rounds the same fp32 fold: equal up to one bf16 ulp
-        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=2 ** -7, msg=k)
-    torch.testing.assert_close(logits(cm, ex), logits(merged, ex), atol=2e-2, rtol=0)
+    for k in changed:  # PEFT rounds the same fp32 fold once: the same bits
+        assert torch.equal(ours[k], theirs[k]), k
+    torch.testing.assert_close(logits(cm, ex), logits(merged, ex), atol=1e-3, rtol=0)
     torch.testing.assert_close(logits(cm, ex), before, atol=3e-2, rtol=0)
     cm.unmerge()
     assert all(torch.equal(v, snapshot[k]) for k, v in cm.base_model.state_dict().items())
