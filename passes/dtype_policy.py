@@ -30,7 +30,8 @@ from torch import fx, nn
 
 from peftc.graph import PEFTC, SUMMARY_LINES, Inserter
 
-__all__ = ["UPCAST", "UPCAST_COUNT", "adapter_dtype", "module_dtype", "upcast_module", "cast", "node_dtype", "note", "CAST_ROLES", "FIELD"]
+__all__ = ["UPCAST", "UPCAST_COUNT", "adapter_dtype", "module_dtype", "upcast_module", "cast", "node_dtype", "note", "count_site",
+           "is_cast", "CAST_ROLES", "FIELD"]
 
 aten = torch.ops.aten
 FIELD = "autocast_adapter_dtype"  # the spec / adapter_config.json key, PEFT's argument name
@@ -117,5 +118,3 @@ def is_cast(node, role: str | None = None) -> bool:
     return bool(info) and node.target is aten.to.dtype and (info.get("role") in CAST_ROLES if role is None
                                                              else info.get("role") == role)
 
-
-__all__ += ["count_site", "is_cast"]
