@@ -26,8 +26,12 @@ def weight_norm(weight_out_in: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
 
 
 def insert_dora(ins: Inserter, site: LinearSite, x: fx.Node, d: fx.Node, a: fx.Node, b: fx.Node,
-                mag_target: str, scaling: float, recompute_base: bool) -> fx.Node:
-    """Inserts DoRA's term after the low-rank output ``d = B(A(x))`` and returns it."""
+                mag_target: str, scaling: float, recompute_base: bool, dtype: torch.dtype | None = None) -> fx.Node:
+    """Inserts DoRA's term after the low-rank output ``d = B(A(x))`` and returns it.
+
+    ``dtype``: the adapter's dtype when it differs from the base (PEFT's autocast): the norm and
+    the terms then run in it by type promotion (``W + s B A`` with W bf16, BA fp32 is fp32, as
+    PEFT's ``weight.to(x.dtype)``), and the recomputed base reads ``W.to(dtype)`` as PEFT does."""
     w = site.weight
     if site.transposed:  # Conv1D stores (in, out)
         w = ins.call(aten.t.default, (w,), "weight_t")
@@ -41,7 +45,8 @@ def insert_dora(ins: Inserter, site: LinearSite, x: fx.Node, d: fx.Node, a: fx.N
                    "mag_row")
     y = site.node
     if recompute_base:
-        base = ins.call(aten.linear.default, (x, w), "base_recompute")
+        wx = ins.call(aten.to.dtype, (w, dtype), "cast_weight") if dtype is not None else w
+        base = ins.call(aten.linear.default, (x, wx), "base_recompute")
     else:
         bias = y.args[0] if site.transposed else (y.args[2] if len(y.args) > 2 else None)
         base = ins.call(aten.sub.Tensor, (y, bias), "base_no_bias") if bias is not None else y

@@ -13,6 +13,11 @@ call from the global RNG, so ``torch.manual_seed`` repeats a run) instead of sto
 The mask differs from the unfused graph's (another generator), so fused and unfused training
 agree in distribution, and exactly with dropout off or in eval.
 
+Mixed dtypes (HF PEFT's ``autocast_adapter_dtype``, passes/dtype_policy.py): a site whose path
+reads ``x.to(fp32)`` and whose add is cast back (``to(add(y, s * B(A(x'))), bf16)``) fuses whole:
+the op gets x and W in the base dtype and A, B in fp32 (never cast down) and returns the base
+dtype, so the casts are erased with the site.
+
 Siblings: sites whose linears read the same x node (q/k/v, gate/up), with equal p, dtypes and
 bias presence, become one ``peftc::lora_siblings`` node (one GEMM against the stacked A's, x and
 h saved once); each former add reads ``getitem(getitem(lora_siblings(...), 0), i)``:
@@ -39,6 +44,7 @@ from torch import fx
 from peftc.errors import SpecError
 from peftc.graph import PEFTC, fetch_attr, has_role
 from peftc.passes.context import PassContext, PassResult
+from peftc.passes.dtype_policy import is_cast
 from peftc.passes.fuse_scaling import fuse_dora, fuse_ia3, seed_for
 from peftc.spec import register_optimization
 
@@ -70,6 +76,10 @@ def match_lora(add: fx.Node) -> dict | None:
         drop, (src, p, _) = src, src.args[:3]
         if not _only_user(drop, down):
             return None
+    cast_in, cast_out = _casts(src, drop or down, add)
+    if cast_in is False:
+        return None
+    src = cast_in.args[0] if cast_in is not None else src
     if not isinstance(base, fx.Node) or list(base.users) != [add] or PEFTC in base.meta:
         return None
     if base.target is aten.linear.default and base.args[0] is src:
@@ -79,8 +89,24 @@ def match_lora(add: fx.Node) -> dict | None:
     else:
         return None
     return {"x": src, "w": w, "bias": bias, "transposed": transposed, "a": a_w, "b": b_w, "scale": float(scale),
-            "p": float(p), "erase": [add, term, up, down, *([drop] if drop is not None else []), base],
+            "p": float(p), "erase": [*([cast_out] if cast_out is not None else []), add, term, up, down,
+                                     *([drop] if drop is not None else []),
+                                     *([cast_in] if cast_in is not None else []), base],
             "base": base, "info": add.meta[PEFTC]}
+
+
+def _casts(src: fx.Node, reader: fx.Node, add: fx.Node):
+    """PEFT's dtype casts around an adapter path (passes/dtype_policy.py): ``(cast_in, cast_out)``
+    when ``src`` is x cast up (read only by ``reader``) and ``add``'s one user casts it back;
+    ``(None, None)`` without casts; ``(False, None)`` when only part of the pair is there.
+    The fused op takes x in the base dtype, adapter weights as they are (fp32), and returns the
+    base dtype: both casts are inside it."""
+    if not is_cast(src, "cast_in"):
+        return None, None
+    users = list(add.users)
+    if list(src.users) != [reader] or len(users) != 1 or not is_cast(users[0], "cast_out"):
+        return False, None
+    return src, users[0]
 
 
 SETTINGS = {"shared_dropout": "true or false (default false): siblings with dropout > 0 share one mask"}

@@ -5,6 +5,11 @@
     add(linear(x, W, b), dora(...))      -> getitem(dora_linear(x, W, b, A, B, m, s, p, seed, train), 0)
     (addmm(b, x, W) for GPT-2's Conv1D: the op gets t(W))
 
+With HF PEFT's dtypes (passes/dtype_policy.py) the sites carry casts, matched too and erased with
+the site: IA3 ``(y * l).to(y.dtype)`` / ``linear((x.to(l.dtype) * l).to(x.dtype))``; DoRA reads
+``x.to(A.dtype)`` and its add is cast back. The ops get x, W in the base dtype and the adapter
+tensors (A, B, m, l) as they are (fp32).
+
 Matching reads only ``node.meta["peftc"]`` roles (as passes/ia3.py and passes/dora.py write
 them) and the base linear's shape; a site whose intermediate nodes have users outside it
 (e.g. stacked with another adapter) is left unfused. Pre: the unfused rewrite. Post: no node
@@ -23,6 +28,7 @@ from torch import fx
 
 from peftc.graph import PEFTC, has_role
 from peftc.passes.context import PassContext
+from peftc.passes.dtype_policy import is_cast
 
 __all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora", "seed_for"]
 
@@ -55,17 +61,27 @@ def match_ia3(mul: fx.Node) -> dict | None:
     src, vec = mul.args
     if not has_role(vec, "ia3", "flatten"):
         return None
+    users = list(mul.users)
+    back = users[0] if len(users) == 1 and is_cast(users[0], "cast_out") else None  # PEFT's .to(base dtype)
     if has_role(mul, "ia3", "scale_output"):
         base = _base(src)
         if base is None or list(src.users) != [mul]:
             return None
-        return {**base, "vec": vec, "mode": "out", "anchor": mul, "erase": [mul, src], "site": src}
-    users = list(mul.users)
+        anchor = back or mul
+        return {**base, "vec": vec, "mode": "out", "anchor": anchor, "erase": [*([back] if back else []), mul, src],
+                "site": src}
+    up = None
+    if is_cast(src, "cast_in"):  # x.to(l.dtype) * l, cast back before the linear
+        if back is None or list(src.users) != [mul]:
+            return None
+        up, src = src, src.args[0]
+    reader = back or mul
+    users = list(reader.users)
     base = _base(users[0]) if len(users) == 1 else None
-    if base is None or base["x"] is not mul:
+    if base is None or base["x"] is not reader:
         return None
-    return {**base, "x": src, "vec": vec, "mode": "in", "anchor": users[0], "erase": [users[0], mul],
-            "site": users[0]}
+    return {**base, "x": src, "vec": vec, "mode": "in", "anchor": users[0],
+            "erase": [users[0], *([back] if back else []), mul, *([up] if up else [])], "site": users[0]}
 
 
 def match_dora(add: fx.Node) -> dict | None:
@@ -107,6 +123,12 @@ def match_dora(add: fx.Node) -> dict | None:
     p, train, drop = 0.0, False, None
     if has_role(src, "lora", "dropout"):
         drop, (src, p, train) = src, src.args[:3]
+    up_x, back = None, None
+    if is_cast(src, "cast_in"):  # PEFT's autocast: x.to(A.dtype) in, (y + term).to(y.dtype) out
+        users = list(add.users)
+        if len(users) != 1 or not is_cast(users[0], "cast_out"):
+            return None
+        up_x, back, src = src, users[0], src.args[0]
     if src is not base["x"]:
         return None
     w = adapted.args[0]  # (out, in): the weight itself, or t(W) for Conv1D
@@ -114,14 +136,17 @@ def match_dora(add: fx.Node) -> dict | None:
         return None
     if not base["transposed"] and w is not base["w"]:
         return None
-    nodes = [add, term, t1, t2, minus1, dl, mag, div, detach, norm, adapted, scaled, delta, up, down,
-             *([drop] if drop is not None else []), y]
+    nodes = [*([back] if back else []), add, term, t1, t2, minus1, dl, mag, div, detach, norm, adapted, scaled,
+             delta, up, down, *([drop] if drop is not None else []), *([up_x] if up_x else []), y]
     if base_term is not y:
         if has_role(base_term, "lora", "base_no_bias"):
             ok = base_term.args == (y, base["bias"])
         else:
-            ok = (has_role(base_term, "lora", "base_recompute") and base_term.args[0] is (drop or src)
-                  and base_term.args[1] is w)
+            wx = base_term.args[1]
+            cast_w = wx if is_cast(wx, "cast_weight") and wx.args[0] is w else None
+            ok = (has_role(base_term, "lora", "base_recompute") and base_term.args[0] is (drop or up_x or src)
+                  and (wx is w or cast_w is not None))
+            nodes += [cast_w] if cast_w is not None else []
         if not ok:
             return None
         nodes.append(base_term)
@@ -129,7 +154,7 @@ def match_dora(add: fx.Node) -> dict | None:
     if any(u not in inside for n in nodes[1:] for u in n.users):  # only the add leaves the site
         return None
     return {**base, "w": w, "a": a_w, "b": b_w, "m": div.args[0], "scale": float(scale), "p": float(p),
-            "train": bool(train), "erase": nodes, "info": add.meta[PEFTC], "site": y, "anchor": add}
+            "train": bool(train), "erase": nodes, "info": add.meta[PEFTC], "site": y, "anchor": nodes[0]}
 
 
 def _erase(gm: fx.GraphModule, nodes) -> None:

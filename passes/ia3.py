@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from peftc.errors import CheckpointError
 from peftc.graph import Inserter
+from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext
 from peftc.passes.linear import LinearMethod, LinearTarget
 from peftc.passes.train import TrainSpec
@@ -57,6 +58,7 @@ class IA3Spec(LinearMethod):
     init: str = "ones"
 
     DEFAULT_TARGETS: ClassVar = DEFAULT_TARGETS
+    autocast: ClassVar[bool] = True  # PEFT upcasts the (IA)^3 vectors on bf16/fp16 bases
 
     def __post_init__(self):
         object.__setattr__(self, "targets", check_targets("ia3.targets", self.targets, allow_none=True))
@@ -99,12 +101,15 @@ class IA3Spec(LinearMethod):
         """Output scaling: ``(x W^T + b) * l`` read by y's users; feedforward: ``x * l`` fed to
         the linear itself (None: nothing to redirect)."""
         site = target.site
-        if not self.is_feedforward(target.module, ctx.model):
+        if not self.is_feedforward(target.module, ctx.model):  # PEFT: (y * l).to(y.dtype)
             vec = ins.call(aten.reshape.default, (ins.get_attr(f"{path}.ia3_l"), [-1]), "flatten")
-            return ins.call(aten.mul.Tensor, (site.node, vec), "scale_output")
-        before = Inserter(site.node, ins.info, before=True)
+            return target.output_cast(ins, ins.call(aten.mul.Tensor, (site.node, vec), "scale_output"))
+        before = Inserter(site.node, ins.info, before=True)  # PEFT: (x.to(l.dtype) * l).to(x.dtype)
         vec = before.call(aten.reshape.default, (before.get_attr(f"{path}.ia3_l"), [-1]), "flatten")
-        site.node.replace_input_with(site.x, before.call(aten.mul.Tensor, (site.x, vec), "scale_input"))
+        scaled = before.call(aten.mul.Tensor, (target.input(before), vec), "scale_input")
+        if target.upcast:
+            scaled = dtype_policy.cast(before, scaled, dtype_policy.node_dtype(site.x, target.weight.dtype), "cast_out")
+        site.node.replace_input_with(site.x, scaled)
         return None
 
     @classmethod

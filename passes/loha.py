@@ -85,6 +85,7 @@ class LycorisSpec(LinearMethod):
     kinds: ClassVar[tuple[str, ...]] = ("linear",)
     mixed_batch: ClassVar[bool] = True
     INITS: ClassVar[dict[Any, str]] = {True: "default", False: "random"}  # PEFT init_weights -> init
+    autocast: ClassVar[bool] = True  # PEFT upcasts LoHa / LoKr factors on bf16/fp16 bases
 
     def __post_init__(self):
         m = self.method
@@ -120,7 +121,7 @@ class LycorisSpec(LinearMethod):
         """``linear(x, dW)`` after the base linear (PEFT's order), dW from the module's builder."""
         module = target.gm.get_submodule(path)
         dw = module.delta(ins, lambda leaf: ins.get_attr(f"{path}.{leaf}"), self.scaling_for(target.module))
-        return ins.call(aten.linear.default, (target.site.x, dw), "delta")
+        return ins.call(aten.linear.default, (target.input(ins), dw), "delta")  # x.to(dW.dtype), as PEFT
 
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + dW, dW computed by the same builder as the graph."""

@@ -27,6 +27,7 @@ from peftc.errors import CheckpointError, PeftcError, SpecError
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext
 from peftc.passes.dora import insert_dora, weight_norm
+from peftc.passes.dtype_policy import cast
 from peftc.passes.gates import init_gate, insert_gate, tokens_3d
 from peftc.passes.linear import LinearMethod, LinearTarget, sample_rows
 from peftc.passes.train import TrainSpec
@@ -195,6 +196,8 @@ class LoraSpec(LinearMethod):
         return cfg
 
     # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    autocast: ClassVar[bool] = True  # PEFT upcasts LoRA / DoRA adapters on bf16/fp16 bases
+
     def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
         dora_scaling = self.scaling_for(target.module) if self.dora else None
         return LoraLinear(target.in_features, target.out_features, self.rank_for(target.module), self.init,
@@ -207,16 +210,18 @@ class LoraSpec(LinearMethod):
         site, scaling = target.site, self.scaling_for(target.module)
         a = ins.get_attr(f"{path}.lora_A.weight")
         b = ins.get_attr(f"{path}.lora_B.weight")
-        x = site.x
+        x = target.input(ins)  # x.to(A.dtype), as PEFT (passes/dtype_policy.py)
         if self.dropout > 0:
             x = ins.call(aten.dropout.default, (x, float(self.dropout), True), "dropout")
         h = ins.call(aten.linear.default, (x, a), "lora_A")
         d = ins.call(aten.linear.default, (h, b), "lora_B")
         if self.dora:
             return insert_dora(ins, site, x, d, a, b, f"{path}.lora_magnitude_vector", scaling,
-                               recompute_base=self.dropout > 0)
+                               recompute_base=self.dropout > 0, dtype=target.dtype if target.upcast else None)
         if self.gate:
-            g = insert_gate(ins, tokens_3d(site.x), f"{path}.gate.weight", f"{path}.gate.bias")
+            g3 = tokens_3d(site.x)
+            g3 = cast(ins, g3, target.dtype, "cast_in") if target.upcast else g3
+            g = insert_gate(ins, g3, f"{path}.gate.weight", f"{path}.gate.bias")
             rows = ins.call(sample_rows, (ins.call(aten.view.default, (g, [-1]), "gate_flat"), d), "gate_rows")
             return ins.call(aten.mul.Tensor, (d, rows), "gated")
         return ins.call(aten.mul.Tensor, (d, scaling), "scale")

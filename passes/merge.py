@@ -135,10 +135,13 @@ def _plan(cm, names) -> tuple[dict[str, list], dict[str, bool], dict[str, torch.
 
 
 def _fold_all(path, folds, w, b, transposed):
+    """Each fold computes in the promoted dtype (fp32 adapters on a bf16 base: fp32, as PEFT's
+    merge) and its result is rounded back to the weight's dtype, one adapter at a time as PEFT."""
     with torch.no_grad():
         for entry, module in folds:
-            w, b2 = entry.fold(path, module, w, b, transposed)
-            b = b if b2 is None else b2
+            w2, b2 = entry.fold(path, module, w, b, transposed)
+            w = w2.to(w.dtype)
+            b = b if b2 is None else b2.to(b.dtype if b is not None else w.dtype)
     return w, b
 
 

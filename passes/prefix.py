@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, mount_adapter, stack_owner
+from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.gates import attention_input, init_gate, insert_gate
 from peftc.passes.prompt import PromptLearning, prompt_learning_config, prompt_learning_entry
@@ -197,6 +198,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not shifted:
         raise PeftcError("prefix tuning found no position ids (rotary embedding or position table) to shift")
     ctx.counts["prefix"] += len(attn)
+    dtype_policy.note(gm, ctx, prompts=True)  # float32 encoder, cast where it joins
     return PassResult(gm, True)
 
 

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, Inserter, fetch_attr, mount_adapter
+from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
 from peftc.spec import MethodSpec, Sites, register_method
 
@@ -167,6 +168,7 @@ def insert_virtual_tokens(gm: fx.GraphModule, ctx: PassContext, kind: type) -> P
     out = after.call(aten.cat.default, ([prompt, rest], 1), "prepend")
     after.redirect(e, out)
     ctx.counts[entry.method] += 1
+    dtype_policy.note(gm, ctx, prompts=True)  # float32 encoder, cast where it joins
     return PassResult(gm, True)
 
 

@@ -198,6 +198,8 @@ def _uses(w: fx.Node, kind: str) -> list[tuple[fx.Node, str]] | None:
             out.append((u, u.target._opname))
         elif u.target is aten.add.Tensor and (u.meta.get(PEFTC) or {}).get("role") == "adapted_weight":
             out.append((u, "dequant"))
+        elif u.target is aten.to.dtype and (u.meta.get(PEFTC) or {}).get("role") == "cast_weight":
+            out.append((u, "dequant"))  # DoRA's recomputed base under fp32 adapters: W.to(fp32)
         else:
             return None
     return out

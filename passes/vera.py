@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from peftc.errors import SpecError
 from peftc.graph import Inserter, mount_adapter
+from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext
 from peftc.passes.linear import LinearMethod, LinearTarget
 from peftc.passes.train import TrainSpec
@@ -84,6 +85,8 @@ class VeraSpec(LinearMethod):
             self.reject("layers_pattern", "null unless 'layers' is set (as in PEFT)")
 
     # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    autocast: ClassVar[bool] = True  # PEFT upcasts VeRA's vectors and projections on bf16/fp16 bases
+
     def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
         shared = ctx.store.get_submodule(_projection(target.gm, ctx, target.weight))
         return VeraVectors(self.r, target.out_features, self, shared, target.weight)
@@ -97,7 +100,7 @@ class VeraSpec(LinearMethod):
         b = ins.call(aten.slice.Tensor, (ins.get_attr(f"{proj}.vera_B", "projection"), 0, 0, target.out_features),
                      "slice_B")
         lam_d, lam_b = ins.get_attr(f"{path}.vera_lambda_d"), ins.get_attr(f"{path}.vera_lambda_b")
-        x = target.site.x
+        x = target.input(ins)  # x.to(lambda_d.dtype), as PEFT (passes/dtype_policy.py)
         if self.dropout > 0:
             x = ins.call(aten.dropout.default, (x, float(self.dropout), True), "dropout")
         h = ins.call(aten.mul.Tensor, (lam_d, ins.call(aten.linear.default, (x, a), "vera_A")), "lambda_d")
@@ -197,9 +200,10 @@ def _projection(gm: fx.GraphModule, ctx: PassContext, like: torch.Tensor) -> str
             w = ctx.model.get_submodule(p).weight
             shapes.append(tuple(w.shape) if kind == "conv1d" else tuple(w.shape[::-1]))  # (in, out)
     max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    make = partial(VeraProjection, first.r, max_in, max_out, first.prng_key, first.save_projection, like)
+    autocast = getattr(ctx.spec, dtype_policy.FIELD, True)  # PEFT upcasts the projections too
     return mount_adapter(ctx.store, gm, f"vera.{ctx.spec.adapter}",
-                         partial(VeraProjection, first.r, max_in, max_out, first.prng_key,
-                                 first.save_projection, like))
+                         lambda: dtype_policy.upcast_module(make(), autocast))
 
 
 rewrite = VeraSpec.rewrite  # the method's pass (passes/linear.py's skeleton)

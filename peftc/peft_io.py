@@ -119,4 +119,6 @@ def peft_config(adapters, adapter: str) -> dict:
     name_or_path = getattr(getattr(adapters.base_model, "config", None), "_name_or_path", None) or None
     cfg.update(task_type=state.spec.task_type, base_model_name_or_path=state.spec.base_model or name_or_path,
                inference_mode=True, revision=None)
+    if not state.spec.autocast_adapter_dtype:  # not a PeftConfig field: PEFT warns and ignores it
+        cfg["autocast_adapter_dtype"] = False
     return cfg

@@ -54,7 +54,7 @@ OPTIMIZATION_HOOKS: dict[str, dict[str, Any]] = {}  # name -> {hook: fn}, see re
 BASE_OPTIMIZATIONS: set[str] = set()  # names that also run on graphs without adapter nodes
 OPTIMIZATION_PHASES: dict[str, str] = {}  # name -> the pipeline phase it runs in (passes.pipeline)
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-_SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model")
+_SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model", "autocast_adapter_dtype")
 
 
 class Sites(str, Enum):
@@ -298,6 +298,7 @@ class Spec:
     optimize: Mapping[str, Mapping] = field(default_factory=dict)
     task_type: str | None = None
     base_model: str | None = None
+    autocast_adapter_dtype: bool = True  # PEFT's: fp32 adapters on bf16/fp16 bases (passes/dtype_policy.py)
 
     def __post_init__(self):
         if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", self.adapter):
@@ -307,6 +308,9 @@ class Spec:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise SpecError("task_type", self.task_type, f"one of {list(TASK_TYPES)} or null")
         object.__setattr__(self, "optimize", normalize_optimize(self.optimize))
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise SpecError("autocast_adapter_dtype", self.autocast_adapter_dtype, "true or false",
+                            "true (PEFT's default): adapter weights float32 on bf16/fp16 bases; false: the base dtype")
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -345,6 +349,7 @@ class Spec:
             optimize=d.get("optimize") or {},
             task_type=d.get("task_type"),
             base_model=d.get("base_model"),
+            autocast_adapter_dtype=d.get("autocast_adapter_dtype", True),
         )
 
     @classmethod
@@ -381,6 +386,8 @@ class Spec:
             out["task_type"] = self.task_type
         if self.base_model:
             out["base_model"] = self.base_model
+        if not self.autocast_adapter_dtype:
+            out["autocast_adapter_dtype"] = False
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -410,7 +417,11 @@ def spec_from_peft_config(cfg: Mapping) -> Spec:
     task = cfg.get("task_type")
     task = getattr(task, "value", task)
     entries = methods[ptype].from_peft(cfg)
-    return Spec(methods=tuple(entries), task_type=task, base_model=cfg.get("base_model_name_or_path"))
+    autocast = cfg.get("autocast_adapter_dtype", True)  # not a PeftConfig field: peftc writes it when false
+    if not isinstance(autocast, bool):
+        raise SpecError("peft.autocast_adapter_dtype", autocast, "true or false")
+    return Spec(methods=tuple(entries), task_type=task, base_model=cfg.get("base_model_name_or_path"),
+                autocast_adapter_dtype=autocast)
 
 
 def normalize_optimize(opt: Any) -> dict[str, dict]:
