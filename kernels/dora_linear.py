@@ -31,8 +31,8 @@ backward by ia3_linear's ``scaled_mm`` (g' B, dB), ``_mm`` (dA), ``colsum`` (dm)
 ``_dora_dx_kernel``. The norm (weight-sized, token-independent) is torch on both devices.
 Adapters (A, B, magnitude) in another dtype than the base (fp32 on bf16, HF PEFT's default): x, W
 and b are cast to the adapter dtype, as PEFT's DoRA path casts x and W, y is cast back; dx comes
-back in the base dtype, dA, dB, dm in the adapter dtype. (Without dropout PEFT adds its bf16 base
-output instead of the fp32 one: the two differ by bf16 rounding.)
+back in the base dtype, dA, dB, dm in the adapter dtype. Without dropout PEFT's base term is its
+bf16 base output (cast up), and so is ours (``_mixed_eval_forward``).
 
     >>> y = dora_linear(x, W, b, A, B, m, scale=2.0, p=0.1, train=True)   # draws a seed
 """
@@ -298,8 +298,25 @@ def _up(*ts, dtype):
     return [t if t is None else t.to(dtype) for t in ts]
 
 
+def _mixed_eval_forward(x, weight, bias, lora_A, lora_B, magnitude, scale):
+    """PEFT without dropout: its bf16 base output (less the bias) is the DoRA ``base_result``,
+    added in the adapter dtype to the low-rank term of x cast up; then y back in the base dtype."""
+    ad, x2 = lora_A.dtype, x.reshape(-1, x.shape[-1])
+    yb = torch.nn.functional.linear(x2, weight, bias)
+    base = (yb if bias is None else yb - bias).to(ad)
+    with torch.no_grad():  # PEFT's get_weight_norm on B A as it builds it: (I A^T B^T)^T
+        n = torch.linalg.vector_norm(weight.to(ad) + scale * (lora_A.t() @ lora_B.t()).t(), dim=1)
+    mn = magnitude.detach() / n
+    h = torch.mm(x2.to(ad), lora_A.t())
+    low = torch.mm(h, lora_B.t())
+    y = (yb + ((mn - 1) * base + mn * low * scale)).to(x.dtype)  # PEFT's order of operations
+    return y.view(*x.shape[:-1], weight.shape[0]), h, low.mul_(scale).add_(base), n  # z = base + s h B^T
+
+
 def _forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
-    if x.dtype != lora_A.dtype:  # adapters in another dtype: compute in theirs, y back in the base dtype
+    if x.dtype != lora_A.dtype and not _dropout_on(p, train):
+        return _mixed_eval_forward(x, weight, bias, lora_A, lora_B, magnitude, scale)
+    if x.dtype != lora_A.dtype:  # with dropout PEFT computes the base term in the adapter dtype too
         y, h, z, n = _forward(*_up(x, weight, bias, dtype=lora_A.dtype), lora_A, lora_B, magnitude, scale, p, seed,
                               train)
         return y.to(x.dtype), h, z, n

@@ -220,8 +220,8 @@ FUSED_OPS = {"lora": ("lora_linear", "lora_siblings"), "dora": ("dora_linear",),
 
 
 def _mixed_dtype_kernels_missing(kind) -> str | None:
-    """The fused op's refusal of bf16 x/W with fp32 adapter tensors, if it still refuses (the
-    kernels that take mixed dtypes are separate work); None once it accepts them."""
+    """The fused op's refusal of bf16 x/W with fp32 adapter tensors (or a wrong output dtype);
+    None when it takes them and answers in the base dtype."""
     from peftc.kernels import dora_linear, ia3_linear, lora_linear
 
     x, w = torch.randn(2, 8, dtype=BF16), torch.randn(4, 8, dtype=BF16)
@@ -261,8 +261,7 @@ def test_fused_bf16_takes_fp32_adapters(tmp_path, kind):
     dtypes = {gm.get_parameter(a.target).dtype for n in fused for a in attrs(n) if ".default." in a.target}
     assert dtypes == {torch.float32}  # adapter tensors (..., "<method>.default.<name>") handed over in fp32
     refusal = _mixed_dtype_kernels_missing(kind)
-    if refusal is not None:
-        pytest.xfail(f"the fused op does not take mixed dtypes yet: {refusal}")
+    assert refusal is None, refusal
     torch.testing.assert_close(logits(cm, ex), logits(pm, ex), atol=1e-3, rtol=0)
 
 
