@@ -24,6 +24,7 @@ from torch.export import Dim
 
 from peftc.errors import CaptureError
 from peftc.graph import fetch_attr, owning_module
+from peftc.repeat_layers import layer_list, repeat_layer, truncated
 
 __all__ = ["capture", "set_training", "owning_module", "register_train_flag", "DROPOUT_OPS", "SDPA",
            "TRAIN_FLAGS", "drop_guards", "LOSS_KEYS", "outside_loss", "preserved_modes", "restored_on_error"]
@@ -52,8 +53,10 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "base_model_prefix")
 
 
-def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
-    """Captures ``model(**kwargs)``; returns (graph module, frontend used)."""
+def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto",
+            repeat_layers: bool = True) -> tuple[fx.GraphModule, str]:
+    """Captures ``model(**kwargs)``; returns (graph module, frontend used). ``repeat_layers``:
+    trace three layers of a deep model and repeat the third (``peftc.repeat_layers``)."""
     if frontend not in ("auto", "export", "fx"):
         raise CaptureError(f"frontend {frontend!r}: allowed 'auto', 'export', 'fx'")
     kwargs = {k: (v.detach().clone().contiguous() if isinstance(v, torch.Tensor) else v)
@@ -66,7 +69,7 @@ def capture(model: nn.Module, kwargs: dict, *, frontend: str = "auto") -> tuple[
             except Exception as e:
                 if frontend == "fx":
                     raise CaptureError(f"torch.fx.symbolic_trace failed: {e}") from e
-        return _capture_export(model, kwargs), "export"
+        return _capture_export(model, kwargs, repeat_layers), "export"
 
 
 @contextlib.contextmanager
@@ -155,7 +158,25 @@ def outside_loss(model: nn.Module):
     return finish
 
 
-def _capture_export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
+def _capture_export(model: nn.Module, kwargs: dict, repeat: bool) -> fx.GraphModule:
+    path = layer_list(model) if repeat else None
+    if path is not None:
+        layers = len(model.get_submodule(path))
+        with truncated(model, path):
+            gm = _export(model, kwargs)
+        if repeat_layer(gm, model, path, layers):
+            return _mark_sdpa(gm)
+    return _mark_sdpa(_export(model, kwargs))
+
+
+def _mark_sdpa(gm: fx.GraphModule) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        if node.target is SDPA:
+            node.meta[TRAIN_P] = _sdpa_p(node)
+    return gm
+
+
+def _export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
     dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
                for k, v in kwargs.items()}
     quiet = logging.getLogger("torch._export.non_strict_utils")  # 0/1 specialization notes:
@@ -166,11 +187,7 @@ def _capture_export(model: nn.Module, kwargs: dict) -> fx.GraphModule:
         raise CaptureError(f"torch.export failed on {type(model).__name__}: {e}") from e
     finally:
         quiet.setLevel(level)
-    gm = ep.module()
-    for node in gm.graph.nodes:
-        if node.target is SDPA:
-            node.meta[TRAIN_P] = _sdpa_p(node)
-    return gm
+    return ep.module()
 
 
 def _sdpa_p(node: fx.Node) -> float:

@@ -157,9 +157,10 @@ class CompiledModel(nn.Module):
         self.registry.refresh_trainable()
 
     # ---- running (peftc.graph_cache.GraphCache) ------------------------------------------
-    def _capture(self, kwargs: dict) -> fx.GraphModule:
+    def _capture(self, kwargs: dict, **options) -> fx.GraphModule:
         # torch.export cannot run inside a torch.compile trace: capture eagerly (one graph break)
-        gm, self.frontend_used = torch.compiler.disable(capture)(self.base_model, kwargs, frontend=self.frontend)
+        gm, self.frontend_used = torch.compiler.disable(capture)(self.base_model, kwargs, frontend=self.frontend,
+                                                                 **options)
         return gm
 
     def _graph_for(self, kwargs: dict, mixed: tuple[str, ...] | None = None) -> fx.GraphModule:

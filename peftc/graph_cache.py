@@ -32,6 +32,8 @@ from peftc.capture import LOSS_KEYS, drop_guards, outside_loss, preserved_modes,
 from peftc.graph import install_module
 from peftc.passes import PassContext, optimize_passes, rewrite_passes, run_pipeline
 from peftc.passes.pipeline import merge_passes
+from peftc.passes.prompt import PromptLearning
+from peftc.repeat_layers import REPEATED
 
 __all__ = ["GraphCache", "CaptureStats", "signature", "MASKS"]
 
@@ -103,6 +105,10 @@ def _differ(ref, out) -> str | None:
     return None
 
 
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def _same(output):
     return output
 
@@ -132,7 +138,7 @@ class GraphCache:
     by (signature, mixed-batch adapters or None); the pass counts and timings of the example
     inputs' graph; what capture cost (``stats``)."""
 
-    def __init__(self, adapters: AdapterRegistry, capture: Callable[[dict], fx.GraphModule]):
+    def __init__(self, adapters: AdapterRegistry, capture: Callable[..., fx.GraphModule]):
         self.adapters, self.capture = adapters, capture
         self.captured: dict[tuple, fx.GraphModule] = {}  # as captured, never rewritten
         self.reuses: dict[tuple, tuple] = {}  # signature -> the captured signature it runs (size-1 dims)
@@ -168,7 +174,7 @@ class GraphCache:
             self.stats.loss_outside = False
             self.stats.log.append(f"loss inside the graph: no outside rule for {type(self.adapters.base_model).__name__}"
                                   " (not an HF model with loss_function, or labels also build decoder inputs)")
-        if self._finish is None or "labels" not in kwargs or self.stats.loss_outside is False:
+        if self._finish is None or "labels" not in kwargs or self.stats.loss_outside is False or self._widens():
             return kwargs, _same
         graph_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
         if self.stats.loss_outside is None:
@@ -179,6 +185,11 @@ class GraphCache:
             if why is not None:
                 return kwargs, _same
         return graph_kwargs, lambda out: self._finish(out, loss_kwargs)
+
+    def _widens(self) -> bool:
+        """Whether an adapter is prompt learning: its pass widens ``labels`` in the graph (P
+        virtual positions of -100), so the loss must stay there."""
+        return any(isinstance(m, PromptLearning) for n in self.adapters.names for m in self.adapters.state(n).spec.methods)
 
     def resolve(self, kwargs: dict) -> tuple:
         """The signature of ``kwargs``, captured first unless an existing capture serves it."""
@@ -194,13 +205,23 @@ class GraphCache:
                 return sig
             del self.reuses[sig]
             self.stats.log.append(f"size-1 dims need their own capture ({why}): {_describe(sig)}")
+        self._capture(sig, kwargs)
+        repeated = self.captured[sig].meta.get(REPEATED)
+        if repeated and not _on_meta(self.adapters.base_model):
+            why = self._check((sig, None), kwargs, kwargs)
+            if why is not None:  # the repeated layers differ from the model's own: capture all of them
+                self.stats.log.append(f"repeating layer 2 of {repeated[0]} differs from the eager model ({why})")
+                self._capture(sig, kwargs, repeat_layers=False)
+        return sig
+
+    def _capture(self, sig: tuple, kwargs: dict, **options) -> None:
         start = time.perf_counter()
-        self.captured[sig] = self.capture(kwargs)
+        self.captured[sig] = gm = self.capture(kwargs, **options)
         seconds = time.perf_counter() - start
         self.stats.captures += 1
         self.stats.seconds += seconds
-        self.stats.log.append(f"captured in {seconds:.2f} s: {_describe(sig)}")
-        return sig
+        how = f" ({gm.meta[REPEATED][1]} layers from 3 traced)" if REPEATED in gm.meta else ""
+        self.stats.log.append(f"captured in {seconds:.2f} s{how}: {_describe(sig)}")
 
     @torch.compiler.disable
     def _check(self, key: tuple, kwargs: dict, graph_kwargs: dict, finish: Callable | None = None) -> str | None:
