@@ -174,7 +174,8 @@ class GraphCache:
             self.stats.loss_outside = False
             self.stats.log.append(f"loss inside the graph: no outside rule for {type(self.adapters.base_model).__name__}"
                                   " (not an HF model with loss_function, or labels also build decoder inputs)")
-        if self._finish is None or "labels" not in kwargs or self.stats.loss_outside is False or self._widens():
+        if (self._finish is None or "labels" not in kwargs or self.stats.loss_outside is False or self._widens()
+                or kwargs.get("return_dict") is False):  # a tuple output has no .logits to read
             return kwargs, _same
         graph_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
         if self.stats.loss_outside is None:
