@@ -95,7 +95,15 @@ def _layer_of(node: fx.Node, path: str) -> int | None:
 
 
 def _rename(text: str, old: str, new: str) -> str:
-    return re.sub(re.escape(old) + r"(?=\.|$)", new, text)
+    """``old`` -> ``new`` where ``old`` ends a path component (``layers.2`` but not ``layers.20``)."""
+    i = text.find(old)
+    while i >= 0:
+        end = i + len(old)
+        if end == len(text) or text[end] == ".":
+            text = text[:i] + new + text[end:]
+            end = i + len(new)
+        i = text.find(old, end)
+    return text
 
 
 def _retarget_stack(stack: dict, old: str, new: str) -> dict:
