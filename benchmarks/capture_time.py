@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -79,9 +80,10 @@ def run(points: list[tuple[str, int]], *, full: bool, reps: int) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], argv: str) -> str:
+def _markdown(rows: list[dict], argv: str, load: str) -> str:
     lines = ["## Capture time (meta device)", "",
-             f"`{argv}` on {platform.processor() or platform.machine()}, torch {torch.__version__}; "
+             f"`{argv}` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, load average "
+             f"{load} during the run), torch {torch.__version__}; "
              "LoRA r=16 on all 7 linears, input_ids (2, 16); minimum of the runs (a shared CPU: others' "
              "load only adds time). `repeated`: three layers traced, the third repeated; `whole`: every "
              "layer traced.", "",
@@ -103,10 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     points = [("8b", 2), ("8b", 8)] if args.quick else [
         ("8b", 2), ("8b", 8), ("8b", 32), ("8b", 80), ("70b", 2), ("70b", 8), ("70b", 32), ("70b", 80)]
+    load = os.getloadavg()[0]
     rows = run(points, full=args.full, reps=args.reps)
+    load = f"{load:.0f} -> {os.getloadavg()[0]:.0f}"
     atomic_write(args.out / "results" / "capture_time.json", json.dumps(rows, indent=1))
     cmd = " ".join(["python -m benchmarks.capture_time", *(sys.argv[1:] if argv is None else argv)])
-    write_section(args.out / "RESULTS.md", "capture_time", _markdown(rows, cmd))
+    write_section(args.out / "RESULTS.md", "capture_time", _markdown(rows, cmd, load))
 
 
 if __name__ == "__main__":
