@@ -9,6 +9,11 @@ user's modules.
 
 The graph is captured in train mode: dropout probabilities are only visible then (HF models
 pass ``dropout_p=0`` to attention in eval). ``set_training`` flips them afterwards.
+
+Also here, for the graph cache and ``peftc.compile``: the outside loss (``outside_loss``: HF's
+``loss_function`` on the graph's logits, so labels need no capture of their own), removal of
+export's shape guards for a checked reuse (``drop_guards``), and ``restored_on_error`` (a
+failed compile leaves the user's model as it was). Deep models: ``peftc.repeat_layers``.
 """
 
 from __future__ import annotations
