@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from peftc import distributed, generation, hf_surface, inspection, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
-from peftc.capture import capture, set_training
+from peftc.capture import capture, restored_on_error, set_training
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import FLAT_VIEW, SUMMARY_LINES
 from peftc.graph_cache import MASKS, GraphCache
@@ -54,7 +54,8 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
     for check in optimization_hooks(spec, "check_model"):  # e.g. quantized widths, before capture
         check(spec, resolved, model)
     spec, note = _keep_gradient_checkpointing(model, spec)
-    cm = CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
+    with restored_on_error(model):  # a failed compile leaves the user's model as it was
+        cm = CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
     cm.notes = [note] if note else []
     return cm
 
@@ -98,7 +99,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.training = model.training
-        self._graph_for(self._normalize((), dict(example_inputs)))
+        self._graph_for(self.call_arguments(**example_inputs))
         self.registry.refresh_trainable()
         nn.Module.train(self, self.training)
 
@@ -157,9 +158,10 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         self.registry.refresh_trainable()
 
     # ---- running (peftc.graph_cache.GraphCache) ------------------------------------------
-    def _capture(self, kwargs: dict) -> fx.GraphModule:
+    def _capture(self, kwargs: dict, **options) -> fx.GraphModule:
         # torch.export cannot run inside a torch.compile trace: capture eagerly (one graph break)
-        gm, self.frontend_used = torch.compiler.disable(capture)(self.base_model, kwargs, frontend=self.frontend)
+        gm, self.frontend_used = torch.compiler.disable(capture)(self.base_model, kwargs, frontend=self.frontend,
+                                                                 **options)
         return gm
 
     def _graph_for(self, kwargs: dict, mixed: tuple[str, ...] | None = None) -> fx.GraphModule:
@@ -167,13 +169,14 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
 
     def call_arguments(self, *args, **kwargs) -> dict:
         """The keyword arguments a call runs its graph with: positionals named, None dropped,
-        ``use_cache=False`` added for HF models."""
-        return self._normalize(args, kwargs)
+        ``use_cache=False`` added for HF models, the loss keywords left out where the loss is
+        computed outside the graph (``capture_stats.loss_outside``)."""
+        return self.graphs.split_loss(self._normalize(args, kwargs))[0]
 
     def graph_for_call(self, *args, optimized: bool = True, **kwargs) -> fx.GraphModule:
         """The graph a call with these arguments runs (captured first if needed); with
         ``optimized=False`` a fresh copy without the optimization passes, their reference."""
-        kwargs = self._normalize(args, kwargs)
+        kwargs = self.call_arguments(*args, **kwargs)
         gm = self._graph_for(kwargs)
         return gm if optimized else self.graphs.unoptimized(kwargs, self.training)
 
@@ -201,9 +204,9 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         """Runs the model; ``adapter_names`` (one per sample, "__base__" for none) mixes
         LoRA-family adapters within a batch, in training too."""
         distributed.check_not_wrapped(self)  # fully_shard(cm) would train copies the graphs never read
-        kwargs = self._normalize(args, kwargs)
+        kwargs, finish = self.graphs.split_loss(self._normalize(args, kwargs))  # loss outside: one capture
         if adapter_names is None:
-            return self._graph_for(kwargs)(**kwargs)
+            return finish(self._graph_for(kwargs)(**kwargs))
         names = list(adapter_names)
         batch = next((v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim()), None)
         if batch != len(names):
@@ -219,7 +222,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         for n in used:
             mask = torch.tensor([name == n for name in names], dtype=torch.float32, device=device)
             gm.get_submodule(MASKS).register_buffer(n, mask, persistent=False)
-        return gm(**kwargs)
+        return finish(gm(**kwargs))
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """HF ``generate`` (greedy, sampling, beam search, ...) through the running adapters, with a
@@ -379,12 +382,18 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     def pass_timings(self) -> dict[str, float]:
         return dict(self.graphs.timings)
 
+    @property
+    def capture_stats(self):
+        """Captures run, their seconds, signatures served by another's capture, loss placement
+        (``peftc.graph_cache.CaptureStats``)."""
+        return self.graphs.stats
+
     def graph_summary(self) -> str:
         gm = self.graph_module
         text = inspection.summarize(gm.meta.get(FLAT_VIEW, gm), self.captured_graph)
         lines = [*self.notes, *gm.meta.get(SUMMARY_LINES, [])]
         extra = "".join(hook(self) for hook in optimization_hooks(self.spec, "summary"))
-        return text + "".join(f"{line}\n" for line in lines) + extra
+        return text + "".join(f"{line}\n" for line in lines) + extra + self.graphs.stats.line()
 
     def graph_diff(self) -> str:
         return inspection.diff(self.captured_graph, self.graph_module.graph)
