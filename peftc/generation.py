@@ -228,13 +228,14 @@ class Generator:
         self.cm = cm
         self.step_module = _Step(cm.base_model)
         self.stats: Counter = Counter()
-        self.prefill = GraphCache(cm.registry, self._capture)
-        self.decode = GraphCache(_DecodeView(cm.registry), self._capture)
+        # no size-1 reuse: its eager check would run a step graph, which writes the cache in place
+        self.prefill = GraphCache(cm.registry, self._capture, checks=False)
+        self.decode = GraphCache(_DecodeView(cm.registry), self._capture, checks=False)
         self.decode.captured = self.prefill.captured
 
     def _capture(self, kwargs: dict) -> fx.GraphModule:
-        t0 = time.perf_counter()
-        gm = torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export")[0]
+        t0 = time.perf_counter()  # every layer traced: repeated layers are checked by running the graph
+        gm = torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export", repeat_layers=False)[0]
         self.stats["captures"] += 1
         self.stats["capture_seconds"] += time.perf_counter() - t0
         return gm

@@ -139,8 +139,10 @@ class GraphCache:
     by (signature, mixed-batch adapters or None); the pass counts and timings of the example
     inputs' graph; what capture cost (``stats``)."""
 
-    def __init__(self, adapters: AdapterRegistry, capture: Callable[..., fx.GraphModule]):
+    def __init__(self, adapters: AdapterRegistry, capture: Callable[..., fx.GraphModule], *, checks: bool = True):
         self.adapters, self.capture = adapters, capture
+        self.checks = checks  # False: no size-1 reuse (its eager check would run the graph; e.g. step
+        # graphs that write a KV cache in place), every new signature is captured
         self.captured: dict[tuple, fx.GraphModule] = {}  # as captured, never rewritten
         self.reuses: dict[tuple, tuple] = {}  # signature -> the captured signature it runs (size-1 dims)
         self.rewritten: dict[tuple, fx.GraphModule] = {}  # for the current adapter state
@@ -198,6 +200,9 @@ class GraphCache:
         """The signature of ``kwargs``, captured first unless an existing capture serves it."""
         sig = signature(kwargs)
         if sig in self.captured or sig in self.reuses:
+            return sig
+        if not self.checks:
+            self._capture(sig, kwargs)
             return sig
         for source in [s for s in self.captured if _ones_free(s) == _ones_free(sig) and _ones_subset(s, sig)]:
             self.reuses[sig] = source

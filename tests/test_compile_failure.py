@@ -6,7 +6,7 @@ import torch
 
 import peftc
 from peftc import graph_cache
-from peftc.errors import CaptureError, PassError
+from peftc.errors import CaptureError, PassError, SpecError
 from peftc.models import example_inputs, tiny_model
 
 LORA = {"methods": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 4}}]}
@@ -48,10 +48,18 @@ def fail_after(monkeypatch, pass_name):
     monkeypatch.setattr(graph_cache, "run_pipeline", run)
 
 
-def test_capture_error_unknown_keyword():
+def test_capture_error_batch_mismatch():
     model = user_model()
     before = state(model)
-    with pytest.raises(CaptureError):
+    with pytest.raises(CaptureError):  # torch.export fails inside the model: masks of another batch
+        peftc.compile(model, LORA, {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(3, 5)})
+    assert_same(before, state(model))
+
+
+def test_unknown_keyword():
+    model = user_model()
+    before = state(model)
+    with pytest.raises(SpecError, match="'ids'"):
         peftc.compile(model, LORA, {"ids": torch.randint(0, 128, (2, 8))})
     assert_same(before, state(model))
 

@@ -14,15 +14,15 @@ from peftc.models import example_inputs, tiny_model
 from peftc.passes import merge as merge_mod
 from peftc.passes.lora import LoraSpec
 
-SIGS = ({}, {"attention_mask": True}, {"labels": True})  # three call signatures
+SIGS = ({}, {"attention_mask": True}, {"position_ids": True})  # three call signatures (labels share a graph)
 
 
 def _inputs(name, batch=3, seq=9, seed=7, extra=None):
     ex = example_inputs(name, batch, seq, seed=seed)
     if extra and extra.get("attention_mask"):
         ex["attention_mask"] = torch.ones_like(ex["input_ids"])
-    if extra and extra.get("labels"):
-        ex["labels"] = ex["input_ids"].clone()
+    if extra and extra.get("position_ids"):
+        ex["position_ids"] = torch.arange(ex["input_ids"].shape[1]).expand_as(ex["input_ids"]).contiguous()
     return ex
 
 
