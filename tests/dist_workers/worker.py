@@ -168,10 +168,12 @@ def case_shard(results):
     r = results["shard"]
     assert cm.pass_counts["shard"] > 0 and cm.pass_counts["shard_regions"] > 0, cm.pass_counts
     assert r["live_bytes"] <= 0.6 * r["base_bytes"], r
-    # gathered weights are freed after each op: never more alive than the largest weight (padded)
+    # gathered weights are freed after each op: at a gather, at most the largest weight (padded) is
+    # alive besides the new one. (The process group's work object may drop the previous gather's
+    # buffer a moment after its op has run: sampled at the next gather, that one can still count.)
     biggest = max(pd.shard_range(p.numel(), 0, 2)[2] * 2 * p.element_size()
                   for p in cm.base_model.parameters())
-    assert 0 < r["peak_gathered"] <= biggest, (r["peak_gathered"], biggest)
+    assert 0 < r["peak_gathered"] <= 2 * biggest, (r["peak_gathered"], biggest)
     ids = batches()[0].chunk(2)[dist.get_rank()]
     with pd.probe() as p:
         loss = cm(input_ids=ids, labels=ids).loss
