@@ -38,6 +38,7 @@ from torch import fx, nn
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, mount_adapter
 from peftc.passes.context import PassContext, PassResult, marked_nodes
+from peftc.passes.lora import pattern_value
 from peftc.spec import MethodSpec, Sites, register_method
 from peftc.targets import match_parameters
 
@@ -46,13 +47,6 @@ __all__ = ["LoraParamsSpec", "ParamLora", "rewrite", "fuses_experts", "MOE_PARAM
 aten = torch.ops.aten
 STORE = "lora_params"
 MOE_PARAMETERS = {"gate.weight": 1, "gate_up_proj": 2, "down_proj": 1}  # PEFT's all-linear on fused MoE: -> rank factor
-
-
-def _pattern(patterns: Mapping, name: str, default):
-    for key, value in patterns.items():  # PEFT's get_pattern_key on the parameter's full name
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def fuses_experts(model: nn.Module) -> bool:
@@ -107,10 +101,10 @@ class LoraParamsSpec(MethodSpec):
                 self.reject(name, "a mapping of parameter-name pattern -> positive number")
 
     def rank_for(self, name: str) -> int:
-        return _pattern(self.rank_pattern, name, self.r)
+        return pattern_value(self.rank_pattern, name, self.r)
 
     def scaling_for(self, name: str) -> float:
-        r, alpha = self.rank_for(name), _pattern(self.alpha_pattern, name, self.alpha)
+        r, alpha = self.rank_for(name), pattern_value(self.alpha_pattern, name, self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     # ---- PEFT's LoraConfig: implied by all-linear, read from and written to target_parameters
