@@ -212,7 +212,7 @@ def _markdown(res: dict) -> str:
     lines += ["Decode (one token per sample): each adapter's segment is a few rows, so on CPU the per-segment "
               "GEMM dispatch (two small GEMMs per adapter and linear) dominates and the cost grows with n; it is "
               "still below the masked path from 16 adapters on. The Triton kernels launch twice per linear "
-              "whatever n is (GPU: not yet measured on a GPU). Times come from a shared, loaded 2-core machine: "
+              "whatever n is (GPU: not yet measured on a GPU). On a shared CPU "
               "read ratios within a table (interleaved reps), not absolute ms.", "",
               "Raw numbers: `results/serving.json`; plot: `results/serving.png`.", "",
               "![serving cost vs adapters](results/serving.png)"]
