@@ -3,15 +3,14 @@ loads in HF PEFT with the same logits."""
 
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 
 import peftc
 from peftc.hf_surface import adapter_checkpoints
 from peftc.models import example_inputs, tiny_model
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 SPEC = {"methods": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}}]}
 
