@@ -57,6 +57,24 @@ def _only_user(node: fx.Node, user: fx.Node) -> bool:
     return list(node.users) == [user]
 
 
+def low_rank_chain(term: fx.Node) -> dict | None:
+    """The pieces of ``s * lora_B(lora_A(dropout?(src)))`` ending at ``term`` (each node read only
+    by the next), or None: what the fused and the segmented rewrites both replace."""
+    up, scale = term.args
+    if not (has_role(up, "lora", "lora_B") and _only_user(up, term) and isinstance(scale, (int, float))):
+        return None
+    down, b = up.args
+    if not (has_role(down, "lora", "lora_A") and _only_user(down, up)):
+        return None
+    src, a = down.args
+    p, drop = 0.0, None
+    if has_role(src, "lora", "dropout"):
+        drop, (src, p, _) = src, src.args[:3]
+        if not _only_user(drop, down):
+            return None
+    return {"src": src, "a": a, "b": b, "scale": float(scale), "p": float(p), "up": up, "down": down, "drop": drop}
+
+
 def match_lora(add: fx.Node) -> dict | None:
     """The pieces of one unfused LoRA site ending at ``add``, or None if it is not one."""
     if not has_role(add, "lora", "add") or add.target is not aten.add.Tensor:
@@ -64,18 +82,10 @@ def match_lora(add: fx.Node) -> dict | None:
     base, term = add.args[:2]
     if not (has_role(term, "lora", "scale") and term.target is aten.mul.Tensor and _only_user(term, add)):
         return None
-    up, scale = term.args
-    if not (has_role(up, "lora", "lora_B") and _only_user(up, term) and isinstance(scale, (int, float))):
+    chain = low_rank_chain(term)
+    if chain is None:
         return None
-    down, b_w = up.args
-    if not (has_role(down, "lora", "lora_A") and _only_user(down, up)):
-        return None
-    src, a_w = down.args
-    p, drop = 0.0, None
-    if has_role(src, "lora", "dropout"):
-        drop, (src, p, _) = src, src.args[:3]
-        if not _only_user(drop, down):
-            return None
+    src, a_w, b_w, scale, p, up, down, drop = (chain[k] for k in ("src", "a", "b", "scale", "p", "up", "down", "drop"))
     cast_in, cast_out = _casts(src, drop or down, add)
     if cast_in is False:
         return None

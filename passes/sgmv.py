@@ -27,6 +27,7 @@ from torch import fx
 
 from peftc.graph import PEFTC, SUMMARY_LINES, has_role
 from peftc.passes.context import PassContext, PassResult
+from peftc.passes.fuse import low_rank_chain
 
 __all__ = ["segment", "sample_index", "sgmv_seed", "match_masked_lora", "mask_chain"]
 
@@ -77,18 +78,10 @@ def match_masked_lora(add: fx.Node, x: fx.Node) -> dict | None:
     if not (has_role(term, "lora", "scale") and term.target is aten.mul.Tensor and set(term.users) == {masked, rows}
             and has_role(rows, "lora", "mask_rows") and _only_user(rows, masked)):
         return None
-    up, scale = term.args
-    if not (has_role(up, "lora", "lora_B") and _only_user(up, term) and isinstance(scale, (int, float))):
+    chain = low_rank_chain(term)
+    if chain is None:
         return None
-    down, b = up.args
-    if not (has_role(down, "lora", "lora_A") and _only_user(down, up)):
-        return None
-    src, a = down.args
-    p, drop = 0.0, None
-    if has_role(src, "lora", "dropout"):
-        drop, (src, p, _) = src, src.args[:3]
-        if not _only_user(drop, down):
-            return None
+    src, a, b, scale, p, up, down, drop = (chain[k] for k in ("src", "a", "b", "scale", "p", "up", "down", "drop"))
     mask = rows.args[0]
     if src is not x or not (isinstance(mask, fx.Node) and mask.op == "get_attr"):
         return None
