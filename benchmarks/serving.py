@@ -8,7 +8,7 @@ One batch of ``batch`` samples x ``seq`` tokens, forward in eval mode (no grad),
 LoRA r=16 on all 7 linears; the samples are spread over n adapters (each used, order shuffled,
 ``adapter_names``). Variants, timed interleaved round-robin (medians):
 
-- ``segmented``: the mixed batch through ``peftc::lora_sgmv`` (passes/sgmv.py), the default;
+- ``segmented``: the mixed batch through ``peftc::lora_sgmv`` (passes/optimize/sgmv.py), the default;
 - ``masked``: the same mixed batch with every adapter computed over every sample and masked
   (``GraphCache.segment_mixed = False``, the path before the segmented op);
 - ``one adapter``: the same batch under one adapter, no ``adapter_names`` (the reference: the

@@ -56,7 +56,7 @@ MODES = ("out", "in")
 
 
 def ia3_linear_reference(x, weight, bias, vec, mode):
-    """Unfused eager semantics (what passes/ia3.py inserts)."""
+    """Unfused eager semantics (what passes/methods/ia3.py inserts)."""
     if mode == "in":
         return torch.nn.functional.linear(x * vec, weight, bias)
     return torch.nn.functional.linear(x, weight, bias) * vec

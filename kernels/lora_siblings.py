@@ -27,7 +27,7 @@ one-sibling call equals lora_linear. dW_i, db_i only when the base requires grad
 
 Dropout deviation: PEFT draws an independent mask per module; here the siblings share one. Each
 sibling's own dropout is PEFT's in distribution, but the masks are correlated across siblings,
-which is why passes/fuse.py groups sites with p > 0 only under ``shared_dropout: true``.
+which is why passes/optimize/fuse.py groups sites with p > 0 only under ``shared_dropout: true``.
 
 Devices: CPU runs fused torch (addmm per base, one mm for h, addmm_ in place per sibling); CUDA
 fp16/bf16/fp32 keeps every base GEMM on cuBLAS (addmm) and runs the r-wide traffic in

@@ -1,6 +1,6 @@
 """peftc.passes: rewrite and optimization passes over fx GraphModules, and their pipeline.
 
-Every module of this package is imported here, found by listing the package: importing a
+Every module of ``methods/`` and ``optimize/`` is imported here, found by listing them: importing a
 method or optimization file registers it (with its phase), so a new one is one new file.
 """
 
@@ -9,7 +9,9 @@ import pkgutil
 
 from peftc.passes.pipeline import PassContext, PassResult, optimize_passes, rewrite_passes, run_pipeline
 
-for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
+for _sub in ("methods", "optimize"):
+    _pkg = importlib.import_module(f"{__name__}.{_sub}")
+    for _info in pkgutil.iter_modules(_pkg.__path__):
+        importlib.import_module(f"{_pkg.__name__}.{_info.name}")
 
 __all__ = ["PassContext", "PassResult", "run_pipeline", "rewrite_passes", "optimize_passes"]

@@ -9,7 +9,7 @@ What PEFT does on a bf16 / fp16 base (``tuners_utils.cast_adapter_dtype``, ``lor
     IA3         out: (y * l).to(y.dtype)      feedforward: linear((x.to(l.dtype) * l).to(x.dtype))
     prompts     prompt / prefix / p-tuning encoders are float32 whatever the option (PEFT builds them
                 in the default dtype and never casts them); their output is cast to the model's dtype
-                where it joins it (passes/prompt.py, passes/prefix.py)
+                where it joins it (passes/methods/prompt.py, passes/methods/prefix.py)
 
 ``autocast_adapter_dtype: false`` (spec field, or the same key in an adapter_config.json) keeps the
 adapters of the linear methods in the base dtype: no cast node is inserted. The policy picks the

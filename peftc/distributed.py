@@ -269,7 +269,7 @@ def load_sharded(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, 
     Returns bytes read per kind ({"shards", "whole"})."""
     from safetensors import safe_open
 
-    from peftc.passes import shard as shard_pass
+    from peftc.passes.optimize import shard as shard_pass
 
     store = shard_pass.shard_store(cm)
     directory = Path(directory)
@@ -309,7 +309,7 @@ def save_merged_sharded(cm, path, *, max_shard_size: int | str = "5GB"):
     the base model (the one full copy), streams the merged model to ``path`` (each merged weight
     computed, written, freed: no second copy), then frees them again. Returns the path on rank 0."""
     from peftc.passes import merge
-    from peftc.passes import shard as shard_pass
+    from peftc.passes.optimize import shard as shard_pass
 
     if "quantize" in cm.spec.optimize:
         raise PeftcError("a merged export of a quantized sharded base is not supported: the quantized weights "

@@ -82,8 +82,8 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
 
 def _inserts_tokens(method) -> bool:
     """Prompt tuning and P-tuning insert virtual tokens (prefix tuning inserts keys/values)."""
-    from peftc.passes.prefix import PrefixSpec
-    from peftc.passes.prompt import PromptLearning
+    from peftc.passes.methods.prefix import PrefixSpec
+    from peftc.passes.methods.prompt import PromptLearning
 
     return isinstance(method, PromptLearning) and not isinstance(method, PrefixSpec)
 
@@ -139,7 +139,7 @@ def _slot_layer():
 
 
 def _layers(lm) -> int:
-    from peftc.passes.prefix import kv_geometry
+    from peftc.passes.methods.prefix import kv_geometry
 
     return kv_geometry(lm)[0]
 
@@ -255,7 +255,7 @@ class Generator:
         return sum(m.tokens for n in reg.running for m in reg.state(n).spec.methods if _inserts_tokens(m))
 
     def _geometry(self) -> tuple[int, int, int]:
-        from peftc.passes.prefix import kv_geometry
+        from peftc.passes.methods.prefix import kv_geometry
 
         return kv_geometry(self.cm.base_model)
 

@@ -31,9 +31,9 @@ from peftc.adapters import AdapterRegistry
 from peftc.capture import LOSS_KEYS, drop_guards, outside_loss, preserved_modes, set_training
 from peftc.graph import install_module
 from peftc.passes import PassContext, optimize_passes, rewrite_passes, run_pipeline
+from peftc.passes.methods.prompt import PromptLearning
+from peftc.passes.optimize.sgmv import segment
 from peftc.passes.pipeline import merge_passes
-from peftc.passes.prompt import PromptLearning
-from peftc.passes.sgmv import segment
 from peftc.repeat_layers import REPEATED
 
 __all__ = ["GraphCache", "CaptureStats", "signature", "MASKS"]
@@ -148,7 +148,7 @@ class GraphCache:
         self.rewritten: dict[tuple, fx.GraphModule] = {}  # for the current adapter state
         self.example_key: tuple | None = None  # (signature, None) of the example inputs
         self.counts, self.timings = Counter(), {}
-        self.segment_mixed = True  # mixed batches: LoRA terms through peftc::lora_sgmv (passes/sgmv.py); False: masked
+        self.segment_mixed = True  # mixed batches: LoRA terms through peftc::lora_sgmv (passes/optimize/sgmv.py); False: masked
         self.stats = CaptureStats()
         self._finish = outside_loss(adapters.base_model)  # None: labels stay graph inputs
 

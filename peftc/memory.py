@@ -116,7 +116,7 @@ class _Tally:
 
 def _kind(node) -> str:
     """An op name: ``mul.Tensor``, ``peftc.lora_linear.default``, ``checkpoint`` for a region."""
-    from peftc.passes.recompute_ops import SaveWithRecipes
+    from peftc.passes.optimize.recompute_ops import SaveWithRecipes
 
     if node is None:
         return "eager"
@@ -150,7 +150,7 @@ def _flat_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
 
 
 def _run(gm: fx.GraphModule, kwargs: dict, exclude: set[int]) -> SavedBytes:
-    from peftc.passes.recompute_ops import LISTENERS
+    from peftc.passes.optimize.recompute_ops import LISTENERS
 
     tally = _Tally(exclude)
 

@@ -13,7 +13,7 @@ import peftc
 from peftc import SpecError
 from peftc.capture import capture
 from peftc.models import example_inputs, tiny_model
-from peftc.passes.bottleneck import residual_sites
+from peftc.passes.methods.bottleneck import residual_sites
 
 ACT = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu}
 MODELS = {  # name -> (layer list, attention output module, FFN output module, norm before the FFN)

@@ -17,7 +17,7 @@ import torch
 import peftc
 from peftc import distributed as pd
 from peftc.models import example_inputs, tiny_model
-from peftc.passes import shard
+from peftc.passes.optimize import shard
 
 WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
 LORA = {"lora": {"targets": ["q_proj", "v_proj"], "r": 2}}
@@ -162,7 +162,7 @@ def test_graph_gathers_inside_regions_on_a_world_of_one(tmp_path):
     import torch.distributed as dist
 
     from peftc.graph import fetch_attr
-    from peftc.passes.recompute_ops import Checkpointed
+    from peftc.passes.optimize.recompute_ops import Checkpointed
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 import peftc
 from peftc import Spec, SpecError
 from peftc.models import example_inputs, tiny_model
-from peftc.passes import quantize as Q
 from peftc.passes.dtype_policy import CAST_ROLES
+from peftc.passes.optimize import quantize as Q
 
 BF16 = torch.bfloat16
 CONFIGS = {

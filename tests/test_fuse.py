@@ -87,7 +87,7 @@ def test_fused_dropout_is_seeded_and_consistent(monkeypatch):
     assert torch.equal(fused(x=x), fused(x=x))  # eval: no dropout
     assert (fused(x=x) - y1).abs().max() > 1e-3  # the mask did something in train mode
     fused.train()
-    import peftc.passes.fuse as fuse_mod
+    import peftc.passes.optimize.fuse as fuse_mod
 
     monkeypatch.setattr(fuse_mod, "seed_for", lambda x, on: torch.tensor(1234, dtype=torch.int64))
     fused._graphs.clear()  # rebuilt with the fixed seed

@@ -10,9 +10,9 @@ from transformers import DynamicCache
 import peftc
 from peftc import SpecError
 from peftc.models import example_inputs, tiny_model
-from peftc.passes.bottleneck import BottleneckSpec
-from peftc.passes.lora import LoraSpec
-from peftc.passes.prefix import PrefixSpec
+from peftc.passes.methods.bottleneck import BottleneckSpec
+from peftc.passes.methods.lora import LoraSpec
+from peftc.passes.methods.prefix import PrefixSpec
 
 PARTS = {  # name -> (layers, attention module, q/v LoRA targets, norm before the FFN, FFN output)
     "tiny-llama": (lambda m: m.model.layers, "self_attn", ("self_attn.q_proj", "self_attn.v_proj"),

@@ -11,7 +11,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import peftc
 from peftc import SpecError
 from peftc.models import example_inputs, tiny_model
-from peftc.passes.lokr import factorization
+from peftc.passes.methods.lokr import factorization
 
 NAME = "tiny-llama"
 ADAPTER_METHODS = {"loha", "lokr"}

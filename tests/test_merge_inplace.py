@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import peftc
 from peftc.models import example_inputs, tiny_model
 from peftc.passes import merge as merge_mod
-from peftc.passes.lora import LoraSpec
+from peftc.passes.methods.lora import LoraSpec
 
 SIGS = ({}, {"attention_mask": True}, {"position_ids": True})  # three call signatures (labels share a graph)
 

@@ -1,5 +1,5 @@
 """MoE: LoRA on fused 3-D expert parameters and routers (PEFT's ``target_parameters``,
-passes/lora_params.py) against HF PEFT on transformers 5 families: ``all-linear`` adapts what
+passes/methods/lora_params.py) against HF PEFT on transformers 5 families: ``all-linear`` adapts what
 PEFT's does (same trainable count, same checkpoint keys), PEFT-saved adapters load with PEFT's
 logits, peftc's saves load back into PEFT, and the expert factors train."""
 

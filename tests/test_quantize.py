@@ -12,8 +12,8 @@ import peftc
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC
 from peftc.models import example_inputs, tiny_model
-from peftc.passes import quantize as Q
-from peftc.passes import quantize_base as QB
+from peftc.passes.optimize import quantize as Q
+from peftc.passes.optimize import quantize_base as QB
 
 METHODS = {
     "lora": {"lora": {"targets": "all-linear", "r": 4, "alpha": 8}},

@@ -105,7 +105,7 @@ def test_adapters_policy_keeps_only_r_wide_beyond_the_base():
 
 
 def test_blocks_found_from_module_paths():
-    from peftc.passes.recompute import find_blocks
+    from peftc.passes.optimize.recompute import find_blocks
 
     for name, prefix in (("tiny-llama", "model.layers"), ("tiny-gpt2", "transformer.h"),
                          ("tiny-bert", "bert.encoder.layer")):
@@ -189,7 +189,7 @@ def test_bad_settings_fail_before_capture(monkeypatch, optimize, field):
 
 
 def test_list_form_is_adapters():
-    from peftc.passes.recompute import check_settings
+    from peftc.passes.optimize.recompute import check_settings
 
     spec = peftc.Spec.from_dict({"methods": [{"lora": LORA}], "optimize": ["recompute"]})
     assert check_settings(spec.optimize["recompute"]) == {"policy": "adapters", "budget_mb": None}

@@ -15,7 +15,7 @@ import peftc
 from peftc import passes
 from peftc.models import example_inputs, tiny_model
 from peftc.passes import pipeline
-from peftc.passes.linear import LinearMethod
+from peftc.passes.methods.linear import LinearMethod
 from peftc.spec import METHODS, Merging, Sites, Spec, register_method
 
 
@@ -103,6 +103,7 @@ def test_unmergeable_and_unknown_phase_are_errors(monkeypatch):
 
 
 def test_every_passes_module_is_loaded():
-    names = [m.name for m in pkgutil.iter_modules(passes.__path__)]
-    assert {"lora", "ssf", "fuse", "merge", "linear", "pipeline"} <= set(names)
-    assert all(f"peftc.passes.{n}" in sys.modules for n in names)
+    names = [m.name for m in pkgutil.walk_packages(passes.__path__, "peftc.passes.")]
+    assert {"peftc.passes.methods.lora", "peftc.passes.methods.ssf", "peftc.passes.optimize.fuse",
+            "peftc.passes.merge", "peftc.passes.methods.linear", "peftc.passes.pipeline"} <= set(names)
+    assert all(n in sys.modules for n in names)

@@ -10,13 +10,13 @@ the site: IA3 ``(y * l).to(y.dtype)`` / ``linear((x.to(l.dtype) * l).to(x.dtype)
 ``x.to(A.dtype)`` and its add is cast back. The ops get x, W in the base dtype and the adapter
 tensors (A, B, m, l) as they are (fp32).
 
-Matching reads only ``node.meta["peftc"]`` roles (as passes/ia3.py and passes/dora.py write
+Matching reads only ``node.meta["peftc"]`` roles (as passes/methods/ia3.py and passes/methods/dora.py write
 them) and the base linear's shape; a site whose intermediate nodes have users outside it
 (e.g. stacked with another adapter) is left unfused. Pre: the unfused rewrite. Post: no node
 of a fused site remains; outputs and gradients equal the unfused graph's (DoRA with dropout in
 training agrees in distribution: the op draws its own mask from ``seed``, as the LoRA fusion).
 
-Called from passes/fuse.py's ``fuse``; counts go to ``ctx.counts["fuse_ia3"]`` / ``["fuse_dora"]``.
+Called from passes/optimize/fuse.py's ``fuse``; counts go to ``ctx.counts["fuse_ia3"]`` / ``["fuse_dora"]``.
 """
 
 from __future__ import annotations

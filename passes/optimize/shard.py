@@ -32,8 +32,8 @@ from torch import fx, nn
 from peftc import distributed
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, SUMMARY_LINES, fetch_attr, mount_adapter
+from peftc.passes.optimize.recompute_ops import Checkpointed, extract_region
 from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.recompute_ops import Checkpointed, extract_region
 from peftc.spec import register_optimization, register_optimization_hooks
 
 __all__ = ["shard", "check_settings", "check_model", "ShardStore", "shard_store", "materialize_adapters",
@@ -236,8 +236,8 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _release_quantized(ctx: PassContext) -> None:
     """The graph reads Q(W) (sharded) instead of W: the full-precision W is freed too, as
     ``quantize: {release_base: true}`` would (merging then needs ``merge(requantize=True)``)."""
-    from peftc.passes.quantize import ROOT as QROOT
-    from peftc.passes.quantize import QuantizedWeight, _release
+    from peftc.passes.optimize.quantize import ROOT as QROOT
+    from peftc.passes.optimize.quantize import QuantizedWeight, _release
 
     try:
         root = ctx.store.get_submodule(QROOT)
@@ -250,7 +250,7 @@ def _release_quantized(ctx: PassContext) -> None:
 
 def _prefetch(gm: fx.GraphModule, gathers: list[fx.Node]) -> None:
     """Each gather of block i+1 moves to the start of block i (blocks as recompute finds them)."""
-    from peftc.passes.recompute import find_blocks
+    from peftc.passes.optimize.recompute import find_blocks
 
     _, spans = find_blocks(gm)
     order = sorted(spans)
@@ -282,7 +282,7 @@ def materialize_adapters(cm, seed: int = 0, device="cpu") -> None:
     """Adapters compiled on the meta device -> real tensors, initialised as at compile time (LoRA:
     A kaiming-uniform, B zero) from ``seed`` on every rank alike; other methods' adapters must be
     loaded (``cm.load_adapter_state_dict``) and are left empty."""
-    from peftc.passes.lora import LoraLinear
+    from peftc.passes.methods.lora import LoraLinear
 
     torch.manual_seed(seed)
     for m in cm.adapters.modules():

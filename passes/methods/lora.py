@@ -2,7 +2,7 @@
 
     y = x W^T + b  ->  y + s * B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-``dora: true`` adds DoRA's magnitude rescaling (passes/dora.py). ``gate: true`` is UniPELT's
+``dora: true`` adds DoRA's magnitude rescaling (passes/methods/dora.py). ``gate: true`` is UniPELT's
 gated LoRA as AdapterHub computes it: the gate replaces the scaling,
 ``y + g(x) * B(A(dropout(x)))`` with ``g(x) = mean_seq sigmoid(x W_g^T + b_g)`` per sample.
 
@@ -26,11 +26,11 @@ from torch import fx, nn
 from peftc.errors import CheckpointError, PeftcError, SpecError
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext
-from peftc.passes.dora import insert_dora, weight_norm
 from peftc.passes.dtype_policy import cast
-from peftc.passes.gates import init_gate, insert_gate, tokens_3d
-from peftc.passes.linear import LinearMethod, LinearTarget, sample_rows
-from peftc.passes.train import TrainSpec
+from peftc.passes.methods.dora import insert_dora, weight_norm
+from peftc.passes.methods.gates import init_gate, insert_gate, tokens_3d
+from peftc.passes.methods.linear import LinearMethod, LinearTarget, sample_rows
+from peftc.passes.methods.train import TrainSpec
 from peftc.peft_io import PREFIX
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
@@ -127,7 +127,7 @@ class LoraSpec(LinearMethod):
         init = cfg.get("init_lora_weights", True)
         if init not in inits:
             raise SpecError("peft.init_lora_weights", init, "true, false or 'gaussian'")
-        from peftc.passes.lora_params import LoraParamsSpec  # it reads LoRA's config, LoRA saves it
+        from peftc.passes.methods.lora_params import LoraParamsSpec  # it reads LoRA's config, LoRA saves it
 
         params = LoraParamsSpec.from_lora_config(cfg, inits[init])
         if not tm and params:  # LoRA on parameters only
@@ -195,7 +195,7 @@ class LoraSpec(LinearMethod):
         cfg["alpha_pattern"] = {re.escape(p): v for p, v in alpha.items() if v != first.alpha}
         return cfg
 
-    # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    # ---- the rewrite (passes/methods/linear.py): parameters and the term added to y -----------------
     autocast: ClassVar[bool] = True  # PEFT upcasts LoRA / DoRA adapters on bf16/fp16 bases
 
     def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
@@ -297,4 +297,4 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(like.dtype))
 
 
-rewrite = LoraSpec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = LoraSpec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

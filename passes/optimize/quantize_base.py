@@ -1,5 +1,5 @@
 """A quantized base after compile: merging onto it (``merge(requantize=...)``), guarding released base
-weights, and reporting (``graph_summary()`` lines, ``weight_bytes``). The pass is passes/quantize.py.
+weights, and reporting (``graph_summary()`` lines, ``weight_bytes``). The pass is passes/optimize/quantize.py.
 
     errors = merge_quantized(cm, requantize=True)   # {module path: max abs rounding error}
     weight_bytes(cm)  # {"quantized": ..., "graph_full_precision": ..., "base_model": ...}
@@ -11,7 +11,7 @@ import torch
 
 from peftc import targets as _targets
 from peftc.errors import PeftcError
-from peftc.passes.quantize import ROOT, QuantizedWeight, _resolve, check_model
+from peftc.passes.optimize.quantize import ROOT, QuantizedWeight, _resolve, check_model
 from peftc.spec import register_optimization_hooks
 
 __all__ = ["merge_quantized", "unmerge_quantized", "check_released", "weight_bytes", "summary"]

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext
-from peftc.passes.linear import LinearMethod, LinearTarget
+from peftc.passes.methods.linear import LinearMethod, LinearTarget
 from peftc.spec import check_targets, register_method
 
 __all__ = ["SSFSpec", "ScaleShift", "rewrite"]
@@ -58,4 +58,4 @@ class ScaleShift(nn.Module):
         self.ssf_shift = nn.Parameter(torch.zeros(features, dtype=like.dtype, device=like.device))
 
 
-rewrite = SSFSpec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = SSFSpec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

@@ -29,8 +29,8 @@ from torch import fx
 
 from peftc.errors import SpecError
 from peftc.graph import PEFTC
+from peftc.passes.optimize.recompute_ops import CHEAP, bit_dropout, nbytes, requires_grad, saved_inputs
 from peftc.passes.pipeline import PassContext
-from peftc.passes.recompute_ops import CHEAP, bit_dropout, nbytes, requires_grad, saved_inputs
 
 __all__ = ["budget", "plan", "TIERS"]
 
@@ -157,7 +157,7 @@ def _chain(t: fx.Node, keep: set[fx.Node]) -> list[fx.Node]:
 
 
 def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
-    from peftc.passes.recompute import _adapters, attach_recipe, wrap
+    from peftc.passes.optimize.recompute import _adapters, attach_recipe, wrap
 
     lines = []
     try:

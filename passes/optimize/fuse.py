@@ -5,7 +5,7 @@
     add(addmm(b, x, W), ...)   (GPT-2's Conv1D, W stored (in, out))
         -> getitem(lora_linear(x, t(W), b, A, B, s, p, seed, train), 0)
 
-Pre: LoRA nodes as passes/lora.py inserts them (DoRA and IA3 sites go to passes/fuse_scaling.py,
+Pre: LoRA nodes as passes/methods/lora.py inserts them (DoRA and IA3 sites go to passes/optimize/fuse_scaling.py,
 called at the end of ``fuse``; mixed-batch and gated paths are left alone: their term is not
 ``s * B(A(.))``). Post: no LoRA node of a fused site remains; the op saves x
 and the r-wide ``x A^T`` for backward and regenerates the dropout mask from ``seed`` (drawn per
@@ -45,7 +45,7 @@ from peftc.errors import SpecError
 from peftc.graph import PEFTC, fetch_attr, has_role
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.dtype_policy import is_cast
-from peftc.passes.fuse_scaling import fuse_dora, fuse_ia3, seed_for
+from peftc.passes.optimize.fuse_scaling import fuse_dora, fuse_ia3, seed_for
 from peftc.spec import register_optimization
 
 __all__ = ["fuse", "match_lora", "sibling_groups", "seed_for", "check_settings", "SETTINGS"]

@@ -10,7 +10,7 @@ same way only with ``decompose_both``. Keys as PEFT's: ``lokr_w1``/``lokr_w1_a``
 w1_a), "lycoris" zeroes w2 (or w2_b), "random" zeroes nothing.
 
 The spec fields, PEFT IO, fold and the term around the dW builder are shared with LoHa
-(passes/loha.py). ``rank_dropout_scale`` and ``use_effective_conv2d`` are kept for PEFT config
+(passes/methods/loha.py). ``rank_dropout_scale`` and ``use_effective_conv2d`` are kept for PEFT config
 round trips; neither changes a linear layer while rank_dropout is 0 (peftc requires it).
 """
 
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from peftc.passes.context import PassContext
-from peftc.passes.linear import LinearTarget
-from peftc.passes.loha import LycorisSpec, kaiming_init
+from peftc.passes.methods.linear import LinearTarget
+from peftc.passes.methods.loha import LycorisSpec, kaiming_init
 from peftc.spec import register_method
 
 __all__ = ["LokrSpec", "LokrWeights", "factorization", "rewrite"]
@@ -111,4 +111,4 @@ class LokrWeights(nn.Module):
         return ops.call(aten.mul.Tensor, (kron, scale), "scale")
 
 
-rewrite = LokrSpec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = LokrSpec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

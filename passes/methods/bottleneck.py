@@ -46,7 +46,7 @@ from peftc.capture import SDPA
 from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, as_linear_site, mount_adapter
 from peftc.passes.context import PassContext, PassResult
-from peftc.passes.gates import init_gate, insert_gate
+from peftc.passes.methods.gates import init_gate, insert_gate
 from peftc.spec import MethodSpec, Sites, register_method
 
 __all__ = ["BottleneckSpec", "BottleneckAdapter", "ResidualSite", "rewrite", "residual_sites", "PLACEMENTS",

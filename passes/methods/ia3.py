@@ -22,8 +22,8 @@ from peftc.errors import CheckpointError
 from peftc.graph import Inserter
 from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext
-from peftc.passes.linear import LinearMethod, LinearTarget
-from peftc.passes.train import TrainSpec
+from peftc.passes.methods.linear import LinearMethod, LinearTarget
+from peftc.passes.methods.train import TrainSpec
 from peftc.spec import MethodSpec, check_targets, register_method
 from peftc.targets import for_model_type
 
@@ -91,7 +91,7 @@ class IA3Spec(LinearMethod):
             w2 = w * (v[None, :] if ff else v[:, None])
         return w2, (b * v if b is not None and not ff else None)
 
-    # ---- the rewrite (passes/linear.py): the vector, and where it scales ---------------------
+    # ---- the rewrite (passes/methods/linear.py): the vector, and where it scales ---------------------
     def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
         ff = self.is_feedforward(target.module, ctx.model)
         shape = (1, target.in_features) if ff else (target.out_features, 1)
@@ -146,4 +146,4 @@ class IA3Vector(nn.Module):
         self.ia3_l = nn.Parameter(torch.ones_like(v) if init == "ones" else v)
 
 
-rewrite = IA3Spec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = IA3Spec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

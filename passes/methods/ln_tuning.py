@@ -3,7 +3,7 @@
     norm(x; w, b) (frozen)  ->  norm(x; w', b'),   w', b' a trainable copy, init w' = w, b' = b
 
 The copy lives at ``<module>.ln_tuning_layers.<adapter>`` and is saved under PEFT's key
-``base_model.model.<module>.ln_tuning_layers.<param>``. Swapping reuses passes/train.py's
+``base_model.model.<module>.ln_tuning_layers.<param>``. Swapping reuses passes/methods/train.py's
 mechanism. With no ``targets`` the norms are PEFT's defaults for the model type. Merged,
 the norm reads frozen snapshots of its trained copy (PEFT swaps the copy in).
 """
@@ -19,7 +19,7 @@ from torch import fx, nn
 from peftc.graph import PEFTC, install_module
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.merge import HOLDER
-from peftc.passes.train import CopyMethod, TrainSpec, swap
+from peftc.passes.methods.train import CopyMethod, TrainSpec, swap
 from peftc.spec import MethodSpec, check_targets, register_method
 
 __all__ = ["LNTuningSpec", "rewrite", "merge", "DEFAULT_TARGETS", "STORE"]

@@ -38,7 +38,7 @@ from torch import fx, nn
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, mount_adapter
 from peftc.passes.context import PassContext, PassResult, marked_nodes
-from peftc.passes.lora import pattern_value
+from peftc.passes.methods.lora import pattern_value
 from peftc.spec import MethodSpec, Sites, register_method
 from peftc.targets import match_parameters
 

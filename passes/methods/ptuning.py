@@ -2,7 +2,7 @@
 
     prompt = MLP(E),  E (P, D) learned;  MLP = Linear(D, H) ReLU Linear(H, H) ReLU Linear(H, D)
 
-then the P prompts are prepended as in prompt tuning (passes/prompt.py). A PEFT P-tuning
+then the P prompts are prepended as in prompt tuning (passes/methods/prompt.py). A PEFT P-tuning
 checkpoint holds only the encoder's output ``prompt_embeddings``, not E or the MLP, so a
 loaded adapter is ``encoder: none``: the saved prompts are the learned tensor. (PEFT, loading
 one with ``is_trainable=True``, puts a fresh random MLP on top of them, which changes the
@@ -20,7 +20,7 @@ from torch import fx, nn
 from peftc.errors import SpecError
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext, PassResult
-from peftc.passes.prompt import PromptLearning, insert_virtual_tokens, prompt_learning_config
+from peftc.passes.methods.prompt import PromptLearning, insert_virtual_tokens, prompt_learning_config
 from peftc.spec import MethodSpec, register_method
 
 __all__ = ["PTuningSpec", "PromptEncoder", "rewrite"]

@@ -42,8 +42,7 @@ from torch import fx
 from peftc.capture import register_train_flag
 from peftc.errors import SpecError
 from peftc.graph import FLAT_VIEW, PEFTC, SUMMARY_LINES
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.passes.recompute_ops import (
+from peftc.passes.optimize.recompute_ops import (
     RecipeFactory,
     SaveWithRecipes,
     apply_bits,
@@ -57,6 +56,7 @@ from peftc.passes.recompute_ops import (
     saved_inputs,
     subgraph,
 )
+from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import register_optimization
 
 __all__ = ["recompute", "check_settings", "POLICIES", "SUMMARY", "attach_recipe", "find_blocks", "wrap"]
@@ -97,7 +97,7 @@ def recompute(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     elif policy == "blocks":
         lines = _blocks(gm, ctx)
     else:
-        from peftc.passes.recompute_budget import budget
+        from peftc.passes.optimize.recompute_budget import budget
 
         lines = budget(gm, ctx, settings["budget_mb"])
     gm.meta.setdefault(SUMMARY, []).extend(lines)

@@ -28,8 +28,8 @@ from peftc.errors import SpecError
 from peftc.graph import Inserter, mount_adapter
 from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext
-from peftc.passes.linear import LinearMethod, LinearTarget
-from peftc.passes.train import TrainSpec
+from peftc.passes.methods.linear import LinearMethod, LinearTarget
+from peftc.passes.methods.train import TrainSpec
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["VeraSpec", "VeraProjection", "VeraVectors", "rewrite", "DEFAULT_TARGETS", "INITS"]
@@ -84,7 +84,7 @@ class VeraSpec(LinearMethod):
         if self.layers_pattern is not None and self.layers is None:
             self.reject("layers_pattern", "null unless 'layers' is set (as in PEFT)")
 
-    # ---- the rewrite (passes/linear.py): parameters and the term added to y -----------------
+    # ---- the rewrite (passes/methods/linear.py): parameters and the term added to y -----------------
     autocast: ClassVar[bool] = True  # PEFT upcasts VeRA's vectors and projections on bf16/fp16 bases
 
     def make_module(self, target: LinearTarget, ctx: PassContext) -> nn.Module:
@@ -206,4 +206,4 @@ def _projection(gm: fx.GraphModule, ctx: PassContext, like: torch.Tensor) -> str
                          lambda: dtype_policy.upcast_module(make(), autocast))
 
 
-rewrite = VeraSpec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = VeraSpec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

@@ -29,8 +29,8 @@ from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, mount_adapter, stack_owner
 from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
-from peftc.passes.gates import attention_input, init_gate, insert_gate
-from peftc.passes.prompt import PromptLearning, prompt_learning_config, prompt_learning_entry
+from peftc.passes.methods.gates import attention_input, init_gate, insert_gate
+from peftc.passes.methods.prompt import PromptLearning, prompt_learning_config, prompt_learning_entry
 from peftc.spec import MethodSpec, register_method
 
 __all__ = ["PrefixSpec", "PrefixEncoder", "rewrite", "kv_geometry"]

@@ -2,7 +2,7 @@
 
     b (frozen) -> b' (a trainable copy at ``<module>.bitfit.<adapter>.bias``); init b' = b
 
-The adapted model equals the base at init. Swapping reuses passes/train.py's mechanism.
+The adapted model equals the base at init. Swapping reuses passes/methods/train.py's mechanism.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from peftc.passes.train import CopyMethod
+from peftc.passes.methods.train import CopyMethod
 from peftc.spec import check_targets, register_method
 
 __all__ = ["BitFitSpec", "BiasCopy", "rewrite"]

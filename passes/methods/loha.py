@@ -7,7 +7,7 @@ w1a, w2a: (out, r); w1b, w2b: (r, in) (PEFT's ``hada_w1_a`` ... keys). PEFT buil
 (``fold``: W + dW) and the unmerged graph agree to rounding. Init as PEFT: w1a, w1b, w2a
 kaiming-uniform(a=sqrt 5), w2b zero (``init: random``: w2b random too).
 
-This file also holds what LoHa and LoKr (passes/lokr.py) share: ``LycorisSpec`` (the fields of
+This file also holds what LoHa and LoKr (passes/methods/lokr.py) share: ``LycorisSpec`` (the fields of
 PEFT's LycorisConfig, their PEFT IO, and the term ``x dW^T`` around a method's dW builder). PEFT's rank_dropout / module_dropout are not implemented: a non-zero
 value is a SpecError. Only nn.Linear layers: PEFT has no LoHa/LoKr for GPT-2's Conv1D.
 """
@@ -27,9 +27,9 @@ from torch import fx, nn
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext
-from peftc.passes.linear import LinearMethod, LinearTarget
-from peftc.passes.lora import pattern_value
-from peftc.passes.train import TrainSpec
+from peftc.passes.methods.linear import LinearMethod, LinearTarget
+from peftc.passes.methods.lora import pattern_value
+from peftc.passes.methods.train import TrainSpec
 from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
 
 __all__ = ["LycorisSpec", "LohaSpec", "LohaWeights", "EAGER", "kaiming_init", "rewrite"]
@@ -223,4 +223,4 @@ class LohaWeights(nn.Module):
         return ops.call(aten.mul.Tensor, (prod, scale), "scale")
 
 
-rewrite = LohaSpec.rewrite  # the method's pass (passes/linear.py's skeleton)
+rewrite = LohaSpec.rewrite  # the method's pass (passes/methods/linear.py's skeleton)

@@ -27,7 +27,7 @@ from torch import fx
 
 from peftc.graph import PEFTC, SUMMARY_LINES, has_role
 from peftc.passes.context import PassContext, PassResult
-from peftc.passes.fuse import low_rank_chain
+from peftc.passes.optimize.fuse import low_rank_chain
 
 __all__ = ["segment", "sample_index", "sgmv_seed", "match_masked_lora", "mask_chain"]
 

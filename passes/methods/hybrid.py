@@ -15,7 +15,7 @@
 so a layer computes ``W x + g_L(x) B A x`` on q / v, attention over
 ``[g_P(x) E_k ; k], [g_P(x) E_v ; v]`` and Pfeiffer's ``y + g_A(y) A(y)`` (pre-LN) after the FFN,
 each ``g(x) = mean_seq sigmoid(x W_g^T + b_g)`` a scalar per sample and module (see
-passes/lora.py, passes/prefix.py, passes/bottleneck.py for the exact formulas). The prefix
+passes/methods/lora.py, passes/methods/prefix.py, passes/methods/bottleneck.py for the exact formulas). The prefix
 follows peftc's prefix pass (PEFT's semantics: query positions shifted by the prefix
 length; AdapterHub leaves them unshifted) and sizes prefixes by key/value heads.
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from peftc.errors import SpecError
-from peftc.passes.bottleneck import BottleneckSpec
-from peftc.passes.lora import LoraSpec
-from peftc.passes.prefix import PrefixSpec
+from peftc.passes.methods.bottleneck import BottleneckSpec
+from peftc.passes.methods.lora import LoraSpec
+from peftc.passes.methods.prefix import PrefixSpec
 from peftc.spec import MethodSpec, Sites, check_targets, register_method
 
 __all__ = ["MamSpec", "UniPeltSpec", "QV_TARGETS"]
