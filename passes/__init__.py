@@ -7,11 +7,19 @@ method or optimization file registers it (with its phase), so a new one is one n
 import importlib
 import pkgutil
 
-from peftc.passes.pipeline import PassContext, PassResult, optimize_passes, rewrite_passes, run_pipeline
+from peftc.passes.pipeline import (
+    PassContext,
+    PassResult,
+    Plan,
+    build,
+    register_method,
+    register_optimization,
+    run_pipeline,
+)
 
 for _sub in ("methods", "optimize"):
     _pkg = importlib.import_module(f"{__name__}.{_sub}")
     for _info in pkgutil.iter_modules(_pkg.__path__):
         importlib.import_module(f"{_pkg.__name__}.{_info.name}")
 
-__all__ = ["PassContext", "PassResult", "run_pipeline", "rewrite_passes", "optimize_passes"]
+__all__ = ["PassContext", "PassResult", "Plan", "build", "run_pipeline", "register_method", "register_optimization"]

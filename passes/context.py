@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from peftc.spec import Spec
 
-__all__ = ["PassResult", "PassContext", "SITES", "marked_nodes"]
+__all__ = ["PassResult", "PassContext", "Coverage", "SITES", "marked_nodes"]
 
 SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt this node
 
@@ -23,6 +23,36 @@ SITES = "peftc_sites"  # node.meta key: indices of the spec entries that adapt t
 class PassResult(NamedTuple):
     graph_module: fx.GraphModule
     modified: bool
+
+
+@dataclass
+class Coverage:
+    """What an optimization could have rewritten and did. Every optimization pass fills one
+    (``ctx.coverage(name, unit)``); after its phase the pipeline turns a partial or empty match
+    into a ``graph_summary()`` line with the reasons, so an optimization never does nothing silently.
+
+    Example: ``cov = ctx.coverage("fuse", "LoRA sites"); cov.hit(); cov.miss("gated LoRA has no fused op")``
+    gives ``fuse: 1 of 2 LoRA sites: 1 gated LoRA has no fused op``."""
+
+    unit: str  # what was counted, plural: "LoRA sites", "frozen linear weights"
+    matched: int = 0
+    missed: Counter = field(default_factory=Counter)  # reason -> how many were left as they were
+
+    def hit(self, n: int = 1) -> None:
+        self.matched += n
+
+    def miss(self, reason: str, n: int = 1) -> None:
+        self.missed[reason] += n
+
+    def line(self, name: str) -> str | None:
+        """The summary line, or None when every candidate was rewritten."""
+        total = self.matched + sum(self.missed.values())
+        if total == 0:
+            return f"{name}: matched nothing: no {self.unit} in this graph"
+        if not self.missed:
+            return None
+        why = "; ".join(f"{n} {reason}" for reason, n in self.missed.most_common())
+        return f"{name}: {self.matched} of {total} {self.unit}: {why}"
 
 
 @dataclass
@@ -36,6 +66,11 @@ class PassContext:
     counts: Counter = field(default_factory=Counter)
     timings: dict[str, float] = field(default_factory=dict)
     sample_mask: str | None = None  # get_attr target of a (batch,) 0/1 mask: mixed-batch adapters
+    reports: dict[str, Coverage] = field(default_factory=dict)  # optimization -> what it matched
+
+    def coverage(self, name: str, unit: str) -> Coverage:
+        """The Coverage record optimization ``name`` fills while it runs on this graph."""
+        return self.reports.setdefault(name, Coverage(unit))
 
 
 def marked_nodes(gm: fx.GraphModule, ctx: PassContext, kind: type) -> Iterator[tuple[fx.Node, int, object]]:

@@ -34,6 +34,7 @@ class AdapterRegistry:
         self.base_model, self.store = base_model, store
         self.states: dict[str, AdapterState] = {spec.adapter: AdapterState(spec, resolved)}
         self.active: list[str] = [spec.adapter]
+        self.optimize = spec.optimize  # model-level: every adapter's graphs are optimized alike
         self.enabled = True  # False: the base model's captured graph runs as is
         self.merged = False  # True: active adapters are folded into the weights the graphs read
 
@@ -70,10 +71,23 @@ class AdapterRegistry:
         """Registers another adapter (resolved against the base model); returns its final spec."""
         if spec.adapter in self.states:
             raise SpecError("adapter", spec.adapter, f"a name not in use (taken: {self.names})")
+        if spec.optimize and spec.optimize != self.optimize:
+            first = self.states[next(iter(self.states))].spec.adapter
+            raise SpecError(f"{spec.adapter}.optimize", dict(spec.optimize),
+                            f"nothing (adapters inherit the model's) or the model's own {dict(self.optimize)}",
+                            f"optimize is a model-level setting, given with adapter {first!r} or "
+                            "peftc.compile(..., optimize=); set_optimize() changes it for every adapter")
+        spec = spec.replace(optimize=self.optimize)
         task = spec.task_type or self.states[self.primary].spec.task_type
         spec = with_implied_entries(spec.replace(task_type=task), self.base_model)
         self.states[spec.adapter] = AdapterState(spec, resolve_all(spec, self.base_model))
         return spec
+
+    def set_optimize(self, optimize: dict) -> None:
+        """The model-level optimizations, for every adapter (each spec keeps a copy)."""
+        self.optimize = optimize
+        for state in self.states.values():
+            state.spec = state.spec.replace(optimize=optimize)
 
     def activate(self, names) -> None:
         names = [names] if isinstance(names, str) else list(names)

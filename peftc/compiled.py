@@ -25,7 +25,7 @@ from peftc.capture import capture, restored_on_error, set_training
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import FLAT_VIEW, SUMMARY_LINES
 from peftc.graph_cache import MASKS, GraphCache
-from peftc.passes import merge, rewrite_passes, run_pipeline
+from peftc.passes import Plan, build, merge
 from peftc.resolve import resolve_all, with_implied_entries
 from peftc.spec import Spec, optimization_hooks
 
@@ -128,7 +128,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
             spec = spec.replace(adapter=name)
         spec = self.registry.add(spec)
         scratch = self.graphs.copy_of_capture(self.graphs.example_key)  # a throwaway rewrite creates the modules
-        run_pipeline(scratch, self.graphs.context(spec.adapter, Counter(), {}), rewrite_passes(spec))
+        build(scratch, Plan(adapters=[self.graphs.context(spec.adapter, Counter(), {})]))
         if activate:
             self.set_adapter(self.registry.active + [spec.adapter])
         self.registry.refresh_trainable()
@@ -264,9 +264,8 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         return self.spec.optimize.get("recompute", {}).get("policy") == "blocks"
 
     def _set_recompute(self, settings: dict | None) -> None:
-        for state in self.registry.states.values():
-            opt = {k: v for k, v in state.spec.optimize.items() if k != "recompute"}
-            state.spec = state.spec.replace(optimize={**opt, "recompute": settings} if settings else opt)
+        opt = {k: v for k, v in self.registry.optimize.items() if k != "recompute"}
+        self.registry.set_optimize({**opt, "recompute": settings} if settings else opt)
         self._invalidate()
 
     # ---- merging -------------------------------------------------------------------------

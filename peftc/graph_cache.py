@@ -29,16 +29,11 @@ from torch.utils._pytree import tree_flatten
 
 from peftc.adapters import AdapterRegistry
 from peftc.capture import LOSS_KEYS, drop_guards, outside_loss, preserved_modes, set_training
-from peftc.graph import install_module
-from peftc.passes import PassContext, optimize_passes, rewrite_passes, run_pipeline
-from peftc.passes.methods.prompt import PromptLearning
-from peftc.passes.optimize.sgmv import segment
-from peftc.passes.pipeline import merge_passes
+from peftc.passes import PassContext, Plan, build
+from peftc.passes.pipeline import MASKS
 from peftc.repeat_layers import REPEATED
 
 __all__ = ["GraphCache", "CaptureStats", "signature", "MASKS"]
-
-MASKS = "_peftc_sample_masks"  # per-adapter (batch,) masks a mixed-batch graph reads
 
 
 def signature(kwargs: dict) -> tuple:
@@ -194,7 +189,7 @@ class GraphCache:
     def _widens(self) -> bool:
         """Whether an adapter is prompt learning: its pass widens ``labels`` in the graph (P
         virtual positions of -100), so the loss must stay there."""
-        return any(isinstance(m, PromptLearning) for n in self.adapters.names for m in self.adapters.state(n).spec.methods)
+        return any(m.widens_labels for n in self.adapters.names for m in self.adapters.state(n).spec.methods)
 
     def resolve(self, kwargs: dict) -> tuple:
         """The signature of ``kwargs``, captured first unless an existing capture serves it."""
@@ -259,33 +254,21 @@ class GraphCache:
             self.example_key = (sig, None)
         return self.rewritten_graph((sig, mixed), training)
 
+    def plan(self, mixed: tuple[str, ...] | None, counts: Counter, timings: dict, *, optimize: bool = True) -> Plan:
+        """What the pipeline builds for the current adapter state: the running adapters (or the
+        mixed batch's), merged or not, with the model-level optimizations unless ``optimize`` is False."""
+        names = mixed if mixed is not None else self.adapters.running
+        return Plan(adapters=[self.context(n, counts, timings) for n in names],
+                    base=self.context(self.adapters.primary, counts, timings),
+                    merged=self.adapters.merged, mixed=mixed is not None, lower_mixed=self.segment_mixed,
+                    optimize=self.adapters.optimize if optimize else {})
+
     def rewritten_graph(self, key: tuple, training: bool) -> fx.GraphModule:
-        """The rewritten graph for (captured signature, mixed-batch adapters or None), (re)built
-        for the current adapter state."""
+        """The rewritten graph for (captured signature, mixed-batch adapters or None), built by
+        the pipeline for the current adapter state."""
         if key not in self.rewritten:
-            adapters = self.adapters
-            gm = self.copy_of_capture(key)
             counts, timings = Counter(), {}
-            mixed = key[1]
-            if mixed is not None:
-                install_module(gm, MASKS, nn.Module())
-            for name in mixed if mixed is not None else adapters.running:
-                spec = adapters.state(name).spec
-                passes = merge_passes(spec) if adapters.merged else rewrite_passes(spec)
-                ctx = self.context(name, counts, timings)
-                if mixed is not None:
-                    gm.get_submodule(MASKS).register_buffer(name, torch.ones(1), persistent=False)
-                    ctx.sample_mask = f"{MASKS}.{name}"
-                gm = run_pipeline(gm, ctx, passes)
-            if mixed and self.segment_mixed and not adapters.merged:  # one op per linear, rows by adapter
-                gm = run_pipeline(gm, ctx, [("sgmv", segment)])
-            names = mixed if mixed is not None else adapters.running
-            if names and not adapters.merged:  # optimizations see every adapter's nodes at once
-                gm = run_pipeline(gm, self.context(names[0], counts, timings),
-                                  optimize_passes(adapters.state(names[0]).spec))
-            elif base_passes := optimize_passes(adapters.state(adapters.primary).spec, base_only=True):
-                # no adapter nodes: what transforms the base itself still applies (a quantized base)
-                gm = run_pipeline(gm, self.context(adapters.primary, counts, timings), base_passes)
+            gm = build(self.copy_of_capture(key), self.plan(key[1], counts, timings))
             set_training(gm, training)
             self.rewritten[key] = gm
             if key == self.example_key:
@@ -295,11 +278,8 @@ class GraphCache:
     def unoptimized(self, kwargs: dict, training: bool) -> fx.GraphModule:
         """A fresh graph for ``kwargs`` with the running adapters' rewrites but no optimization
         passes: the reference an optimization is measured or checked against (not cached)."""
-        gm = self.copy_of_capture((self.resolve(kwargs), None))
-        for name in self.adapters.running:
-            spec = self.adapters.state(name).spec
-            passes = merge_passes(spec) if self.adapters.merged else rewrite_passes(spec)
-            gm = run_pipeline(gm, self.context(name, Counter(), {}), passes)
+        key = (self.resolve(kwargs), None)
+        gm = build(self.copy_of_capture(key), self.plan(None, Counter(), {}, optimize=False))
         set_training(gm, training)
         return gm
 

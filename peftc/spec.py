@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -35,9 +35,9 @@ __all__ = [
     "MethodSpec",
     "Sites",
     "Merging",
-    "register_method",
-    "register_optimization",
-    "register_optimization_hooks",
+    "add_method",
+    "add_optimization",
+    "Optimization",
     "optimization_hooks",
     "spec_from_peft_config",
     "METHODS",
@@ -48,11 +48,7 @@ __all__ = [
 ]
 
 METHODS: dict[str, type[MethodSpec]] = {}
-OPTIMIZATIONS: dict[str, Any] = {}  # name -> pass function; filled by optimization passes
-OPTIMIZATION_CHECKS: dict[str, Any] = {}  # name -> settings validator
-OPTIMIZATION_HOOKS: dict[str, dict[str, Any]] = {}  # name -> {hook: fn}, see register_optimization_hooks
-BASE_OPTIMIZATIONS: set[str] = set()  # names that also run on graphs without adapter nodes
-OPTIMIZATION_PHASES: dict[str, str] = {}  # name -> the pipeline phase it runs in (passes.pipeline)
+OPTIMIZATIONS: dict[str, Optimization] = {}  # name -> its one record; filled by optimization passes
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _SPEC_FIELDS = ("adapter", "methods", "optimize", "task_type", "base_model", "autocast_adapter_dtype")
 
@@ -74,75 +70,54 @@ class Merging(str, Enum):
     NONE = "none"  # adds graph inputs or nodes, not weights: cannot be merged
 
 
-def register_method(name: str, *, phase: str | None, peft_type: str | None = None, store_dir: str | None = None):
-    """Class decorator: registers a MethodSpec under ``name``; the class is the whole method.
-
-    ``phase``: one of ``passes.pipeline.REWRITE_PHASES``, where the class's ``rewrite`` pass
-    runs (None for entries that ``expand`` into other methods); ``peft_type``: the HF PEFT
-    method it reads and writes; ``store_dir``: adapter modules of this method live at
-    ``<module path>.<store_dir>.<adapter>`` (default: ``name``). Adding a method touches only
-    its own file: the pipeline, checkpoint IO and merging read these declarations.
-    """
-
-    def deco(cls):
-        if name in METHODS:
-            raise RuntimeError(f"method {name!r} is registered twice")
-        cls.method = name
-        cls.phase = phase
-        cls.peft_type = peft_type
-        cls.store_dir = store_dir or name
-        METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def register_optimization(name: str, *, phase: str, check=None, on_base: bool = False):
-    """Decorator for optimization pass functions selectable with ``optimize=[name]``.
-
-    ``phase``: one of ``passes.pipeline.OPTIMIZE_PHASES``; the pipeline runs the selected
-    optimizations in phase order, so adding one touches only its own file.
-
-    ``check(settings) -> settings`` validates ``optimize: {name: {...}}`` when the spec is
-    built (before any capture), raising SpecError for a bad setting.
-
-    ``on_base``: the optimization transforms the frozen model itself (quantized weights), so it
-    also runs on graphs without adapter nodes (adapters disabled, or merged).
-    """
-
-    def deco(fn):
-        if name in OPTIMIZATIONS:
-            raise RuntimeError(f"optimization {name!r} is registered twice")
-        OPTIMIZATIONS[name] = fn
-        OPTIMIZATION_PHASES[name] = phase
-        if on_base:
-            BASE_OPTIMIZATIONS.add(name)
-        if check is not None:
-            OPTIMIZATION_CHECKS[name] = check
-        return fn
-
-    return deco
+def add_method(name: str, cls: type[MethodSpec]) -> None:
+    """Puts a method class in the table specs are parsed with. Methods register through
+    ``peftc.passes.register_method``, which checks their phase against the pipeline first."""
+    if name in METHODS:
+        raise RuntimeError(f"method {name!r} is registered twice")
+    METHODS[name] = cls
 
 
 HOOKS = ("check_model", "before_merge", "after_unmerge", "before_export", "summary")
 
 
-def register_optimization_hooks(name: str, **hooks) -> None:
-    """What an optimization adds to the model's life besides its pass, so the core calls it
-    without knowing it by name: ``check_model(spec, resolved, model)`` before capture,
-    ``before_merge(cm, requantize)``, ``after_unmerge(cm)``, ``before_export(cm)`` (merged state
-    dict / save_merged), ``summary(cm) -> str`` (lines for ``graph_summary()``)."""
-    unknown = set(hooks) - set(HOOKS)
-    if unknown:
-        raise RuntimeError(f"unknown optimization hooks {sorted(unknown)}; allowed: {list(HOOKS)}")
-    if name in OPTIMIZATION_HOOKS:
-        raise RuntimeError(f"hooks of optimization {name!r} are registered twice")
-    OPTIMIZATION_HOOKS[name] = hooks
+@dataclass(frozen=True)
+class Optimization:
+    """Everything the pipeline and the runtime know of one optimization: one record, made by
+    ``peftc.passes.register_optimization`` where the optimization is written.
+
+    ``run(gm, ctx) -> PassResult`` is its pass, run in ``phase``; ``check(settings) -> None``
+    validates ``optimize: {name: {...}}`` when a spec is built; ``on_base``: it transforms the
+    frozen model itself (quantized weights), so it also runs on graphs without adapter nodes;
+    ``hooks``: what it adds to the model's life besides its pass, so the runtime calls it
+    without naming it — ``check_model(spec, resolved, model)`` before capture,
+    ``before_merge(cm, requantize)``, ``after_unmerge(cm)``, ``before_export(cm)``,
+    ``summary(cm) -> str`` (``graph_summary()`` lines)."""
+
+    name: str
+    run: Callable
+    phase: str
+    check: Callable | None = None
+    on_base: bool = False
+    hooks: Mapping[str, Callable] = field(default_factory=dict)
+    selectable: bool = True  # False: a lowering the pipeline runs when a graph needs it, not a setting
+
+    def __post_init__(self):
+        unknown = set(self.hooks) - set(HOOKS)
+        if unknown:
+            raise RuntimeError(f"optimization {self.name!r}: unknown hooks {sorted(unknown)}; allowed: {list(HOOKS)}")
+
+
+def add_optimization(record: Optimization) -> None:
+    """Puts an optimization in the table ``optimize`` settings are parsed with."""
+    if record.name in OPTIMIZATIONS:
+        raise RuntimeError(f"optimization {record.name!r} is registered twice")
+    OPTIMIZATIONS[record.name] = record
 
 
 def optimization_hooks(spec: Spec, hook: str) -> list:
     """The ``hook`` functions of the optimizations ``spec`` selects."""
-    return [h[hook] for n, h in OPTIMIZATION_HOOKS.items() if n in spec.optimize and hook in h]
+    return [o.hooks[hook] for n, o in OPTIMIZATIONS.items() if n in spec.optimize and hook in o.hooks]
 
 
 def check_layer_selection(entry) -> None:
@@ -201,6 +176,7 @@ class MethodSpec:
     sites: ClassVar[Sites] = Sites.LINEAR
     merging: ClassVar[Merging] = Merging.NONE
     mixed_batch: ClassVar[bool] = False  # can adapt some samples of a batch only (adapter_names)
+    widens_labels: ClassVar[bool] = False  # its pass widens ``labels`` in the graph: the loss stays inside
     owns_modules: ClassVar[bool] = False  # its modules are off limits to other methods (PEFT's modules_to_save)
     peft_field: ClassVar[str | None] = None  # saved as this field of another method's PEFT config
     peft_prefix: ClassVar[str] = "base_model.model."  # PEFT checkpoint keys start so (prompt learning: "base_model.")
@@ -436,12 +412,12 @@ def normalize_optimize(opt: Any) -> dict[str, dict]:
         raise SpecError("optimize", opt, "a list of optimization names or a mapping name -> settings")
     out = {}
     for name, settings in opt.items():
-        if name not in OPTIMIZATIONS:
-            allowed = sorted(OPTIMIZATIONS) or "(none are available in this version)"
+        if name not in OPTIMIZATIONS or not OPTIMIZATIONS[name].selectable:
+            allowed = sorted(n for n, o in OPTIMIZATIONS.items() if o.selectable) or "(none are available in this version)"
             raise SpecError("optimize", name, f"one of {allowed}", "unknown optimization")
         if settings is not None and not isinstance(settings, Mapping):
             raise SpecError(f"optimize.{name}", settings, "a mapping of settings")
         out[name] = dict(settings or {})
-        if name in OPTIMIZATION_CHECKS:
-            OPTIMIZATION_CHECKS[name](out[name])
+        if OPTIMIZATIONS[name].check is not None:
+            OPTIMIZATIONS[name].check(out[name])
     return out

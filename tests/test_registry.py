@@ -16,7 +16,8 @@ from peftc import passes
 from peftc.models import example_inputs, tiny_model
 from peftc.passes import pipeline
 from peftc.passes.methods.linear import LinearMethod
-from peftc.spec import METHODS, Merging, Sites, Spec, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import METHODS, Merging, Sites, Spec
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from peftc.passes.methods.train import CopyMethod
-from peftc.spec import check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import check_targets
 
 __all__ = ["BitFitSpec", "BiasCopy", "rewrite"]
 

@@ -47,7 +47,8 @@ from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, as_linear_site, mount_adapter
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.methods.gates import init_gate, insert_gate
-from peftc.spec import MethodSpec, Sites, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, Sites
 
 __all__ = ["BottleneckSpec", "BottleneckAdapter", "ResidualSite", "rewrite", "residual_sites", "PLACEMENTS",
            "ACTIVATIONS"]

@@ -34,7 +34,8 @@ from peftc.errors import SpecError
 from peftc.passes.methods.bottleneck import BottleneckSpec
 from peftc.passes.methods.lora import LoraSpec
 from peftc.passes.methods.prefix import PrefixSpec
-from peftc.spec import MethodSpec, Sites, check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, Sites, check_targets
 
 __all__ = ["MamSpec", "UniPeltSpec", "QV_TARGETS"]
 

@@ -24,7 +24,8 @@ from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext
 from peftc.passes.methods.linear import LinearMethod, LinearTarget
 from peftc.passes.methods.train import TrainSpec
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, check_targets
 from peftc.targets import for_model_type
 
 __all__ = ["IA3Spec", "IA3Vector", "rewrite", "DEFAULT_TARGETS", "DEFAULT_FEEDFORWARD"]

@@ -20,7 +20,8 @@ from peftc.graph import PEFTC, install_module
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.merge import HOLDER
 from peftc.passes.methods.train import CopyMethod, TrainSpec, swap
-from peftc.spec import MethodSpec, check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, check_targets
 
 __all__ = ["LNTuningSpec", "rewrite", "merge", "DEFAULT_TARGETS", "STORE"]
 

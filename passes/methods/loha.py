@@ -30,7 +30,8 @@ from peftc.passes.context import PassContext
 from peftc.passes.methods.linear import LinearMethod, LinearTarget
 from peftc.passes.methods.lora import pattern_value
 from peftc.passes.methods.train import TrainSpec
-from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, check_layer_selection, check_targets
 
 __all__ = ["LycorisSpec", "LohaSpec", "LohaWeights", "EAGER", "kaiming_init", "rewrite"]
 

@@ -26,7 +26,7 @@ from torch import nn
 from peftc.passes.context import PassContext
 from peftc.passes.methods.linear import LinearTarget
 from peftc.passes.methods.loha import LycorisSpec, kaiming_init
-from peftc.spec import register_method
+from peftc.passes.pipeline import register_method
 
 __all__ = ["LokrSpec", "LokrWeights", "factorization", "rewrite"]
 

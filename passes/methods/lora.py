@@ -31,8 +31,9 @@ from peftc.passes.methods.dora import insert_dora, weight_norm
 from peftc.passes.methods.gates import init_gate, insert_gate, tokens_3d
 from peftc.passes.methods.linear import LinearMethod, LinearTarget, sample_rows
 from peftc.passes.methods.train import TrainSpec
+from peftc.passes.pipeline import register_method
 from peftc.peft_io import PREFIX
-from peftc.spec import MethodSpec, check_layer_selection, check_targets, register_method
+from peftc.spec import MethodSpec, check_layer_selection, check_targets
 
 __all__ = ["LoraSpec", "LoraLinear", "rewrite", "pattern_value", "INITS", "BIAS"]
 

@@ -39,7 +39,8 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.graph import Inserter, mount_adapter
 from peftc.passes.context import PassContext, PassResult, marked_nodes
 from peftc.passes.methods.lora import pattern_value
-from peftc.spec import MethodSpec, Sites, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, Sites
 from peftc.targets import match_parameters
 
 __all__ = ["LoraParamsSpec", "ParamLora", "rewrite", "fuses_experts", "MOE_PARAMETERS"]

@@ -31,7 +31,8 @@ from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.methods.gates import attention_input, init_gate, insert_gate
 from peftc.passes.methods.prompt import PromptLearning, prompt_learning_config, prompt_learning_entry
-from peftc.spec import MethodSpec, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec
 
 __all__ = ["PrefixSpec", "PrefixEncoder", "rewrite", "kv_geometry"]
 

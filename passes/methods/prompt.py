@@ -21,7 +21,8 @@ from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, Inserter, fetch_attr, mount_adapter
 from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
-from peftc.spec import MethodSpec, Sites, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec, Sites
 
 __all__ = ["PromptSpec", "PromptEmbedding", "rewrite", "insert_virtual_tokens", "prompt_learning_config", "PromptLearning",
            "prompt_learning_entry"]
@@ -37,6 +38,7 @@ class PromptLearning(MethodSpec):
 
     sites: ClassVar[Sites] = Sites.GRAPH
     peft_prefix: ClassVar[str] = "base_model."
+    widens_labels: ClassVar[bool] = True  # P virtual positions of -100 ahead of the labels
 
     def check_tokens(self) -> None:
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:

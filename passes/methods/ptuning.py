@@ -21,7 +21,8 @@ from peftc.errors import SpecError
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.methods.prompt import PromptLearning, insert_virtual_tokens, prompt_learning_config
-from peftc.spec import MethodSpec, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import MethodSpec
 
 __all__ = ["PTuningSpec", "PromptEncoder", "rewrite"]
 

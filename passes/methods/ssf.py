@@ -16,7 +16,8 @@ from torch import fx, nn
 from peftc.graph import Inserter
 from peftc.passes.context import PassContext
 from peftc.passes.methods.linear import LinearMethod, LinearTarget
-from peftc.spec import check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import check_targets
 
 __all__ = ["SSFSpec", "ScaleShift", "rewrite"]
 

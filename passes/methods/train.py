@@ -21,7 +21,8 @@ from torch import fx, nn
 from peftc import targets
 from peftc.graph import PEFTC, fetch_attr, mount_adapter, stack_owner
 from peftc.passes.context import PassContext, PassResult, marked_nodes
-from peftc.spec import Merging, MethodSpec, Sites, Spec, check_targets, register_method
+from peftc.passes.pipeline import register_method
+from peftc.spec import Merging, MethodSpec, Sites, Spec, check_targets
 
 __all__ = ["CopyMethod", "TrainSpec", "rewrite", "swap", "trainable_copy"]
 

@@ -46,7 +46,7 @@ from peftc.graph import PEFTC, fetch_attr, has_role
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.dtype_policy import is_cast
 from peftc.passes.optimize.fuse_scaling import fuse_dora, fuse_ia3, seed_for
-from peftc.spec import register_optimization
+from peftc.passes.pipeline import register_optimization
 
 __all__ = ["fuse", "match_lora", "sibling_groups", "seed_for", "check_settings", "SETTINGS"]
 

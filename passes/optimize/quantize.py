@@ -40,7 +40,7 @@ from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, install_module, mount_adapter
 from peftc.passes.merge import STATE as MERGE_STATE
 from peftc.passes.pipeline import PassContext, PassResult
-from peftc.spec import check_targets, register_optimization
+from peftc.spec import check_targets
 
 __all__ = ["quantize", "check_settings", "check_model", "plan", "QuantizedWeight", "QuantReport", "ROOT", "SETTINGS"]
 
@@ -293,7 +293,6 @@ def _drop_attr(gm: fx.GraphModule, target: str) -> None:
         del mod._buffers[leaf]
 
 
-@register_optimization("quantize", phase="quantize", check=check_settings, on_base=True)
 def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Every read of a chosen frozen weight -> the quantized op (see the module docstring)."""
     from peftc.kernels import lora_linear, lora_siblings, quant_linear  # noqa: F401  (register the ops)

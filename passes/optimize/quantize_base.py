@@ -11,8 +11,15 @@ import torch
 
 from peftc import targets as _targets
 from peftc.errors import PeftcError
-from peftc.passes.optimize.quantize import ROOT, QuantizedWeight, _resolve, check_model
-from peftc.spec import register_optimization_hooks
+from peftc.passes.optimize.quantize import (
+    ROOT,
+    QuantizedWeight,
+    _resolve,
+    check_model,
+    check_settings,
+    quantize,
+)
+from peftc.passes.pipeline import register_optimization
 
 __all__ = ["merge_quantized", "unmerge_quantized", "check_released", "weight_bytes", "summary"]
 
@@ -118,5 +125,7 @@ def summary(cm) -> str:
     return "\n".join(lines) + "\n"
 
 
-register_optimization_hooks("quantize", check_model=check_model, before_merge=merge_quantized,
-                            after_unmerge=unmerge_quantized, before_export=check_released, summary=summary)
+# the one record of the quantize optimization: its pass (passes/optimize/quantize.py) and its hooks
+register_optimization("quantize", phase="quantize", check=check_settings, on_base=True, check_model=check_model,
+                      before_merge=merge_quantized, after_unmerge=unmerge_quantized, before_export=check_released,
+                      summary=summary)(quantize)

@@ -56,8 +56,7 @@ from peftc.passes.optimize.recompute_ops import (
     saved_inputs,
     subgraph,
 )
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.spec import register_optimization
+from peftc.passes.pipeline import PassContext, PassResult, register_optimization
 
 __all__ = ["recompute", "check_settings", "POLICIES", "SUMMARY", "attach_recipe", "find_blocks", "wrap"]
 

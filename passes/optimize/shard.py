@@ -33,8 +33,7 @@ from peftc import distributed
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, SUMMARY_LINES, fetch_attr, mount_adapter
 from peftc.passes.optimize.recompute_ops import Checkpointed, extract_region
-from peftc.passes.pipeline import PassContext, PassResult
-from peftc.spec import register_optimization, register_optimization_hooks
+from peftc.passes.pipeline import PassContext, PassResult, register_optimization
 
 __all__ = ["shard", "check_settings", "check_model", "ShardStore", "shard_store", "materialize_adapters",
            "ROOT", "SETTINGS"]
@@ -171,7 +170,6 @@ def _gather_inside(gm: fx.GraphModule, call: fx.Node, w: fx.Node, shard_node: fx
     call.replace_input_with(w, shard_node)
 
 
-@register_optimization("shard", phase="shard", check=check_settings, on_base=True)
 def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Frozen reads -> gathers of per-rank shards; trainable reads -> grad_mean (module docstring)."""
     settings = check_settings(dict(ctx.spec.optimize.get("shard") or {}))
@@ -307,4 +305,5 @@ def _before_export(cm) -> None:
                      "(every rank calls it; rank 0 writes one weight at a time)")
 
 
-register_optimization_hooks("shard", check_model=check_model, before_merge=_before_merge, before_export=_before_export)
+register_optimization("shard", phase="shard", check=check_settings, on_base=True, check_model=check_model,
+                      before_merge=_before_merge, before_export=_before_export)(shard)
