@@ -10,6 +10,11 @@ survive torch.export and torch.compile. Importing a module registers its op.
     lora_sgmv     torch.ops.peftc.lora_sgmv: a mixed batch, each sample's rows through its own adapter's A, B
     quant_linear  torch.ops.peftc.quant_linear / quant_dora_linear: W stored NF4 or int8, dequantized inside
                   the op (Triton: in the GEMM's tiles), + LoRA / DoRA; autograd saves the quantized W only
+
+What the ops share lives in public modules, never in another op's private names: ``common`` (seeds,
+dropout masks, dtype helpers, the fused-torch LoRA linear), ``gemm`` (Triton GEMM building blocks,
+launch settings) and ``lora_triton`` (the LoRA-specific Triton kernels of lora_linear / lora_siblings).
 """
 
-__all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_sgmv", "lora_siblings", "quant_linear"]
+__all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_sgmv", "lora_siblings", "quant_linear", "common", "gemm",
+           "lora_triton"]

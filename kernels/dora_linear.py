@@ -24,14 +24,14 @@ z is saved rather than recomputed for dm: the unfused graph keeps the (tokens, o
 for the same product, and recomputing would add a full GEMM to backward. dW (and db) only when
 the base requires grad. The norm is detached, as in PEFT, so no gradient flows through it.
 
-Devices: CPU runs fused torch code with lora_linear's seeded mask (``dropout_mask``). CUDA
-fp16/bf16/fp32 runs Triton: h by lora_linear's ``_mm``; y and z by ``_dora_fwd_kernel`` (x W^T
-and, with dropout, x_d W^T from the same tiles, the low-rank epilogue, column scale and bias);
-backward by ia3_linear's ``scaled_mm`` (g' B, dB), ``_mm`` (dA), ``colsum`` (dm) and
-``_dora_dx_kernel``. The norm (weight-sized, token-independent) is torch on both devices.
-Adapters (A, B, magnitude) in another dtype than the base (fp32 on bf16, HF PEFT's default): x, W
-and b are cast to the adapter dtype, as PEFT's DoRA path casts x and W, y is cast back; dx comes
-back in the base dtype, dA, dB, dm in the adapter dtype. Without dropout PEFT's base term is its
+Devices: CPU runs fused torch code with lora_linear's seeded mask (``common.dropout_mask``). CUDA
+fp16/bf16/fp32 runs Triton: h by ``gemm.mm``; y and z by ``_dora_fwd_kernel`` (x W^T and, with
+dropout, x_d W^T from the same tiles, the low-rank epilogue, column scale and bias); backward by
+``gemm.scaled_mm`` (g' B, dB), ``gemm.mm`` (dA), ``gemm.colsum`` (dm) and ``_dora_dx_kernel``.
+The norm (weight-sized, token-independent) is torch on both devices. Adapters (A, B, magnitude)
+in another dtype than the base (fp32 on bf16, HF PEFT's default): x, W and b are cast to the
+adapter dtype, as PEFT's DoRA path casts x and W, y is cast back; dx comes back in the base
+dtype, dA, dB, dm in the adapter dtype. Without dropout PEFT's base term is its
 bf16 base output (cast up), and so is ours (``_mixed_eval_forward``).
 
     >>> y = dora_linear(x, W, b, A, B, m, scale=2.0, p=0.1, train=True)   # draws a seed
@@ -39,23 +39,32 @@ bf16 base output (cast up), and so is ours (``_mixed_eval_forward``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from peftc.capture import register_train_flag
-from peftc.kernels.ia3_linear import colsum, scaled_mm
-from peftc.kernels.lora_linear import BLOCKS, _dropout_on, _mm, draw_seed, dropout_mask, triton_dropout_mask
+from peftc.kernels.common import draw_seed, dropout_mask, dropout_on, zero_seed
+from peftc.kernels.gemm import (
+    BLOCKS,
+    colsum,
+    mm,
+    precision,
+    scaled_mm,
+    triton_dropout_mask,
+    triton_seed,
+    triton_takes,
+    upcast,
+)
 
 try:
     import triton
     import triton.language as tl
 
-    from peftc.kernels.lora_linear import _dot
+    from peftc.kernels.gemm import dot
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
-__all__ = ["dora_linear", "dora_linear_reference", "weight_norm", "triton_forward", "triton_backward"]
+__all__ = ["dora_linear", "dora_linear_reference", "weight_norm", "dora_forward", "dora_backward", "triton_forward",
+           "triton_backward"]
 
 
 # ---------------------------------------------------------------- torch reference and CPU path
@@ -94,7 +103,7 @@ def _check(x, weight, bias, lora_A, lora_B, magnitude, p):
 
 def _mask(seed, x2, p):
     """The scaled keep mask the device's path draws (CPU: torch.Generator; CUDA: Triton's tl.rand)."""
-    if x2.is_cuda and _use_triton(x2):
+    if x2.is_cuda and triton_takes(x2):
         return triton_dropout_mask(seed, *x2.shape, p, device=x2.device).to(x2.dtype)
     return dropout_mask(seed, x2.shape, p, x2.dtype, x2.device)
 
@@ -103,7 +112,7 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, t
     x2 = x.reshape(-1, x.shape[-1])
     n = weight_norm(weight, lora_A, lora_B, scale)
     mn = magnitude.detach() / n
-    on = _dropout_on(p, train)
+    on = dropout_on(p, train)
     xd = x2 * _mask(seed, x2, p) if on else x2
     h = torch.mm(xd, lora_A.t())
     q = torch.mm(xd, weight.t())
@@ -119,7 +128,7 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, t
 def _torch_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx):
     g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     mn = magnitude / n
-    on = _dropout_on(p, train)
+    on = dropout_on(p, train)
     mask = _mask(seed, x2, p) if on else None
     gm = g * mn
     gbs = torch.mm(gm, lora_B).mul_(scale)  # s g' B: (tokens, r)
@@ -149,7 +158,7 @@ if triton is not None:
         seed_ptr,  # int64 scalar: dropout seed, read when DROP
         M, N, K, R,
         s_xm, s_xk, s_wk, s_wn, s_hm, s_hr, s_br, s_bn, s_ym, s_yn, s_zm, s_zn,
-        scale, p, inv,  # keep(t, i) = rand(seed, t * K + i) >= p, as lora_linear's _mm with DROP=1
+        scale, p, inv,  # keep(t, i) = rand(seed, t * K + i) >= p, as gemm.mm with DROP=1
         HAS_BIAS: tl.constexpr, DROP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -164,16 +173,16 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk, mask=in_m & (rk[None, :] < K), other=0.0)
             b = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=(rk[:, None] < K) & in_n, other=0.0)
-            acc += _dot(a, b, PRECISION, UPCAST)
+            acc += dot(a, b, PRECISION, UPCAST)
             if DROP:
                 a = tl.where(tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p, a, 0.0)
-                acc_d += _dot(a, b, PRECISION, UPCAST)
+                acc_d += dot(a, b, PRECISION, UPCAST)
         low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             e = tl.load(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=in_m & (rr[None, :] < R), other=0.0)
             f = tl.load(bt_ptr + rr[:, None] * s_br + rn[None, :] * s_bn, mask=(rr[:, None] < R) & in_n, other=0.0)
-            low += _dot(e, f, PRECISION, UPCAST)
+            low += dot(e, f, PRECISION, UPCAST)
         mn = tl.load(mn_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if DROP:
             q = acc_d * inv
@@ -210,14 +219,14 @@ if triton is not None:
             a = tl.load(g_ptr + rm[:, None] * s_gm + rk[None, :] * s_gk, mask=in_m & (rk[None, :] < K), other=0.0)
             b = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=(rk[:, None] < K) & in_n, other=0.0)
             if DROP:
-                acc += _dot(a, b, PRECISION, UPCAST)
+                acc += dot(a, b, PRECISION, UPCAST)
             c = tl.load(c_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-            acc_c += _dot((a.to(tl.float32) * c[None, :]).to(a.dtype), b, PRECISION, UPCAST)
+            acc_c += dot((a.to(tl.float32) * c[None, :]).to(a.dtype), b, PRECISION, UPCAST)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
             f = tl.load(a_ptr + rr[:, None] * s_ar + rn[None, :] * s_an, mask=(rr[:, None] < R) & in_n, other=0.0)
-            acc_c += _dot(e, f, PRECISION, UPCAST)
+            acc_c += dot(e, f, PRECISION, UPCAST)
         if DROP:
             seed = tl.load(seed_ptr)
             keep = tl.rand(seed, rm[:, None] * N + rn[None, :]) >= p
@@ -235,27 +244,19 @@ def _launch(kernel, ptrs, mats, floats, flags, drop, seed, blocks):
         raise ValueError(f"dora_linear: Triton indexes with int32; got {tuple(a.shape)} @ {tuple(b.shape)}")
     bm, bn, bk = blocks or BLOCKS
     bm, bn = min(bm, max(16, triton.next_power_of_2(m))), min(bn, max(16, triton.next_power_of_2(n)))
-    ieee = a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     strides = [s for t in mats for s in t.stride()]
     kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         *ptrs, seed, m, n, k, r, *strides, *floats, DROP=drop, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_R=16, PRECISION="ieee" if ieee else "tf32",
-        UPCAST=a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", **flags)
-
-
-def _seed(x, seed):
-    if triton is None:
-        raise RuntimeError("dora_linear: the Triton path needs the triton package")
-    return seed.to(device=x.device, dtype=torch.int64)
+        BLOCK_R=16, PRECISION=precision(a), UPCAST=upcast(a), **flags)
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train, blocks=None):
-    """(y, h, z, n): h by lora_linear's _mm, then y and z in one ``_dora_fwd_kernel`` launch."""
-    seed, x2 = _seed(x, seed), x.reshape(-1, x.shape[-1])
+    """(y, h, z, n): h by gemm.mm, then y and z in one ``_dora_fwd_kernel`` launch."""
+    seed, x2 = triton_seed(x, seed, "dora_linear"), x.reshape(-1, x.shape[-1])
     n = weight_norm(weight, lora_A, lora_B, scale)
     mn = magnitude.detach() / n
-    on, inv = _dropout_on(p, train), 1 / (1 - p)
-    h = _mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=inv if on else 1.0, drop=1 if on else 0, seed=seed, p=p,
+    on, inv = dropout_on(p, train), 1 / (1 - p)
+    h = mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=inv if on else 1.0, drop=1 if on else 0, seed=seed, p=p,
             ld=x2.shape[1], blocks=blocks)
     y, z = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) for _ in range(2))
     bt = lora_B.t()
@@ -268,12 +269,12 @@ def triton_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, t
 def triton_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx,
                     blocks=None):
     """(dx, dA, dB, dm): s g' B, then dA, dB, dm, dx from it (5 launches; 4 without dx)."""
-    seed = _seed(x, seed)
+    seed = triton_seed(x, seed, "dora_linear")
     g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     mn = magnitude / n
-    on, inv = _dropout_on(p, train), 1 / (1 - p)
+    on, inv = dropout_on(p, train), 1 / (1 - p)
     gbs = scaled_mm(g, lora_B, out_dtype=x.dtype, alpha=scale, pro=mn.to(x.dtype), blocks=blocks)  # s g' B
-    d_a = _mm(gbs.t(), x2, out_dtype=lora_A.dtype, alpha=inv if on else 1.0, drop=2 if on else 0, seed=seed, p=p,
+    d_a = mm(gbs.t(), x2, out_dtype=lora_A.dtype, alpha=inv if on else 1.0, drop=2 if on else 0, seed=seed, p=p,
               ld=x2.shape[1], blocks=blocks)
     d_b = scaled_mm(h.t(), g, out_dtype=lora_B.dtype, alpha=scale, col=mn, blocks=blocks).t().contiguous()
     d_m = colsum(g, z, out_dtype=torch.float32).div_(n).to(magnitude.dtype)
@@ -284,10 +285,6 @@ def triton_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, 
     _launch(_dora_dx_kernel, (g, weight, c, gbs, lora_A, dx), (g, weight, gbs, lora_A, dx), (float(p), inv), {},
             on, seed, blocks)
     return dx.view(x.shape), d_a, d_b, d_m
-
-
-def _use_triton(x) -> bool:
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------- custom-op registration
@@ -313,23 +310,26 @@ def _mixed_eval_forward(x, weight, bias, lora_A, lora_B, magnitude, scale):
     return y.view(*x.shape[:-1], weight.shape[0]), h, low.mul_(scale).add_(base), n  # z = base + s h B^T
 
 
-def _forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
-    if x.dtype != lora_A.dtype and not _dropout_on(p, train):
+def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train):
+    """(y, h, z, n) on x's device, mixed dtypes as PEFT: the op's forward, which quant_linear's DoRA
+    op runs on a dequantized W."""
+    if x.dtype != lora_A.dtype and not dropout_on(p, train):
         return _mixed_eval_forward(x, weight, bias, lora_A, lora_B, magnitude, scale)
     if x.dtype != lora_A.dtype:  # with dropout PEFT computes the base term in the adapter dtype too
-        y, h, z, n = _forward(*_up(x, weight, bias, dtype=lora_A.dtype), lora_A, lora_B, magnitude, scale, p, seed,
-                              train)
+        y, h, z, n = dora_forward(*_up(x, weight, bias, dtype=lora_A.dtype), lora_A, lora_B, magnitude, scale, p,
+                                  seed, train)
         return y.to(x.dtype), h, z, n
-    fn = triton_forward if x.is_cuda and _use_triton(x) else _torch_forward
+    fn = triton_forward if x.is_cuda and triton_takes(x) else _torch_forward
     return fn(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
 
 
-def _backward_impl(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx):
+def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx):
+    """(dx, dA, dB, dm) of ``dora_forward``: dx in the base dtype, the rest in the adapter dtype."""
     if x.dtype != lora_A.dtype:
-        dx, d_a, d_b, d_m = _backward_impl(*_up(grad, x, weight, dtype=lora_A.dtype), lora_A, lora_B, magnitude, h,
-                                           z, n, scale, p, seed, train, need_dx)
+        dx, d_a, d_b, d_m = dora_backward(*_up(grad, x, weight, dtype=lora_A.dtype), lora_A, lora_B, magnitude, h,
+                                          z, n, scale, p, seed, train, need_dx)
         return dx.to(x.dtype), d_a, d_b, d_m
-    fn = triton_backward if x.is_cuda and _use_triton(x) else _torch_backward
+    fn = triton_backward if x.is_cuda and triton_takes(x) else _torch_backward
     return fn(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
 
 
@@ -337,7 +337,7 @@ def _backward_impl(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p
 def _dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, scale: float, p: float, seed: torch.Tensor,
                     train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
+    return dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, train)
 
 
 @_dora_linear_op.register_fake
@@ -353,7 +353,7 @@ def _dora_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.
                              lora_B: torch.Tensor, magnitude: torch.Tensor, h: torch.Tensor, z: torch.Tensor,
                              n: torch.Tensor, scale: float, p: float, seed: torch.Tensor, train: bool,
                              need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
+    return dora_backward(grad, x, weight, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
 
 
 @_dora_linear_backward_op.register_fake
@@ -380,7 +380,7 @@ def _backward(ctx, grad, _gh, _gz, _gn):
     d_w = None
     if need[1]:  # trainable base only: d/dW of x W^T + (mn - 1) x_d W^T (the norm is detached)
         mn = magnitude / n
-        if _dropout_on(p, train):
+        if dropout_on(p, train):
             d_w = torch.mm(g.t(), x2).addmm_((g * (mn - 1)).t(), x2 * _mask(seed, x2, p))
         else:
             d_w = torch.mm((g * mn).t(), x2)
@@ -398,6 +398,6 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, p: flo
     """Call the op and return y; draws a seed from the global RNG when dropout is on and none is given."""
     _check(x, weight, bias, lora_A, lora_B, magnitude, p)
     if seed is None:
-        seed = draw_seed(x.device) if _dropout_on(p, train) else torch.zeros((), dtype=torch.int64, device=x.device)
+        seed = draw_seed(x.device) if dropout_on(p, train) else zero_seed(x.device)
     return torch.ops.peftc.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scale), float(p), seed,
                                        bool(train))[0]

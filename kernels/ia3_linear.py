@@ -21,10 +21,10 @@ would add a full GEMM to a backward that is otherwise one GEMM (+50% FLOPs on a 
 Deriving u = y / l would save even that but breaks where l has zeros.
 
 Devices: CPU (and dtypes Triton does not take) runs fused torch code (addmm, one elementwise
-scale). CUDA fp16/bf16/fp32 runs ``_scaled_mm_kernel``: one strided GEMM whose prologue scales
+scale). CUDA fp16/bf16/fp32 runs ``gemm.scaled_mm``: one strided GEMM whose prologue scales
 the A operand along K and whose epilogue adds the bias, optionally stores the unscaled tile and
-scales columns; dl is a column-sum kernel (deterministic, no atomics). x, weight (and bias) share
-the base dtype; l may be in another (fp32 on a bf16 base, as HF PEFT keeps it): then the scaling
+scales columns; dl is a column sum (``gemm.colsum``: deterministic, no atomics). x, weight (and
+bias) share the base dtype; l may be in another (fp32 on a bf16 base, as HF PEFT keeps it): then the scaling
 runs in l's dtype and casts back, exactly PEFT's order, on the torch code (CPU and CUDA).
 
     >>> y = ia3_linear(x, W, b, l, "out")   # l: (out,)
@@ -32,22 +32,11 @@ runs in l's dtype and casts back, exactly PEFT's order, on the torch code (CPU a
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from peftc.kernels.lora_linear import BLOCKS
+from peftc.kernels.gemm import colsum, scaled_mm, triton_takes
 
-try:
-    import triton
-    import triton.language as tl
-
-    from peftc.kernels.lora_linear import _dot
-except ImportError:  # pragma: no cover - triton is a Linux-only dependency
-    triton = None
-
-__all__ = ["ia3_linear", "ia3_linear_reference", "scaled_mm", "colsum", "triton_forward", "triton_backward",
-           "MODES"]
+__all__ = ["ia3_linear", "ia3_linear_reference", "triton_forward", "triton_backward", "MODES"]
 
 MODES = ("out", "in")
 
@@ -105,93 +94,7 @@ def _torch_backward(grad, x, weight, vec, u, mode, need_dx):
     return ((_v(v, vec) * vec).to(x.dtype).view(x.shape) if need_dx else x.new_empty(0)), dl
 
 
-# ---------------------------------------------------------------- Triton kernels and launchers
-
-if triton is not None:
-
-    @triton.jit
-    def _scaled_mm_kernel(
-        a_ptr, b_ptr, c_ptr,  # C[M, N] = alpha * (A[M, K] * pro[K]) @ B[K, N], any strides
-        u_ptr,  # (M, N): the tile before the column scale, stored when STORE_U
-        bias_ptr,  # (N,): added after alpha, when HAS_BIAS
-        pro_ptr,  # (K,): scales A's columns before the dot, when PRO
-        col_ptr,  # (N,): scales C's columns last, when COL
-        M, N, K,
-        s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_um, s_un,
-        alpha,
-        HAS_BIAS: tl.constexpr, PRO: tl.constexpr, COL: tl.constexpr, STORE_U: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_m, in_n = rm[:, None] < M, rn[None, :] < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=in_m & (rk[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=(rk[:, None] < K) & in_n, other=0.0)
-            if PRO:  # rounded to A's dtype, as the torch path's x * vec
-                s = tl.load(pro_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-                a = (a.to(tl.float32) * s[None, :]).to(a.dtype)
-            acc += _dot(a, b, PRECISION, UPCAST)
-        acc = acc * alpha
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if STORE_U:
-            tl.store(u_ptr + rm[:, None] * s_um + rn[None, :] * s_un, acc.to(u_ptr.dtype.element_ty),
-                     mask=in_m & in_n)
-        if COL:
-            acc = acc * tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=in_m & in_n)
-
-    @triton.jit
-    def _colsum_kernel(
-        a_ptr, b_ptr, out_ptr,  # out[N] = sum_m A[m, n] * B[m, n], fp32 accumulation
-        M, N, s_am, s_an, s_bm, s_bn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            mask = (rm[:, None] < M) & (rn[None, :] < N)
-            a = tl.load(a_ptr + rm[:, None] * s_am + rn[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + rm[:, None] * s_bm + rn[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(a * b, axis=0)
-        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
-
-
-def scaled_mm(a, b, *, out_dtype, alpha=1.0, bias=None, pro=None, col=None, store_u=False, blocks=None):
-    """Launch ``_scaled_mm_kernel`` on 2-D (possibly transposed) views: returns C, or (C, U)."""
-    if triton is None:
-        raise RuntimeError("ia3_linear: the Triton path needs the triton package")
-    (m, k), (k2, n) = a.shape, b.shape
-    if k != k2:
-        raise ValueError(f"scaled_mm: inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    if max(a.numel(), b.numel(), m * n) >= 2**31:
-        raise ValueError(f"scaled_mm: Triton indexes with int32; got {tuple(a.shape)} @ {tuple(b.shape)}")
-    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    u = torch.empty_like(c) if store_u else c
-    bm, bn, bk = blocks or BLOCKS
-    bm, bn = min(bm, max(16, triton.next_power_of_2(m))), min(bn, max(16, triton.next_power_of_2(n)))
-    ieee = a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    _scaled_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        a, b, c, u, c if bias is None else bias, c if pro is None else pro, c if col is None else col,
-        m, n, k, *a.stride(), *b.stride(), *c.stride(), *u.stride(), float(alpha),
-        HAS_BIAS=bias is not None, PRO=pro is not None, COL=col is not None, STORE_U=store_u,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="ieee" if ieee else "tf32",
-        UPCAST=a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-    )
-    return (c, u) if store_u else c
-
-
-def colsum(a, b, *, out_dtype, block=(32, 64)):
-    """sum over rows of a * b (both (M, N)) as (N,), by ``_colsum_kernel``."""
-    (m, n), bm, bn = a.shape, *block
-    out = torch.empty(n, dtype=out_dtype, device=a.device)
-    _colsum_kernel[(triton.cdiv(n, bn),)](a, b, out, m, n, *a.stride(), *b.stride(), BLOCK_M=bm, BLOCK_N=bn)
-    return out
+# ---------------------------------------------------------------- Triton launchers (gemm's kernels)
 
 
 def triton_forward(x, weight, bias, vec, mode, blocks=None):
@@ -218,8 +121,7 @@ def triton_backward(grad, x, weight, vec, u, mode, need_dx, blocks=None):
 
 def _use_triton(x, vec=None) -> bool:
     """Triton takes fp16/bf16/fp32 with the vector in x's dtype; mixed dtypes run the torch code."""
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
-        (vec is None or vec.dtype == x.dtype)
+    return triton_takes(x) and (vec is None or vec.dtype == x.dtype)
 
 
 # ---------------------------------------------------------------- custom-op registration

@@ -17,6 +17,12 @@ low-rank work is one adapter's, whatever n is. Op (registered on import)::
         h (rows, r_max): drop_k(x) A_k^T per row, zero-padded to the largest rank, non-differentiable,
         saved for backward; its row order is the device path's own (CPU: sorted by slot; CUDA: as x)
 
+Dtypes: y and x share the base dtype, every A and B one adapter dtype. With fp32 adapters on a
+bf16/fp16 base (HF PEFT's default, ``autocast_adapter_dtype``) the adapter path runs as PEFT's LoRA
+does: x cast to the adapter dtype, the term added to y after promotion and the sum cast back,
+``out[t] = (y[t] + s_k drop_k(x[t].to(A.dtype)) A_k^T B_k^T).to(y.dtype)`` (what the masked graph and
+each sample run alone compute); h, dA, dB in the adapter dtype, dx in the base dtype.
+
 Backward, g = d out: dy = g; for the rows of slot k (keep_k/(1-p_k) the mask, as drawn forward)::
 
     gb = s_k g B_k     dx = keep_k/(1-p_k) * gb A_k  (0 on base rows)     dA_k = gb^T drop_k(x)     dB_k = s_k g^T h
@@ -33,11 +39,11 @@ kernels reduce each slot's rows). The devices draw different masks; each agrees 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from peftc.capture import register_train_flag
+from peftc.kernels.common import FLOATS, as_dtype, draw_seed, dropout_on, zero_seed
+from peftc.kernels.gemm import precision, triton_seed, triton_takes, upcast
 
 try:
     import triton
@@ -45,18 +51,13 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
-__all__ = ["lora_sgmv", "lora_sgmv_reference", "keep_mask", "draw_seed", "triton_forward", "triton_backward",
-           "triton_keep_mask", "BLOCKS"]
+__all__ = ["lora_sgmv", "lora_sgmv_reference", "keep_mask", "triton_forward", "triton_backward", "triton_keep_mask",
+           "BLOCKS"]
 
 BLOCKS = (32, 64, 32)  # Triton (BLOCK_M rows, BLOCK_N, BLOCK_K); small M: a segment is a few samples
 
 
 # ---------------------------------------------------------------- torch reference and CPU path
-
-
-def draw_seed(device=None) -> torch.Tensor:
-    """A fresh dropout seed from the global RNG (so ``torch.manual_seed`` repeats a run)."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def keep_mask(seed, slot: int, shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -67,19 +68,18 @@ def keep_mask(seed, slot: int, shape, p: float, dtype=torch.float32, device=None
 
 
 def lora_sgmv_reference(y, x, index, slots, lora_As, lora_Bs, scales, masks=None):
-    """Eager semantics, sample by sample; ``masks[k]`` a scaled keep mask shaped like x (or None)."""
+    """Eager semantics, sample by sample; ``masks[k]`` a scaled keep mask shaped like x (or None).
+    Adapters in another dtype than x, y (fp32 on bf16): as HF PEFT's LoRA, x cast to the adapter
+    dtype, the term added to y after promotion and the sum cast back."""
     batch = index.shape[0]
     x3, out = x.reshape(batch, -1, x.shape[-1]), y.reshape(batch, -1, y.shape[-1]).clone()
     for b, i in enumerate(index.tolist()):
         if i in slots:
             k = slots.index(i)
-            xb = x3[b] if masks is None or masks[k] is None else x3[b] * masks[k].reshape(x3.shape)[b]
-            out[b] = out[b] + scales[k] * ((xb @ lora_As[k].t()) @ lora_Bs[k].t())
+            xb = x3[b].to(lora_As[k].dtype)
+            xb = xb if masks is None or masks[k] is None else xb * masks[k].reshape(x3.shape)[b].to(xb.dtype)
+            out[b] = (out[b] + scales[k] * ((xb @ lora_As[k].t()) @ lora_Bs[k].t())).to(y.dtype)
     return out.reshape(y.shape)
-
-
-def _on(p: float, train: bool) -> bool:
-    return bool(train) and p > 0.0
 
 
 def _check(y, x, index, slots, lora_As, lora_Bs, scales, dropouts):
@@ -97,8 +97,10 @@ def _check(y, x, index, slots, lora_As, lora_Bs, scales, dropouts):
     for a, bb in zip(lora_As, lora_Bs):
         if a.dim() != 2 or a.shape[1] != d or tuple(bb.shape) != (o, a.shape[0]):
             raise ValueError(f"lora_sgmv: lora_A {tuple(a.shape)}, lora_B {tuple(bb.shape)}: want (r, {d}), ({o}, r)")
-        if a.dtype != x.dtype or bb.dtype != x.dtype:
-            raise ValueError(f"lora_sgmv: adapters must have x's dtype {x.dtype}, got {a.dtype}, {bb.dtype}")
+    dtypes = {t.dtype for t in (*lora_As, *lora_Bs)}
+    if y.dtype != x.dtype or len(dtypes) > 1 or not dtypes <= set(FLOATS):
+        raise ValueError(f"lora_sgmv: x and y share the base dtype, every lora_A and lora_B one float adapter dtype "
+                         f"(e.g. fp32 on a bf16 base); got x {x.dtype}, y {y.dtype}, adapters {sorted(map(str, dtypes))}")
     if not all(0.0 <= p < 1.0 for p in dropouts):
         raise ValueError(f"lora_sgmv: dropouts {dropouts}, want 0 <= p < 1")
 
@@ -127,32 +129,41 @@ def _gather(t3, order, n):
 
 def _torch_forward(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train):
     """One gather of the adapted rows (sorted by slot), per slot two GEMMs into slices of
-    preallocated buffers, one index_add_ into the output. h is kept in that sorted row order."""
-    batch, r_max = index.shape[0], max(a.shape[0] for a in lora_As)
+    preallocated buffers, one index_add_ into the output. h is kept in that sorted row order.
+    Adapters in another dtype (fp32 on bf16): the gathered rows are cast to it, and the adapted
+    rows of the output become (y + delta).to(y.dtype), HF PEFT's promotion."""
+    batch, r_max, ad = index.shape[0], max(a.shape[0] for a in lora_As), lora_As[0].dtype
     x3 = x.reshape(batch, -1, x.shape[-1])
     out = y.reshape(batch, -1, y.shape[-1]).clone()
     rows = x3.shape[1]
-    h = x.new_zeros(batch * rows, r_max)
+    h = x.new_zeros(batch * rows, r_max, dtype=ad)
     order, n, segs = _segments(index, slots)
     if n == 0:
         return out.view(y.shape), h
-    xs = _gather(x3, order, n)
-    delta = y.new_empty(n * rows, y.shape[-1])
+    xs = as_dtype(_gather(x3, order, n), ad)
+    delta = h.new_empty(n * rows, y.shape[-1])
     for k, first, count in segs:
         lo, hi, r = first * rows, (first + count) * rows, lora_As[k].shape[0]
         xk = xs[lo:hi]
-        if _on(dropouts[k], train):
-            xk = xk * keep_mask(seed, k, xk.shape, dropouts[k], x.dtype, x.device)
+        if dropout_on(dropouts[k], train):
+            xk = xk * keep_mask(seed, k, xk.shape, dropouts[k], ad, x.device)
         if r == r_max:
             hk = torch.mm(xk, lora_As[k].t(), out=h[lo:hi])
         else:
             hk = torch.mm(xk, lora_As[k].t())
             h[lo:hi, :r] = hk
         torch.addmm(delta[lo:hi], hk, lora_Bs[k].t(), beta=0, alpha=scales[k], out=delta[lo:hi])
-    if order is None:
-        out[:n] += delta.view(n, rows, -1)
+    delta = delta.view(n, rows, -1)
+    if ad != y.dtype:  # the adapted rows: (y + delta) in the adapter dtype, cast back
+        delta = delta.add_(_gather(out, order, n).view(delta.shape)).to(y.dtype)
+        if order is None:
+            out[:n] = delta
+        else:
+            out.index_copy_(0, order, delta)
+    elif order is None:
+        out[:n] += delta
     else:
-        out.index_add_(0, order, delta.view(n, rows, -1))
+        out.index_add_(0, order, delta)
     return out.view(y.shape), h
 
 
@@ -165,12 +176,13 @@ def _torch_backward(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts
     order, n, segs = _segments(index, slots)
     if n == 0:
         return (dx.view(x.shape) if need_dx else dx), d_as, d_bs
-    xs, gs = _gather(x3, order, n), _gather(g3, order, n)
-    dxs = x.new_empty(n * rows, x.shape[-1]) if need_dx else None
+    ad = lora_As[0].dtype  # the adapter path runs in its dtype: x, g cast up (fp32 adapters on bf16)
+    xs, gs = as_dtype(_gather(x3, order, n), ad), as_dtype(_gather(g3, order, n), ad)
+    dxs = xs.new_empty(n * rows, x.shape[-1]) if need_dx else None
     for k, first, count in segs:
         lo, hi, r = first * rows, (first + count) * rows, lora_As[k].shape[0]
         xk, gk, hk = xs[lo:hi], gs[lo:hi], h[lo:hi, :r]
-        mask = keep_mask(seed, k, xk.shape, dropouts[k], x.dtype, x.device) if _on(dropouts[k], train) else None
+        mask = keep_mask(seed, k, xk.shape, dropouts[k], ad, x.device) if dropout_on(dropouts[k], train) else None
         gb = torch.mm(gk, lora_Bs[k]).mul_(scales[k])  # s g B: (rows, r)
         d_as[k] = torch.mm(gb.t(), xk if mask is None else xk * mask)
         d_bs[k] = torch.mm(hk.t(), gk).mul_(scales[k]).t().contiguous()
@@ -179,10 +191,11 @@ def _torch_backward(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts
             if mask is not None:
                 dxs[lo:hi].mul_(mask)
     if need_dx:
+        dxs = as_dtype(dxs.view(n, rows, -1), x.dtype)
         if order is None:
-            dx[:n] = dxs.view(n, rows, -1)
+            dx[:n] = dxs
         else:
-            dx.index_copy_(0, order, dxs.view(n, rows, -1))
+            dx.index_copy_(0, order, dxs)
     return (dx.view(x.shape) if need_dx else dx), d_as, d_bs
 
 
@@ -198,7 +211,8 @@ if triton is not None:
         R, KD, N, s_xm, s_xk, s_wb, s_wk, s_wn, s_cm, s_cn, drop_ld,
         ACC: tl.constexpr,  # add into C (else store)
         DROP: tl.constexpr,  # 0 none; 1 mask X (row, k); 3 mask the result (row, n): keep = rand(seed + k, row * ld + col) >= p_k
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         slot = tl.program_id(2)
         start, end = tl.load(seg_ptr + slot) * R, tl.load(seg_ptr + slot + 1) * R  # in sorted rows
@@ -220,9 +234,10 @@ if triton is not None:
                             mask=(rk[:, None] < KD) & in_n[None, :], other=0.0)
                 if DROP == 1:
                     a = tl.where(tl.rand(seed, row[:, None] * drop_ld + rk[None, :]) >= p, a, 0.0)
+                a = a.to(b.dtype)  # X's tile in the adapter's dtype (W is always an adapter: PEFT's x.to(A.dtype))
                 if UPCAST:  # triton's interpreter multiplies raw bf16 bit patterns: take fp32 there
                     a, b = a.to(tl.float32), b.to(tl.float32)
-                acc += tl.dot(a, b.to(a.dtype))
+                acc += tl.dot(a, b, input_precision=PRECISION)
             if DROP == 3:
                 acc = tl.where(tl.rand(seed, row[:, None] * drop_ld + rn[None, :]) >= p, acc, 0.0)
             acc = acc * tl.load(alpha_ptr + slot)
@@ -238,7 +253,8 @@ if triton is not None:
         order_ptr, seg_ptr, alpha_ptr, drop_ptr, seed_ptr,
         R, AD, BD, s_pm, s_pa, s_qm, s_qb, s_db, s_da, s_dn, drop_ld,
         DROP: tl.constexpr,  # 1: Q is x, masked at (row, b) as forward
-        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         slot = tl.program_id(2)
         start, end = tl.load(seg_ptr + slot) * R, tl.load(seg_ptr + slot + 1) * R
@@ -257,9 +273,10 @@ if triton is not None:
                         other=0.0)
             if DROP == 1:
                 q = tl.where(tl.rand(seed, row[:, None] * drop_ld + rb[None, :]) >= p, q, 0.0)
+            pt, q = pt.to(d_ptr.dtype.element_ty), q.to(d_ptr.dtype.element_ty)  # both in the adapter's dtype
             if UPCAST:
                 pt, q = pt.to(tl.float32), q.to(tl.float32)
-            acc += tl.dot(pt, q.to(pt.dtype))
+            acc += tl.dot(pt, q, input_precision=PRECISION)
         acc = acc * tl.load(alpha_ptr + slot)
         tl.store(d_ptr + slot * s_db + ra[:, None] * s_da + rb[None, :] * s_dn, acc.to(d_ptr.dtype.element_ty),
                  mask=(ra[:, None] < AD) & (rb[None, :] < BD))
@@ -288,10 +305,6 @@ def _stack(mats, rows, cols):
     return out
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _sgmv(x, w, c, order, seg, R, alpha, p, seed, *, acc=False, drop=0, blocks=None):
     """Launch ``_sgmv_kernel``: c[rows of slot k] (+)= alpha_k X W_k, W (K, KD, N) any strides."""
     bm, bn, bk = blocks or BLOCKS
@@ -302,7 +315,7 @@ def _sgmv(x, w, c, order, seg, R, alpha, p, seed, *, acc=False, drop=0, blocks=N
     grid = (triton.cdiv(n_rows, bm), triton.cdiv(n, bn), K)
     _sgmv_kernel[grid](x, w, c, order, seg, alpha, p, seed, R, kd, n, *x.stride(), *w.stride(), *c.stride(),
                        x.shape[1] if drop == 1 else c.shape[1], ACC=acc, DROP=drop, BLOCK_M=bm, BLOCK_N=bn,
-                       BLOCK_K=bk, UPCAST=x.dtype == torch.bfloat16 and _interpreting())
+                       BLOCK_K=bk, PRECISION=precision(w), UPCAST=upcast(x) or upcast(w))
     return c
 
 
@@ -314,19 +327,18 @@ def _wgrad(pm, qm, K, order, seg, R, alpha, p, seed, *, out_dtype, drop=0, block
     d = torch.empty(K, ad, bd, dtype=out_dtype, device=pm.device)
     grid = (triton.cdiv(ad, ba), triton.cdiv(bd, bb), K)
     _sgmv_wgrad_kernel[grid](pm, qm, d, order, seg, alpha, p, seed, R, ad, bd, *pm.stride(), *qm.stride(),
-                             *d.stride(), bd, DROP=drop, BLOCK_A=ba, BLOCK_B=bb, BLOCK_T=bk,
-                             UPCAST=pm.dtype == torch.bfloat16 and _interpreting())
+                             *d.stride(), bd, DROP=drop, BLOCK_A=ba, BLOCK_B=bb, BLOCK_T=bk, PRECISION=precision(d),
+                             UPCAST=upcast(d))
     return d
 
 
 def _triton_args(x, index, slots, dropouts, seed, train):
-    if triton is None:
-        raise RuntimeError("lora_sgmv: the Triton path needs the triton package")
+    seed = triton_seed(x, seed, "lora_sgmv")
     order, seg = _plan(index, slots)
-    on = [_on(p, train) for p in dropouts]
+    on = [dropout_on(p, train) for p in dropouts]
     inv = [1.0 / (1.0 - p) if o else 1.0 for p, o in zip(dropouts, on)]
     p = _vec([q if o else 0.0 for q, o in zip(dropouts, on)], x.device)
-    return order, seg, inv, p, seed.to(device=x.device, dtype=torch.int64), 1 if any(on) else 0
+    return order, seg, inv, p, seed, 1 if any(on) else 0
 
 
 def triton_forward(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train, blocks=None):
@@ -336,7 +348,7 @@ def triton_forward(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed,
     r_max = max(a.shape[0] for a in lora_As)
     a_t = _stack(lora_As, r_max, x.shape[-1]).transpose(1, 2)  # (K, in, r_max)
     b_t = _stack(lora_Bs, y.shape[-1], r_max).transpose(1, 2)  # (K, r_max, out)
-    h = x.new_zeros(x2.shape[0], r_max)
+    h = a_t.new_zeros(x2.shape[0], r_max)  # in the adapter dtype; out = (y + s h B^T).to(y.dtype) in fp32
     _sgmv(x2, a_t, h, order, seg, R, _vec(inv, x.device), p, seed, drop=drop, blocks=blocks)
     out = y.reshape(-1, y.shape[-1]).clone()
     _sgmv(h, b_t, out, order, seg, R, _vec(scales, x.device), p, seed, acc=True, blocks=blocks)
@@ -350,7 +362,7 @@ def triton_backward(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts
     R, K, r_max = x2.shape[0] // index.shape[0], len(slots), h.shape[1]
     a_s, b_s = _stack(lora_As, r_max, x.shape[-1]), _stack(lora_Bs, g.shape[1], r_max)  # (K, r, in), (K, out, r)
     ones, s_inv = _vec([1.0] * K, x.device), _vec([s * i for s, i in zip(scales, inv)], x.device)
-    gb = _sgmv(g, b_s, g.new_zeros(g.shape[0], r_max), order, seg, R, ones, p, seed, blocks=blocks)
+    gb = _sgmv(g, b_s, b_s.new_zeros(g.shape[0], r_max), order, seg, R, ones, p, seed, blocks=blocks)
     d_a = _wgrad(gb, x2, K, order, seg, R, s_inv, p, seed, out_dtype=lora_As[0].dtype, drop=drop, blocks=blocks)
     d_b = _wgrad(g, h, K, order, seg, R, _vec(scales, x.device), p, seed, out_dtype=lora_Bs[0].dtype, blocks=blocks)
     d_as = [d_a[k, :a.shape[0]].contiguous() for k, a in enumerate(lora_As)]
@@ -371,10 +383,6 @@ def triton_keep_mask(seed, slot: int, rows: int, features: int, p: float, device
                  s, drop=1, blocks=(16, 16, 16))
 
 
-def _use_triton(x) -> bool:
-    return triton is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
 # ---------------------------------------------------------------- custom-op registration
 
 
@@ -387,14 +395,14 @@ def _lora_sgmv_op(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, slots: 
 
 @_lora_sgmv_op.register_kernel("cuda")
 def _(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train):
-    fn = triton_forward if _use_triton(x) else _torch_forward
+    fn = triton_forward if triton_takes(x, lora_As[0]) else _torch_forward
     return fn(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train)
 
 
 @_lora_sgmv_op.register_fake
 def _(y, x, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train):
     _check(y, x, index, slots, lora_As, lora_Bs, scales, dropouts)
-    return torch.empty_like(y), x.new_empty(x.numel() // x.shape[-1], max(a.shape[0] for a in lora_As))
+    return torch.empty_like(y), lora_As[0].new_empty(x.numel() // x.shape[-1], max(a.shape[0] for a in lora_As))
 
 
 @torch.library.custom_op("peftc::lora_sgmv_backward", mutates_args=())
@@ -407,7 +415,7 @@ def _lora_sgmv_backward_op(grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
 
 @_lora_sgmv_backward_op.register_kernel("cuda")
 def _(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train, need_dx):
-    fn = triton_backward if _use_triton(x) else _torch_backward
+    fn = triton_backward if triton_takes(x, lora_As[0]) else _torch_backward
     return fn(grad, x, h, index, slots, lora_As, lora_Bs, scales, dropouts, seed, train, need_dx)
 
 
@@ -444,7 +452,7 @@ def lora_sgmv(y, x, index, slots, lora_As, lora_Bs, scales, dropouts=None, train
     dropouts = [0.0] * len(slots) if dropouts is None else [float(p) for p in dropouts]
     _check(y, x, index, list(slots), lora_As, lora_Bs, scales, dropouts)
     if seed is None:
-        on = any(_on(p, train) for p in dropouts)
-        seed = draw_seed(x.device) if on else torch.zeros((), dtype=torch.int64, device=x.device)
+        on = any(dropout_on(p, train) for p in dropouts)
+        seed = draw_seed(x.device) if on else zero_seed(x.device)
     return torch.ops.peftc.lora_sgmv(y, x, index, [int(s) for s in slots], list(lora_As), list(lora_Bs),
                                      [float(s) for s in scales], dropouts, seed, bool(train))[0]

@@ -43,20 +43,20 @@ import torch
 
 from peftc.capture import register_train_flag
 from peftc.kernels import lora_triton as LT
-from peftc.kernels.lora_linear import (
-    _add_low_rank,
-    _as,
-    _check,
-    _drop_bits,
-    _dropout_on,
-    _no_bits,
-    _triton_seed,
-    _use_triton,
+from peftc.kernels.common import (
+    add_low_rank,
+    as_dtype,
+    check_lora,
     draw_seed,
-    lora_linear_reference,
+    drop_bits,
+    dropout_on,
+    no_bits,
     pack_bits,
     unpack_bits,
+    zero_seed,
 )
+from peftc.kernels.gemm import triton_seed, triton_takes
+from peftc.kernels.lora_linear import lora_linear_reference
 
 __all__ = ["lora_siblings", "lora_siblings_reference", "triton_forward", "triton_backward"]
 
@@ -73,7 +73,7 @@ def _check_all(x, weights, biases, lora_As, lora_Bs, scales, p):
         raise ValueError(f"lora_siblings: want n >= 1 weights, biases, lora_As, lora_Bs, scales alike; got "
                          f"{n}, {len(biases)}, {len(lora_As)}, {len(lora_Bs)}, {len(scales)}")
     for w, b, a, bb in zip(weights, biases, lora_As, lora_Bs):
-        _check(x, w, b, a, bb, p)
+        check_lora(x, w, b, a, bb, p, "lora_siblings")
     if len({a.dtype for a in lora_As}) > 1:
         raise ValueError(f"lora_siblings: the adapters share a dtype, got {[a.dtype for a in lora_As]}")
     _check_bias_grad(biases)
@@ -99,32 +99,32 @@ def _blocks(lora_As):
 def _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
     """(ys, h, bits): bits is the packed drop mask kept for backward (CPU, dropout on) or empty."""
     x2 = x.reshape(-1, x.shape[-1])
-    xa, bits = _as(x2, lora_As[0].dtype), _no_bits(x)
-    if _dropout_on(p, train):
-        drop = _drop_bits(seed, x2.shape, p, x.device)
+    xa, bits = as_dtype(x2, lora_As[0].dtype), no_bits(x)
+    if dropout_on(p, train):
+        drop = drop_bits(seed, x2.shape, p, x.device)
         xa = xa.masked_fill(drop, 0.0)
         bits = pack_bits(drop) if x.device.type == "cpu" else bits
     h = torch.mm(xa, torch.cat(lora_As).t())  # all siblings' x A_i^T in one GEMM
-    if _dropout_on(p, train):
+    if dropout_on(p, train):
         h.mul_(1.0 / (1.0 - p))
     ys = []
     for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As)):
         y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
-        ys.append(_add_low_rank(y, h[:, lo:hi], bb, s).view(*x.shape[:-1], w.shape[0]))
+        ys.append(add_low_rank(y, h[:, lo:hi], bb, s).view(*x.shape[:-1], w.shape[0]))
     return ys, h, bits
 
 
 def _torch_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, seed, train, need_dx):
     x2 = x.reshape(-1, x.shape[-1])
     gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-    on, ad = _dropout_on(p, train), lora_As[0].dtype
+    on, ad = dropout_on(p, train), lora_As[0].dtype
     drop = None
     if on:
-        drop = unpack_bits(bits, x2.shape[1]) if bits.numel() else _drop_bits(seed, x2.shape, p, x.device)
+        drop = unpack_bits(bits, x2.shape[1]) if bits.numel() else drop_bits(seed, x2.shape, p, x.device)
     inv = 1.0 / (1.0 - p) if on else 1.0
-    gas = [_as(g, ad) for g in gs]
+    gas = [as_dtype(g, ad) for g in gs]
     gbs = torch.cat([torch.mm(g, bb).mul_(s * inv) for g, bb, s in zip(gas, lora_Bs, scales)], dim=1)  # (T, R)
-    xa = _as(x2, ad)
+    xa = as_dtype(x2, ad)
     d_a = torch.mm(gbs.t(), xa if drop is None else xa.masked_fill(drop, 0.0))  # (R, in): every dA_i
     d_as = [d_a[lo:hi].clone() for lo, hi in _blocks(lora_As)]  # an op's outputs may not alias each other
     d_bs = [torch.mm(h[:, lo:hi].t(), g).mul_(s).t().contiguous()
@@ -147,10 +147,10 @@ def _torch_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, see
 
 def triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train, configs=None):
     """h = drop(x) [A_1; ...]^T in one ``down``; y_i = addmm (cuBLAS), then ``accumulate`` s_i h_i B_i^T."""
-    seed = _triton_seed(x, seed)
+    seed = triton_seed(x, seed, "lora_siblings")
     down_cfg, acc_cfg = configs or (None, None)
     x2 = x.reshape(-1, x.shape[-1])
-    on = _dropout_on(p, train)
+    on = dropout_on(p, train)
     h = LT.down(x2, torch.cat(lora_As), alpha=1 / (1 - p) if on else 1.0, drop=on, seed=seed, p=p, config=down_cfg)
     ys = []
     for w, b, bb, s, (lo, hi) in zip(weights, biases, lora_Bs, scales, _blocks(lora_As)):
@@ -162,11 +162,11 @@ def triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train,
 def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx, configs=None):
     """(dx, dAs, dBs): gbs by one ``down`` per sibling, every dA in one split-K ``wgrad``, dx = sum g_i W_i
     on cuBLAS plus keep/(1-p) gbs [A_1; ...] by one ``accumulate``."""
-    seed = _triton_seed(x, seed)
+    seed = triton_seed(x, seed, "lora_siblings")
     down_cfg, acc_cfg, wg_cfg = configs or (None, None, None)
     x2 = x.reshape(-1, x.shape[-1])
     gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-    on = _dropout_on(p, train)
+    on = dropout_on(p, train)
     inv = 1 / (1 - p) if on else 1.0
     spans = _blocks(lora_As)
     gbs = torch.cat([LT.down(g, bb.t(), alpha=s, config=down_cfg) for g, bb, s in zip(gs, lora_Bs, scales)], dim=1)
@@ -189,8 +189,8 @@ def triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, tra
 def _lora_siblings_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                       lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], scales: list[float], p: float,
                       seed: torch.Tensor, train: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    if _use_triton(x, lora_As[0]) and x.is_cuda:
-        return (*triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train), _no_bits(x))
+    if triton_takes(x, lora_As[0]) and x.is_cuda:
+        return (*triton_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train), no_bits(x))
     return _torch_forward(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train)
 
 
@@ -199,8 +199,8 @@ def _(x, weights, biases, lora_As, lora_Bs, scales, p, seed, train):
     _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
     ys = [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
     tokens = x.numel() // x.shape[-1]
-    keep = _dropout_on(p, train) and x.device.type == "cpu"
-    bits = x.new_empty(tokens, -(-x.shape[-1] // 8), dtype=torch.uint8) if keep else _no_bits(x)
+    keep = dropout_on(p, train) and x.device.type == "cpu"
+    bits = x.new_empty(tokens, -(-x.shape[-1] // 8), dtype=torch.uint8) if keep else no_bits(x)
     return ys, lora_As[0].new_empty(tokens, sum(a.shape[0] for a in lora_As)), bits
 
 
@@ -209,7 +209,7 @@ def _lora_siblings_backward_op(grads: list[torch.Tensor], x: torch.Tensor, weigh
                                lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], h: torch.Tensor,
                                bits: torch.Tensor, scales: list[float], p: float, seed: torch.Tensor, train: bool,
                                need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    if _use_triton(x, lora_As[0]) and x.is_cuda:
+    if triton_takes(x, lora_As[0]) and x.is_cuda:
         return triton_backward(grads, x, weights, lora_As, lora_Bs, h, scales, p, seed, train, need_dx)
     return _torch_backward(grads, x, weights, lora_As, lora_Bs, h, bits, scales, p, seed, train, need_dx)
 
@@ -253,7 +253,7 @@ def lora_siblings(x, weights, biases, lora_As, lora_Bs, scales, p: float = 0.0, 
     """Call the op; draws a seed from the global RNG when dropout is on and none is given."""
     _check_all(x, weights, biases, lora_As, lora_Bs, scales, p)
     if seed is None:
-        seed = draw_seed(x.device) if _dropout_on(p, train) else torch.zeros((), dtype=torch.int64, device=x.device)
+        seed = draw_seed(x.device) if dropout_on(p, train) else zero_seed(x.device)
     ys, _, _ = torch.ops.peftc.lora_siblings(x, list(weights), list(biases), list(lora_As), list(lora_Bs),
                                           [float(s) for s in scales], float(p), seed, bool(train))
     return ys

@@ -31,6 +31,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from peftc.kernels.gemm import dot
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
@@ -61,12 +63,6 @@ def rank_block(r: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        if UPCAST:  # triton 3.9's interpreter multiplies raw bf16 bit patterns: take fp32 there
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
     def _down_kernel(
         x_ptr, w_ptr, h_ptr,  # h[M, R] = alpha * drop(x)[M, K] @ w[R, K]^T (x cast to w's dtype)
         seed_ptr,  # int64 scalar, read when DROP
@@ -86,7 +82,7 @@ if triton is not None:
                         other=0.0)
             if DROP:
                 x = tl.where(tl.rand(seed, rm[:, None] * drop_ld + rk[None, :]) >= p, x, 0.0)
-            acc += _dot(x.to(w.dtype), w, PRECISION, UPCAST)
+            acc += dot(x.to(w.dtype), w, PRECISION, UPCAST)
         tl.store(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr, (acc * alpha).to(h_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rr[None, :] < R))
 
@@ -106,7 +102,7 @@ if triton is not None:
             rr = r0 + tl.arange(0, BLOCK_R)
             e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=in_m & (rr[None, :] < R), other=0.0)
             f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & in_n, other=0.0)
-            low += _dot(e, f.to(e.dtype), PRECISION, UPCAST)
+            low += dot(e, f.to(e.dtype), PRECISION, UPCAST)
         if DROP:
             low = tl.where(tl.rand(tl.load(seed_ptr), rm[:, None] * drop_ld + rn[None, :]) >= p, low, 0.0)
         c_at = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
@@ -134,7 +130,7 @@ if triton is not None:
                         other=0.0)
             if DROP:
                 pt = tl.where(tl.rand(seed, rm[None, :] * drop_ld + rc[:, None]) >= p, pt, 0.0)
-            acc += _dot(pt.to(q.dtype), q, PRECISION, UPCAST)
+            acc += dot(pt.to(q.dtype), q, PRECISION, UPCAST)
         tl.store(out_ptr + split * s_os + rc[:, None] * s_oc + rr[None, :] * s_or, acc * alpha,
                  mask=(rc[:, None] < C) & (rr[None, :] < R))
 

@@ -28,7 +28,7 @@ weight: backward dequantizes again for dx = g deq(W) (+ the LoRA terms, as lora_
 gets a gradient (it is frozen); the bias may (BitFit). CPU: the weight is dequantized into a
 temporary inside the op (freed on return), then lora_linear's / dora_linear's fused torch code
 runs. CUDA fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
-(forward x W^T and backward g W) with the LoRA term in its epilogue, as lora_linear's ``_mm``;
+(forward x W^T and backward g W) with the LoRA term in its epilogue, as ``gemm.mm``;
 DoRA on CUDA dequantizes to a temporary and runs dora_linear's Triton path.
 
     >>> q = quantize_weight(W, "nf4", 64, True)
@@ -37,19 +37,18 @@ DoRA on CUDA dequantizes to a temporary and runs dora_linear's Triton path.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from peftc.capture import register_train_flag
-from peftc.kernels import dora_linear as _dora
-from peftc.kernels import lora_linear as _lora
+from peftc.kernels.common import draw_seed, dropout_on, lora_torch_backward, lora_torch_forward, zero_seed
+from peftc.kernels.dora_linear import dora_backward, dora_forward
+from peftc.kernels.gemm import BLOCKS, mm, precision, triton_seed, triton_takes, upcast
 
 try:
     import triton
     import triton.language as tl
 
-    from peftc.kernels.lora_linear import _dot, _low_rank_tile
+    from peftc.kernels.gemm import dot, low_rank_tile
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
@@ -189,10 +188,10 @@ if triton is not None:
             else:
                 w = _dequant_tile(q_ptr, s_ptr, s2_ptr, off_ptr, code_ptr, rn[None, :], rk[:, None], W_IN, wmask,
                                   FMT, BLOCK_Q, DQ)
-            acc += _dot(a, w.to(a_ptr.dtype.element_ty), PRECISION, UPCAST)
+            acc += dot(a, w.to(a_ptr.dtype.element_ty), PRECISION, UPCAST)
         if HAS_EPI:
-            low = _low_rank_tile(e_ptr, f_ptr, rm, rn, in_m, in_n, R, s_em, s_er, s_fr, s_fn,
-                                 BLOCK_M, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
+            low = low_rank_tile(e_ptr, f_ptr, rm, rn, in_m, in_n, R, s_em, s_er, s_fr, s_fn,
+                                BLOCK_M, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
             if DROP == 3:
                 low = tl.where(tl.rand(tl.load(seed_ptr), rm[:, None] * drop_ld + rn[None, :]) >= p, low, 0.0)
             acc += beta * low
@@ -213,11 +212,10 @@ def _qmm(a, q, fmt, block_size, *, trans, bias=None, epi=None, beta=1.0, seed=No
         raise ValueError("quant_linear: Triton indexes with int32")
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     e, f = epi if epi is not None else (c, c)
-    bm, bn, bk = blocks or _lora.BLOCKS
+    bm, bn, bk = blocks or BLOCKS
     bm = min(bm, max(16, triton.next_power_of_2(m)))
     code = torch.tensor(NF4_CODE, device=a.device)
     offset = qoffset if qoffset.numel() else code
-    ieee = a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _qmm_kernel[grid](
         a, c, data, qscale, qscale2 if qscale2.numel() else code, offset, code,
@@ -226,8 +224,7 @@ def _qmm(a, q, fmt, block_size, *, trans, bias=None, epi=None, beta=1.0, seed=No
         *a.stride(), *c.stride(), *e.stride(), *f.stride(), float(beta), float(p), n,
         FMT=0 if fmt == "nf4" else 1, BLOCK_Q=block_size, DQ=qscale2.numel() > 0, TRANS=trans,
         HAS_BIAS=bias is not None, HAS_EPI=epi is not None, DROP=3 if seed is not None else 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, PRECISION="ieee" if ieee else "tf32",
-        UPCAST=a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, PRECISION=precision(a), UPCAST=upcast(a),
     )
     return c
 
@@ -237,10 +234,10 @@ def triton_forward(x, q, bias, lora_A, lora_B, scale, p, seed, train, fmt, block
     x2 = x.reshape(-1, x.shape[-1])
     h, epi = x.new_empty(0), None
     if lora_A is not None:
-        on = _lora._dropout_on(p, train)
-        sd = _lora._triton_seed(x, seed) if on else None
-        h = _lora._mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0, drop=1 if on else 0,
-                      seed=sd, p=p, ld=x2.shape[1], blocks=blocks)
+        on = dropout_on(p, train)
+        sd = triton_seed(x, seed, "quant_linear") if on else None
+        h = mm(x2, lora_A.t(), out_dtype=x.dtype, alpha=1 / (1 - p) if on else 1.0, drop=1 if on else 0,
+               seed=sd, p=p, ld=x2.shape[1], blocks=blocks)
         epi = (h, lora_B.t())
     y = _qmm(x2, q, fmt, block_size, trans=False, bias=bias, epi=epi, beta=scale, blocks=blocks)
     return y.view(*x.shape[:-1], y.shape[1]), h
@@ -254,13 +251,13 @@ def triton_backward(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, b
     epi, beta, sd = None, 1.0, None
     if lora_A is not None:
         x2 = x.reshape(-1, x.shape[-1])
-        on = _lora._dropout_on(p, train)
+        on = dropout_on(p, train)
         inv = 1 / (1 - p) if on else 1.0
-        sd = _lora._triton_seed(x, seed) if on else None
-        gb = _lora._mm(g, lora_B, out_dtype=x.dtype, blocks=blocks)
-        d_a = _lora._mm(gb.t(), x2, out_dtype=lora_A.dtype, alpha=scale * inv, drop=2 if on else 0, seed=sd, p=p,
-                        ld=x2.shape[1], blocks=blocks)
-        d_b = _lora._mm(g.t(), h, out_dtype=lora_B.dtype, alpha=scale, blocks=blocks)
+        sd = triton_seed(x, seed, "quant_linear") if on else None
+        gb = mm(g, lora_B, out_dtype=x.dtype, blocks=blocks)
+        d_a = mm(gb.t(), x2, out_dtype=lora_A.dtype, alpha=scale * inv, drop=2 if on else 0, seed=sd, p=p,
+                 ld=x2.shape[1], blocks=blocks)
+        d_b = mm(g.t(), h, out_dtype=lora_B.dtype, alpha=scale, blocks=blocks)
         epi, beta = (gb, lora_A), scale * inv
     if not need_dx:
         return none, d_a, d_b
@@ -270,8 +267,7 @@ def triton_backward(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, b
 
 def _use_triton(x, fmt, lora_A=None) -> bool:
     """CUDA with fp16/bf16/fp32; adapters in another dtype (fp32 on bf16) run the torch code."""
-    return triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
-        (lora_A is None or lora_A.dtype == x.dtype)
+    return triton_takes(x) and x.is_cuda and (lora_A is None or lora_A.dtype == x.dtype)
 
 
 # ---------------------------------------------------------------- CPU path (dequantize into a temporary)
@@ -281,16 +277,16 @@ def _torch_forward(x, q, bias, lora_A, lora_B, scale, p, seed, train, fmt, block
     w = dequantize(*q, fmt, block_size, x.dtype)
     if lora_A is None:
         return torch.nn.functional.linear(x, w, bias), x.new_empty(0)
-    seed = torch.zeros((), dtype=torch.int64) if seed is None else seed
-    return _lora._torch_forward(x, w, bias, lora_A, lora_B, scale, p, seed, train)
+    seed = zero_seed() if seed is None else seed
+    return lora_torch_forward(x, w, bias, lora_A, lora_B, scale, p, seed, train)
 
 
 def _torch_backward(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, block_size, need_dx):
     w = dequantize(*q, fmt, block_size, grad.dtype)
     if lora_A is None:
         return grad @ w, grad.new_empty(0), grad.new_empty(0)
-    seed = torch.zeros((), dtype=torch.int64) if seed is None else seed
-    return _lora._torch_backward(grad, x, w, lora_A, lora_B, h, scale, p, seed, train, need_dx)
+    seed = zero_seed() if seed is None else seed
+    return lora_torch_backward(grad, x, w, lora_A, lora_B, h, scale, p, seed, train, need_dx)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -375,7 +371,7 @@ def _quant_dora_op(x: torch.Tensor, data: torch.Tensor, qscale: torch.Tensor, qs
                    magnitude: torch.Tensor, scale: float, p: float, seed: torch.Tensor, train: bool, fmt: str,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = dequantize(data, qscale, qscale2, qoffset, fmt, block_size, x.dtype)
-    return _dora._forward(x, w, bias, lora_A, lora_B, magnitude, scale, p, seed, train)  # mixed dtypes too
+    return dora_forward(x, w, bias, lora_A, lora_B, magnitude, scale, p, seed, train)  # mixed dtypes too
 
 
 @_quant_dora_op.register_fake
@@ -392,7 +388,7 @@ def _quant_dora_backward_op(grad: torch.Tensor, x: torch.Tensor, data: torch.Ten
                             p: float, seed: torch.Tensor, train: bool, fmt: str, block_size: int,
                             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = dequantize(data, qscale, qscale2, qoffset, fmt, block_size, x.dtype)
-    return _dora._backward_impl(grad, x, w, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
+    return dora_backward(grad, x, w, lora_A, lora_B, magnitude, h, z, n, scale, p, seed, train, need_dx)
 
 
 @_quant_dora_backward_op.register_fake
@@ -429,7 +425,7 @@ register_train_flag(torch.ops.peftc.quant_dora_linear.default)  # set_training f
 def quant_linear(x, q, bias=None, lora_A=None, lora_B=None, scale: float = 1.0, p: float = 0.0,
                  train: bool = False, fmt: str = "nf4", block_size: int = 64, seed=None) -> torch.Tensor:
     """Call ``peftc::quant_linear`` with a ``quantize_weight`` tuple; draws a dropout seed when needed."""
-    if seed is None and lora_A is not None and _lora._dropout_on(p, train):
-        seed = _lora.draw_seed(x.device)
+    if seed is None and lora_A is not None and dropout_on(p, train):
+        seed = draw_seed(x.device)
     return torch.ops.peftc.quant_linear(x, *q, bias, lora_A, lora_B, float(scale), float(p), seed, bool(train),
                                         fmt, int(block_size))[0]

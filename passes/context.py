@@ -67,6 +67,7 @@ class PassContext:
     timings: dict[str, float] = field(default_factory=dict)
     sample_mask: str | None = None  # get_attr target of a (batch,) 0/1 mask: mixed-batch adapters
     reports: dict[str, Coverage] = field(default_factory=dict)  # optimization -> what it matched
+    graph_name: str = "graph"  # the graph being built, for humans: its call signature
 
     def coverage(self, name: str, unit: str) -> Coverage:
         """The Coverage record optimization ``name`` fills while it runs on this graph."""

@@ -54,6 +54,7 @@ PHASES: tuple[str, ...] = (
     "quantize",  # frozen W -> Q(W) stored; dequantized inside the op that reads it
     "recompute",  # activations saved for backward -> recomputed in backward from what is kept
     "shard",  # W -> all_gather(W_shard) before its block, freed after it
+    "codegen",  # interpreted graph -> inductor-generated code (forward and backward); last
 )
 REWRITE_PHASES = PHASES[PHASES.index("whole_modules"):PHASES.index("merge")]  # where methods register
 LOWERING_PHASES = ("lower_mixed",)  # run by the pipeline when the graph calls for them, never selected

@@ -1,6 +1,6 @@
 """The named adapters of one compiled model: their specs, resolved targets, which are active,
 and their parameters. CompiledModel's adapter calls (``add_adapter``, ``set_adapter``, ...) are
-this registry's; ``peft_io`` and ``passes/merge.py`` read adapters through it.
+this registry's; ``peft_io`` and ``peftc.merging`` read adapters through it.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def _optimize(values):
 
 def cmd_compile(args) -> int:
     import peftc
+    from peftc.spec import optimization_hooks
 
     spec = _spec(args.spec)  # validated before the model is built
     model, inputs = _load(args)
@@ -83,8 +84,16 @@ def cmd_compile(args) -> int:
     console.print(table)
     console.print(f"trainable parameters: {cm.num_trainable_parameters():,}")
     if args.out:
-        cm.save_adapter(args.out)
+        compiled = bool(optimization_hooks(cm.spec, "save_artifacts"))  # e.g. compile's generated code
+        if compiled:  # it is made on a call: run the training graph once, forward and backward
+            out = cm.train()(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+            logits.float().sum().backward()
+            cm.zero_grad(set_to_none=True)
+        cm.save_adapter(args.out, artifacts=compiled)
         console.print(f"adapter written to {args.out}")
+        for line in cm.notes[-1:] if compiled else ():
+            console.print(line.rstrip())
     return 0
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from peftc import distributed, generation, hf_surface, inspection, peft_io, targets
+from peftc import distributed, generation, hf_surface, inspection, merging, peft_io, targets
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, restored_on_error, set_training
 from peftc.errors import CheckpointError, SpecError
 from peftc.graph import FLAT_VIEW, SUMMARY_LINES
 from peftc.graph_cache import MASKS, GraphCache
-from peftc.passes import Plan, build, merge
+from peftc.passes import Plan, build
 from peftc.resolve import resolve_all, with_implied_entries
 from peftc.spec import Spec, optimization_hooks
 
@@ -82,7 +82,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     call signature.
 
     Parts: ``registry`` (an AdapterRegistry: the adapters, which run, their parameters; what
-    ``peft_io`` and ``passes/merge.py`` read) and ``graphs`` (a GraphCache).
+    ``peft_io`` and ``peftc.merging`` read) and ``graphs`` (a GraphCache).
     """
 
     def __init__(self, model: nn.Module, spec: Spec, resolved: list[dict[str, str]],
@@ -154,7 +154,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     def _invalidate(self) -> None:
         self.graphs.invalidate()
         generation.reset(self)
-        merge.sync(self)  # merged or not, the base weights follow the active adapters
+        merging.sync(self)  # merged or not, the base weights follow the active adapters
         self.registry.refresh_trainable()
 
     # ---- running (peftc.graph_cache.GraphCache) ------------------------------------------
@@ -273,13 +273,13 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         """Folds the active adapters into the base weights, in place (as PEFT): every captured
         graph then runs without adapter nodes. ``unmerge`` restores the weights bit for bit;
         a merge that fails leaves them unchanged. While merged, changing the active adapters
-        re-merges. Why in place and how unmerge is exact: ``peftc.passes.merge``. On a quantized
+        re-merges. Why in place and how unmerge is exact: ``peftc.merging``. On a quantized
         base it refuses unless ``requantize`` (then: dequantize, merge, quantize again; the
         rounding error per weight is in ``graph_summary()``)."""
         for hook in optimization_hooks(self.spec, "before_merge"):
             hook(self, requantize)
         self.registry.merged = True
-        self._invalidate()  # merge.sync folds the weights; on failure it restores them and raises
+        self._invalidate()  # merging.sync folds the weights; on failure it restores them and raises
 
     def unmerge(self) -> None:
         """Restores the base weights as they were before ``merge`` (bit for bit, CRC-checked)."""
@@ -293,7 +293,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         merged, each adapted weight is a new tensor (prefer ``save_merged`` to export a big model)."""
         for hook in optimization_hooks(self.spec, "before_export"):
             hook(self)
-        return merge.merged_state_dict(self)
+        return merging.merged_state_dict(self)
 
     def save_merged(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
         """A plain HF model dir (``from_pretrained`` loads it) with the adapters folded in, streamed:
@@ -301,7 +301,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         shards + index json above ``max_shard_size``; written to a temp dir, then renamed."""
         for hook in optimization_hooks(self.spec, "before_export"):
             hook(self)
-        return merge.save_merged(self, path, max_shard_size=max_shard_size)
+        return merging.save_merged(self, path, max_shard_size=max_shard_size)
 
     # ---- parameters and checkpoints ------------------------------------------------------
     def _peft_params(self, adapter: str | None = None) -> dict[str, nn.Parameter]:
@@ -335,11 +335,13 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         """An adapter as an HF PEFT config dict (one PEFT method + modules trained whole)."""
         return peft_io.peft_config(self.registry, adapter or self.registry.primary)
 
-    def save_adapter(self, path: str | os.PathLike, adapter: str | None = None):
+    def save_adapter(self, path: str | os.PathLike, adapter: str | None = None, *, artifacts: bool = False):
         """Writes adapter_config.json + adapter_model.safetensors, loadable by ``peft``.
 
         With several adapters and none named, saves all in PEFT's layout: "default" (or
-        the first) at ``path``, the others at ``path/<name>``.
+        the first) at ``path``, the others at ``path/<name>``. ``artifacts``: also what the
+        optimizations keep next to an adapter (``compile``: the generated code, so that
+        ``from_peft`` on another process starts warm); the lines say what was written.
         """
         names = [adapter] if adapter else self.adapter_names
         root = "default" if "default" in names else names[0]
@@ -349,7 +351,9 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
             for n in names:
                 peft_io.write_adapter(Path(path) if n == root else Path(path) / n, configs[n],
                                       self.adapter_state_dict(n))
-        distributed.on_rank0(write, "shard" in self.spec.optimize)  # sharded: rank 0 writes, then a barrier
+        distributed.write_files(self, write)  # a model spread over ranks: rank 0 writes, then a barrier
+        if artifacts:
+            self.notes = [*self.notes, *(hook(self, path) for hook in optimization_hooks(self.spec, "save_artifacts"))]
         return Path(path)
 
     def load_adapter(self, path, name: str, *, trainable: bool = False, activate: bool = False,
@@ -420,6 +424,9 @@ def from_peft(model: nn.Module, path, example_inputs: dict, *, trainable: bool =
     spec = spec.replace(methods=tuple(m.checkpoint_form() for m in spec.methods))
     weights = peft_io.read_peft_weights(path, allow_pickle=allow_pickle)
     cm = compile(model, spec, example_inputs, optimize=optimize, frontend=frontend)
+    for hook in optimization_hooks(cm.spec, "load_artifacts"):  # before the first call compiles anything
+        if line := hook(cm.spec, model, path):
+            cm.notes.append(line)
     cm.load_adapter_state_dict(weights, source=str(path))
     if not trainable:
         cm.registry.state(spec.adapter).trainable = False

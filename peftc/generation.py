@@ -41,6 +41,7 @@ from peftc.adapters import AdapterState
 from peftc.capture import capture, set_training
 from peftc.errors import PeftcError, SpecError
 from peftc.graph_cache import MASKS, GraphCache
+from peftc.model_family import kv_geometry
 
 __all__ = ["Generator", "generate", "generator", "reset"]
 
@@ -80,14 +81,6 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
     return generator(cm).generate(*args, adapter_names=adapter_names, **kwargs)
 
 
-def _inserts_tokens(method) -> bool:
-    """Prompt tuning and P-tuning insert virtual tokens (prefix tuning inserts keys/values)."""
-    from peftc.passes.methods.prefix import PrefixSpec
-    from peftc.passes.methods.prompt import PromptLearning
-
-    return isinstance(method, PromptLearning) and not isinstance(method, PrefixSpec)
-
-
 class _DecodeView:
     """The adapter registry as decode steps see it: without the token-inserting entries, whose
     virtual tokens the prefill already wrote into the cache. Everything else is the registry's."""
@@ -100,7 +93,7 @@ class _DecodeView:
 
     def state(self, name: str) -> AdapterState:
         s = self._registry.state(name)
-        keep = [i for i, m in enumerate(s.spec.methods) if not _inserts_tokens(m)]
+        keep = [i for i, m in enumerate(s.spec.methods) if not m.inserts_tokens]
         spec = copy.copy(s.spec)  # a spec may become empty here (Spec() refuses that for users)
         object.__setattr__(spec, "methods", tuple(s.spec.methods[i] for i in keep))
         return AdapterState(spec, [s.targets[i] for i in keep], s.trainable)
@@ -138,12 +131,6 @@ def _slot_layer():
     return SlotLayer
 
 
-def _layers(lm) -> int:
-    from peftc.passes.methods.prefix import kv_geometry
-
-    return kv_geometry(lm)[0]
-
-
 def _traced_cache(config, layers: list):
     from transformers.cache_utils import StaticCache
 
@@ -165,7 +152,7 @@ class _Step(nn.Module):
         self._keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.training = lm.training
         # export binds inputs by the forward's named parameters: name every cache tensor
-        layers = _layers(lm)
+        layers = kv_geometry(lm)[0]
         names = ["input_ids", "attention_mask", "start", "past",
                  *(f"{kind}_{i}" for kind in ("key", "value") for i in range(layers))]
         run = functools.partial(type(self).forward, self)
@@ -248,16 +235,11 @@ class Generator:
 
     # ---- what the adapters need ------------------------------------------------------------
     def _virtual_tokens(self) -> int:
-        """P of the running token-inserting adapter (prompt / P-tuning), else 0."""
+        """P of the running adapter whose method inserts virtual tokens (``inserts_tokens``), else 0."""
         reg = self.cm.registry
         if reg.merged:
             return 0
-        return sum(m.tokens for n in reg.running for m in reg.state(n).spec.methods if _inserts_tokens(m))
-
-    def _geometry(self) -> tuple[int, int, int]:
-        from peftc.passes.methods.prefix import kv_geometry
-
-        return kv_geometry(self.cm.base_model)
+        return sum(m.tokens for n in reg.running for m in reg.state(n).spec.methods if m.inserts_tokens)
 
     # ---- the call --------------------------------------------------------------------------
     def generate(self, *args, adapter_names=None, **kwargs):
@@ -321,7 +303,7 @@ class Generator:
         prefill = cache.seen == 0
         if prefill:
             like = next(p for p in self.cm.base_model.parameters() if p.is_floating_point())
-            cache.allocate(batch, self._geometry(), like)
+            cache.allocate(batch, kv_geometry(self.cm.base_model), like)
         if attention_mask is None:
             attention_mask = torch.ones(batch, cache.seen + seq, dtype=torch.long, device=input_ids.device)
         virtual = self._virtual_tokens()

@@ -134,8 +134,10 @@ class GraphCache:
     by (signature, mixed-batch adapters or None); the pass counts and timings of the example
     inputs' graph; what capture cost (``stats``)."""
 
-    def __init__(self, adapters: AdapterRegistry, capture: Callable[..., fx.GraphModule], *, checks: bool = True):
+    def __init__(self, adapters: AdapterRegistry, capture: Callable[..., fx.GraphModule], *, checks: bool = True,
+                 name: str = ""):
         self.adapters, self.capture = adapters, capture
+        self.name = name  # what its graphs are called in summaries ("decode step: ", ...)
         self.checks = checks  # False: no size-1 reuse (its eager check would run the graph; e.g. step
         # graphs that write a KV cache in place), every new signature is captured
         self.captured: dict[tuple, fx.GraphModule] = {}  # as captured, never rewritten
@@ -254,12 +256,14 @@ class GraphCache:
             self.example_key = (sig, None)
         return self.rewritten_graph((sig, mixed), training)
 
-    def plan(self, mixed: tuple[str, ...] | None, counts: Counter, timings: dict, *, optimize: bool = True) -> Plan:
+    def plan(self, mixed: tuple[str, ...] | None, counts: Counter, timings: dict, *, optimize: bool = True,
+             name: str = "graph") -> Plan:
         """What the pipeline builds for the current adapter state: the running adapters (or the
         mixed batch's), merged or not, with the model-level optimizations unless ``optimize`` is False."""
         names = mixed if mixed is not None else self.adapters.running
-        return Plan(adapters=[self.context(n, counts, timings) for n in names],
-                    base=self.context(self.adapters.primary, counts, timings),
+        base = self.context(self.adapters.primary, counts, timings)
+        base.graph_name = name
+        return Plan(adapters=[self.context(n, counts, timings) for n in names], base=base,
                     merged=self.adapters.merged, mixed=mixed is not None, lower_mixed=self.segment_mixed,
                     optimize=self.adapters.optimize if optimize else {})
 
@@ -268,7 +272,8 @@ class GraphCache:
         the pipeline for the current adapter state."""
         if key not in self.rewritten:
             counts, timings = Counter(), {}
-            gm = build(self.copy_of_capture(key), self.plan(key[1], counts, timings))
+            name = self.name + _describe(key[0]) + (f" [mixed: {', '.join(key[1])}]" if key[1] else "")
+            gm = build(self.copy_of_capture(key), self.plan(key[1], counts, timings, name=name))
             set_training(gm, training)
             self.rewritten[key] = gm
             if key == self.example_key:

@@ -9,7 +9,7 @@ keeps for backward is charged to the node running when it was saved (its op = ki
 module, and base / adapter / recomputed: inserted by the recompute pass). The fused custom ops
 save through ``ctx.save_for_backward`` (register_autograd's setup_context) and checkpointed
 regions through ``torch.utils.checkpoint``'s input saver, so the hooks see them; a Recipe's
-inputs are reported by the recompute pass (``recompute_ops.LISTENERS``). Storages are counted
+inputs are reported through ``peftc.recipes.LISTENERS``. Storages are counted
 once: views of one storage, or a tensor saved by several ops, count once, for the first op that
 saved it. Parameters and buffers are weights, reported apart (``weight_bytes``), never as
 activations. What an autograd Function keeps on ``ctx`` attributes is invisible to the hooks:
@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from peftc.graph import PEFTC
+from peftc.recipes import LISTENERS, SaveWithRecipes
 
 __all__ = ["SavedBytes", "MemoryReport", "memory_report", "saved_for_backward", "weight_bytes", "activation_rss"]
 
@@ -116,8 +117,6 @@ class _Tally:
 
 def _kind(node) -> str:
     """An op name: ``mul.Tensor``, ``peftc.lora_linear.default``, ``checkpoint`` for a region."""
-    from peftc.passes.optimize.recompute_ops import SaveWithRecipes
-
     if node is None:
         return "eager"
     if node.op == "call_module":
@@ -150,8 +149,6 @@ def _flat_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
 
 
 def _run(gm: fx.GraphModule, kwargs: dict, exclude: set[int]) -> SavedBytes:
-    from peftc.passes.optimize.recompute_ops import LISTENERS
-
     tally = _Tally(exclude)
 
     def pack(t):

@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 
 from peftc.errors import CheckpointError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter",
+__all__ = ["PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter",
            "normal_mode"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."  # PEFT checkpoint keys of a tuner-layer model start so (prompt learning: "base_model.")
 
 def read_peft_config(path: str | os.PathLike) -> dict:
     p = Path(path)

@@ -18,6 +18,7 @@ from peftc.errors import CheckpointError, PeftcError
 from peftc.peft_files import (
     CONFIG_NAME,
     PICKLE_NAME,
+    PREFIX,
     WEIGHTS_NAME,
     read_peft_config,
     read_peft_weights,
@@ -30,8 +31,6 @@ __all__ = [
     "read_peft_config", "spec_from_peft_config", "read_peft_weights", "write_adapter", "peft_key",
     "check_loadable", "base_tensors", "train_base_tensors", "peft_params", "peft_config",
 ]
-
-PREFIX = "base_model.model."
 
 
 def peft_key(name: str, adapter: str) -> str:

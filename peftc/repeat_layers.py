@@ -56,12 +56,12 @@ def _alike(a: list, b: list) -> bool:
         return False
 
 
-def layer_list(model: nn.Module) -> str | None:
+def layer_list(model: nn.Module, min_layers: int = MIN_LAYERS) -> str | None:
     """The path of the model's one ``nn.ModuleList`` of ``config.num_hidden_layers`` alike layers
-    (layer 0 may differ), or None."""
+    (layer 0 may differ), or None. ``min_layers``: fewer layers than this give None."""
     config = getattr(model, "config", None)
     n = getattr(config, "num_hidden_layers", None)
-    if not isinstance(n, int) or n < MIN_LAYERS or len(set((getattr(config, "layer_types", None) or [None])[1:])) > 1:
+    if not isinstance(n, int) or n < min_layers or len(set((getattr(config, "layer_types", None) or [None])[1:])) > 1:
         return None
     lists = [p for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(lists) != 1:

@@ -65,7 +65,7 @@ class Sites(str, Enum):
 class Merging(str, Enum):
     """How a method's adapter folds into the base weights (``cm.merge()``)."""
 
-    FOLD = "fold"  # W', b' = entry.fold(W, b): the graph reads folded weights (passes/merge.py)
+    FOLD = "fold"  # W', b' = entry.fold(W, b), folded in place by peftc/merging.py
     REWRITE = "rewrite"  # ``merged_rewrite`` leaves no adapter computation (trained copies)
     NONE = "none"  # adds graph inputs or nodes, not weights: cannot be merged
 
@@ -78,7 +78,12 @@ def add_method(name: str, cls: type[MethodSpec]) -> None:
     METHODS[name] = cls
 
 
-HOOKS = ("check_model", "before_merge", "after_unmerge", "before_export", "summary")
+HOOKS = ("check_model", "before_merge", "after_unmerge", "before_export", "summary",
+         "write_files",  # write_files(cm, write): runs write() (the model's files) as its ranks need (sharded: rank 0)
+         "load_base",  # load_base(cm, dir, prefix=, device=) -> bytes read: the base's per-rank tensors (peftc.load_sharded)
+         "export_merged",  # export_merged(cm, save): runs save() with the full base weights in cm.base_model
+         "save_artifacts",  # save_artifacts(cm, dir) -> str: writes what it keeps next to an adapter (compiled code)
+         "load_artifacts")  # load_artifacts(spec, model, dir) -> str | None: reads it back before the first call
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class Optimization:
     ``hooks``: what it adds to the model's life besides its pass, so the runtime calls it
     without naming it — ``check_model(spec, resolved, model)`` before capture,
     ``before_merge(cm, requantize)``, ``after_unmerge(cm)``, ``before_export(cm)``,
-    ``summary(cm) -> str`` (``graph_summary()`` lines)."""
+    ``summary(cm) -> str`` (``graph_summary()`` lines); the others are commented at ``HOOKS``."""
 
     name: str
     run: Callable
@@ -177,6 +182,7 @@ class MethodSpec:
     merging: ClassVar[Merging] = Merging.NONE
     mixed_batch: ClassVar[bool] = False  # can adapt some samples of a batch only (adapter_names)
     widens_labels: ClassVar[bool] = False  # its pass widens ``labels`` in the graph: the loss stays inside
+    inserts_tokens: ClassVar[bool] = False  # prepends its ``tokens`` virtual tokens to the inputs (a KV cache keeps them)
     owns_modules: ClassVar[bool] = False  # its modules are off limits to other methods (PEFT's modules_to_save)
     peft_field: ClassVar[str | None] = None  # saved as this field of another method's PEFT config
     peft_prefix: ClassVar[str] = "base_model.model."  # PEFT checkpoint keys start so (prompt learning: "base_model.")

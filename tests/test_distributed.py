@@ -17,7 +17,7 @@ import torch
 import peftc
 from peftc import distributed as pd
 from peftc.models import example_inputs, tiny_model
-from peftc.passes.optimize import shard
+from peftc.passes.optimize import shard, shard_base
 
 WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
 LORA = {"lora": {"targets": ["q_proj", "v_proj"], "r": 2}}
@@ -148,7 +148,7 @@ def test_checkpoint_rows_read_per_rank(tmp_path, world):
     save_file({"w": t}, str(tmp_path / "m.safetensors"))
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         for r in range(world):
-            assert torch.equal(pd._read_chunk(f, "w", (7, 5), r, world), pd.shard_flat(t, r, world))
+            assert torch.equal(shard_base.read_chunk(f, "w", (7, 5), r, world), pd.shard_flat(t, r, world))
 
 
 def test_settings_defaults():
@@ -179,7 +179,10 @@ def test_graph_gathers_inside_regions_on_a_world_of_one(tmp_path):
         reads = [n for n in gm.graph.nodes if n.op == "get_attr" and id(fetch_attr(gm, n.target)) in frozen]
         assert not reads
         assert all(p.untyped_storage().nbytes() <= 4 for p in model.parameters())  # released
-        assert "shard: 21 frozen tensors sharded over 1 of 1 ranks" in cm.graph_summary()
+        summary = cm.graph_summary()
+        assert "sharded over 1 of 1 ranks: 21 frozen tensors" in summary
+        # coverage: the rotary inv_freq buffer is read whole, and said so
+        assert "shard: 21 of 22 frozen tensors: 1 model buffers (kept whole on every rank" in summary
         x = torch.randint(0, 128, (3, 5))  # another shape than the captured one
         with pd.probe() as p:
             loss = cm(input_ids=x, labels=x).loss
@@ -189,3 +192,35 @@ def test_graph_gathers_inside_regions_on_a_world_of_one(tmp_path):
         assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in cm.trainable_parameters()[1::2])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method, line", [
+    ({"vera": {"targets": ["0", "2"], "r": 2}},
+     "shard: 4 of 8 frozen tensors: 4 frozen adapter tensors (adapters stay whole on every rank)"),
+    ({"train": {"targets": ["0", "2"]}}, "shard: matched nothing: no frozen tensors in this graph"),
+])
+def test_shard_summary_names_what_stays_whole(tmp_path, method, line):
+    """Coverage on a world of one: VeRA's frozen shared projections stay whole (a partial match);
+    every weight trained as a copy leaves nothing frozen to shard (an empty match)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        x = torch.randn(2, 8)
+        cm = peftc.compile(model, {"methods": [method], "optimize": {"shard": {}}}, {"input": x})
+        lines = [x for x in cm.graph_summary().splitlines() if x.startswith("shard: ")]
+        assert lines == [line]
+        cm(input=x).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_writes_go_through_the_hooks_of_the_spec(tmp_path):
+    """Without an optimization that spans ranks, files are written by the calling rank alone
+    (no barrier, no process group needed); load_sharded names what is missing."""
+    cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [LORA]}, example_inputs("tiny-llama"))
+    assert pd.write_files(cm, lambda: "written") == "written"
+    with pytest.raises(peftc.SpecError, match="per-rank shards"):
+        pd.load_sharded(cm, tmp_path)

@@ -35,6 +35,7 @@ def test_fused_matches_unfused_fp32(name):
     ref, fused = _pair(name, dropout=0.1)
     sites = ref.pass_counts["lora"]
     assert fused.pass_counts["fuse"] == sites > 0
+    assert not _fuse_lines(fused)  # every adapter site fused: nothing to say
     nodes = list(fused.graph_module.graph.nodes)
     assert not [n for n in nodes if n.meta.get(PEFTC, {}).get("method") == "lora" and n.op == "call_function"]
     assert sum(n.target is torch.ops.peftc.lora_linear.default for n in nodes) == sites
@@ -134,6 +135,36 @@ def test_two_adapters_fuse_the_first_and_keep_the_sum():
     ref.eval(), fused.eval()
     torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     assert fused.pass_counts["fuse"] >= 2  # q_proj x 2 layers at least
+    assert _fuse_lines(fused) == [f"fuse: {fused.pass_counts['fuse']} of 6 adapter sites: 2 LoRA stacked on another "
+                                  "adapter's output has no fused op"]  # q, v of default and v of other, 2 layers
+
+
+def _fuse_lines(cm):
+    return [line for line in cm.graph_summary().splitlines() if line.startswith("fuse:")]
+
+
+@pytest.mark.parametrize("entry, reason", [
+    ({"lora": {"targets": ["q_proj", "v_proj"], "r": 2, "gate": True}}, "gated LoRA has no fused op"),
+    ({"loha": {"targets": ["q_proj", "v_proj"], "r": 2}}, "LoHa has no fused op"),
+])
+def test_fuse_that_fuses_nothing_says_why(entry, reason):
+    cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [entry]}, example_inputs("tiny-llama"), optimize=["fuse"])
+    assert cm.pass_counts["fuse"] == 0
+    assert _fuse_lines(cm) == [f"fuse: 0 of 4 adapter sites: 4 {reason}"]  # q and v in 2 layers
+
+
+def test_fuse_without_adapter_sites_matches_nothing():
+    cm = peftc.compile(tiny_model("tiny-llama"), {"methods": [{"prompt": {"tokens": 4}}]}, example_inputs("tiny-llama"),
+                       optimize=["fuse"])
+    assert _fuse_lines(cm) == ["fuse: matched nothing: no adapter sites in this graph"]
+
+
+def test_partial_fuse_names_the_sites_left():
+    spec = {"methods": [{"lora": {**LORA, "targets": ["q_proj"]}}, {"loha": {"targets": ["v_proj"], "r": 2}}]}
+    cm = peftc.compile(tiny_model("tiny-llama"), spec, example_inputs("tiny-llama"), optimize=["fuse"])
+    assert cm.pass_counts["fuse"] == 2
+    assert sum(n.target is torch.ops.peftc.lora_linear.default for n in cm.graph_module.graph.nodes) == 2
+    assert _fuse_lines(cm) == ["fuse: 2 of 4 adapter sites: 2 LoHa has no fused op"]
 
 
 def test_unknown_optimization_is_an_error():

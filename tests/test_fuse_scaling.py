@@ -60,6 +60,7 @@ def test_ia3_fused_matches_unfused(name):
     ref, fused = _pair(name, {"ia3": {**IA3[name], "init": "random"}})
     sites = ref.pass_counts["ia3"]
     assert fused.pass_counts["fuse_ia3"] == sites > 0 and fused.pass_counts.get("fuse_dora", 0) == 0
+    assert "fuse:" not in fused.graph_summary()  # every adapter site fused
     left = _nodes(fused, "ia3")  # only the vectors' flatten, now read by the ops
     assert {n.meta[PEFTC]["role"] for n in left} == {"flatten"}
     assert all([u.target for u in n.users] == [IA3_OP] for n in left)
@@ -100,3 +101,17 @@ def test_dora_dropout_follows_train_mode_and_seed():
     y_eval = fused(input_ids=ids).logits
     assert flags() == {False} and torch.equal(fused(input_ids=ids).logits, y_eval)
     assert (y_eval - y1).abs().max() > 1e-3  # the mask did something in training
+
+
+def test_scaling_sites_report_into_fuse_coverage():
+    """IA3 and DoRA sites count in fuse's one coverage record with the other adapter sites: IA3 (k,
+    v, down) fuses; VeRA (q) has no op; the DoRA on v reads IA3's scaled output (IA3 rewrites later
+    and scales the linear itself), a chain no fused op covers."""
+    spec = {"methods": [{"vera": {"targets": ["q_proj"], "r": 2}},
+                        {"ia3": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}},
+                        {"lora": {"targets": ["v_proj"], "r": 2, "dora": True}}]}
+    cm = peftc.compile(tiny_model("tiny-llama"), spec, example_inputs("tiny-llama"), optimize=["fuse"])
+    lines = [line for line in cm.graph_summary().splitlines() if line.startswith("fuse:")]
+    assert cm.pass_counts["fuse_ia3"] == 6 and cm.pass_counts.get("fuse_dora", 0) == 0
+    assert lines == ["fuse: 6 of 10 adapter sites: 2 VeRA has no fused op; 2 DoRA stacked on another adapter's "
+                     "output has no fused op"]

@@ -24,11 +24,12 @@ SMALL = (16, 16, 16)
 SLOTS, SCALES = [3, 7], [2.0, 0.5]
 
 
-def make(lead, d_in, d_out, ranks, dtype=torch.float32, device="cpu", seed=0):
+def make(lead, d_in, d_out, ranks, dtype=torch.float32, device="cpu", seed=0, adapter_dtype=None):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
-    return rnd(*lead, d_out), rnd(*lead, d_in), [rnd(r, d_in) / d_in**0.5 for r in ranks], \
-        [rnd(d_out, r) / r**0.5 for r in ranks]
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g).to(device=device, dtype=dt)
+    ad = adapter_dtype or dtype
+    return rnd(*lead, d_out), rnd(*lead, d_in), [rnd(r, d_in, dt=ad) / d_in**0.5 for r in ranks], \
+        [rnd(d_out, r, dt=ad) / r**0.5 for r in ranks]
 
 
 def rel(a, b):
@@ -43,8 +44,9 @@ def reference(y, x, index, As, Bs, masks, grad):
     return out, [t.grad for t in leaves]
 
 
-def check(lead, d_in, d_out, ranks, index, p, dtype, tol, blocks, device="cpu"):
-    y, x, As, Bs = make(lead, d_in, d_out, ranks, dtype=dtype, device=device, seed=1)
+def check(lead, d_in, d_out, ranks, index, p, dtype, tol, blocks, device="cpu", adapter_dtype=None, adapter_tol=None):
+    """``adapter_dtype``: A, B in it (fp32 on a bf16 base), their gradients within ``adapter_tol``."""
+    y, x, As, Bs = make(lead, d_in, d_out, ranks, dtype=dtype, device=device, seed=1, adapter_dtype=adapter_dtype)
     index = torch.tensor(index, device=device)
     seed, rows = torch.tensor(2024, device=device), x.numel() // d_in
     ps = [p, p / 2]
@@ -55,12 +57,14 @@ def check(lead, d_in, d_out, ranks, index, p, dtype, tol, blocks, device="cpu"):
     dx, d_as, d_bs = S.triton_backward(grad, x, h, index, SLOTS, As, Bs, SCALES, ps, seed, True, True, blocks=blocks)
     ref, (dx_ref, *dw_ref) = reference(y, x, index.cpu(), As, Bs, masks, grad)
     assert out.shape == y.shape and dx.shape == x.shape and h.shape == (rows, max(ranks)) and dx.dtype == dtype
+    assert out.dtype == dtype and h.dtype == As[0].dtype
     assert rel(out, ref) < tol and rel(dx, dx_ref) < tol
     for got, want, leaf in zip([*d_as, *d_bs], dw_ref, [*As, *Bs]):
+        assert got.dtype == leaf.dtype
         if want is None:  # an empty slot: the reference never touched it
             assert got.shape == leaf.shape and not got.any()
         else:
-            assert got.shape == want.shape and rel(got, want) < tol
+            assert got.shape == want.shape and rel(got, want) < (adapter_tol or tol)
 
 
 SHAPES = [
@@ -85,6 +89,16 @@ def test_interpreted_bf16(lead, d_in, d_out, ranks, index):
 
 
 @interpret
+@pytest.mark.parametrize("lead, d_in, d_out, ranks, index", SHAPES[:1])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_interpreted_fp32_adapters_on_bf16(lead, d_in, d_out, ranks, index, p):
+    """HF PEFT's default dtypes: x, g tiles cast up to fp32 before the dots, y + s h B^T added in
+    fp32 and stored bf16: out, dx within bf16 rounding; h, dA, dB fp32 and as exact as fp32."""
+    check(lead, d_in, d_out, ranks, index, p, torch.bfloat16, 1e-2, SMALL, adapter_dtype=torch.float32,
+          adapter_tol=1e-5)
+
+
+@interpret
 def test_interpreted_default_blocks():
     check((6, 5), 70, 130, (8, 16), [7, -1, 3, 3, 7, 7], 0.1, torch.float32, 1e-5, None)
 
@@ -99,17 +113,19 @@ def test_interpreted_mask_depends_on_seed_and_slot():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol, adapter_dtype", [(torch.float32, 1e-4, None), (torch.bfloat16, 2e-2, None),
+                                                       (torch.bfloat16, 2e-2, torch.float32)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_cuda_op_runs_triton_and_matches_reference(dtype, tol, p):
+def test_cuda_op_runs_triton_and_matches_reference(dtype, tol, adapter_dtype, p):
     index = [int(i) for i in torch.randint(-1, 2, (24,), generator=torch.Generator().manual_seed(0))]
     index = [SLOTS[i] if i >= 0 else -1 for i in index]
-    check((24, 67), 256, 200, (16, 8), index, p, dtype, tol, None, device="cuda")
-    y, x, As, Bs = make((24, 67), 256, 200, (16, 8), dtype=dtype, device="cuda")
+    check((24, 67), 256, 200, (16, 8), index, p, dtype, tol, None, device="cuda", adapter_dtype=adapter_dtype,
+          adapter_tol=1e-4 if adapter_dtype else None)
+    y, x, As, Bs = make((24, 67), 256, 200, (16, 8), dtype=dtype, device="cuda", adapter_dtype=adapter_dtype)
     leaves = [t.clone().requires_grad_() for t in (x, *As, *Bs)]
     out = S.lora_sgmv(y, leaves[0], torch.tensor(index, device="cuda"), SLOTS, leaves[1:3], leaves[3:], SCALES)
     out.sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == dtype for t in leaves)
+    assert out.dtype == dtype and all(t.grad is not None and t.grad.dtype == t.dtype for t in leaves)
 
 
 @pytest.mark.gpu

@@ -4,12 +4,11 @@ kernels under TRITON_INTERPRET=1 (cases defined only in such a process: the driv
 runs this file that way) and on CUDA (marker gpu)."""
 
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from interpreted import run_interpreted
+from interpreted import assert_all_passed, run_interpreted
 
 from peftc.kernels import lora_siblings as S
 from peftc.kernels.lora_linear import dropout_mask, lora_linear
@@ -223,9 +222,7 @@ DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16,
 def test_triton_kernels_under_interpreter():
     """Runs this file's interpreter cases in a fresh process: TRITON_INTERPRET precedes triton's import."""
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(Path(__file__))])
-    passed = re.search(r"(\d+) passed", tail)
-    want = 2 * len(DTYPES) * len(INTERPRETER_CASES) + 1
-    assert passed and int(passed.group(1)) == want and "skipped" not in tail, tail
+    assert_all_passed(tail, 2 * len(DTYPES) * len(INTERPRETER_CASES) + 1)
 
 
 if INTERPRET:  # defined only where triton runs interpreted (the driver above), so never a skip elsewhere

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import peftc
+from peftc import merging as merge_mod
 from peftc.models import example_inputs, tiny_model
-from peftc.passes import merge as merge_mod
+from peftc.passes.merge import HOLDER
 from peftc.passes.methods.lora import LoraSpec
 
 SIGS = ({}, {"attention_mask": True}, {"position_ids": True})  # three call signatures (labels share a graph)
@@ -139,7 +140,7 @@ def test_one_merged_tensor_per_weight_across_three_signatures():
         read = _storages_read(cm, path)
         assert read == {("weight", params[f"{path}.weight"].untyped_storage().data_ptr())}, path
     for gm in cm.graphs.rewritten.values():
-        assert not hasattr(gm, merge_mod.HOLDER)  # no per-graph merged buffers
+        assert not hasattr(gm, HOLDER)  # no per-graph merged buffers
     state = merge_mod.merge_state(cm)
     weight_bytes = sum(params[f"{p}.weight"].nbytes for p in paths)
     adapter_bytes = sum(p.nbytes for p in cm.adapters.parameters())

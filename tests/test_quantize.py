@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_nf4_reference import reference_dequantize
 
 import peftc
 from peftc.errors import PeftcError, SpecError
@@ -32,13 +33,14 @@ def _entry(name, method):
 
 
 def dequantized_model(model, cm):
-    """A copy of ``model`` whose quantized weights are replaced by deq(Q(W))."""
+    """A copy of ``model`` whose quantized weights are replaced by deq(Q(W)), Q(W) as peftc stored it and
+    deq the float64 reference of tests/test_nf4_reference.py (not peftc's dequantizer)."""
     ref = copy.deepcopy(model)
     root = cm.adapters.get_submodule(Q.ROOT)
     for path, qw in root.named_modules():
         if isinstance(qw, Q.QuantizedWeight) and not path.endswith(".merged"):
             mod = ref.get_submodule(path)
-            w = qw.dequantize(mod.weight.dtype)
+            w = reference_dequantize(*qw.tensors(), qw.fmt, qw.block_size).to(mod.weight.dtype)
             mod.weight.data = w.t().contiguous() if type(mod).__name__ == "Conv1D" else w
     return ref
 

@@ -16,8 +16,8 @@ from peftc import passes
 from peftc.models import example_inputs, tiny_model
 from peftc.passes import pipeline
 from peftc.passes.methods.linear import LinearMethod
-from peftc.passes.pipeline import register_method
-from peftc.spec import METHODS, Merging, Sites, Spec
+from peftc.passes.pipeline import register_method, register_optimization
+from peftc.spec import METHODS, OPTIMIZATIONS, Merging, Sites, Spec
 
 
 @pytest.fixture
@@ -95,12 +95,54 @@ def test_pipeline_order_comes_from_phases():
         assert (cls.merging is Merging.FOLD) == hasattr(cls, "fold"), cls
 
 
-def test_unmergeable_and_unknown_phase_are_errors(monkeypatch):
+def test_unmergeable_and_unknown_phase_are_errors():
     with pytest.raises(peftc.PassError, match="cannot be merged"):
         pipeline.merge_passes(Spec.from_dict({"methods": [{"prompt": {}}]}))
-    monkeypatch.setattr(METHODS["ssf"], "phase", "nowhere")
-    with pytest.raises(peftc.PassError, match="nowhere"):
-        pipeline.rewrite_passes(Spec.from_dict({"methods": [{"ssf": {}}]}))
+    with pytest.raises(peftc.PassError, match="'nowhere'.*reparameterize"):  # checked when it registers
+        register_method("test_nowhere", phase="nowhere")
+    with pytest.raises(peftc.PassError, match="'select'.*fuse"):
+        register_optimization("test_early", phase="select")
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_optimization("fuse", phase="fuse")(lambda gm, ctx: None)
+    assert "test_nowhere" not in METHODS and "test_early" not in OPTIMIZATIONS
+
+
+@pytest.fixture
+def count_linears():
+    """An optimization defined entirely here, as a new passes/optimize/<o>.py would: it marks
+    every frozen linear (a no-op rewrite) and reports the adapted ones as not matched."""
+
+    @register_optimization("test_count", phase="recompute", check=lambda settings: None)
+    def count(gm, ctx):
+        cov = ctx.coverage("test_count", "linears")
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.linear.default and "peftc" not in node.meta:  # base linears
+                adapted = any(u.meta.get("peftc") for u in node.users)
+                cov.miss("adapted by LoRA") if adapted else cov.hit()
+        ctx.counts["test_count"] += cov.matched
+        return pipeline.PassResult(gm, False)
+
+    yield count
+    del OPTIMIZATIONS["test_count"]
+
+
+def test_an_optimization_is_one_declaration(count_linears):
+    model = tiny_model("tiny-torch", dropout=0.0).eval()
+    spec = {"methods": [{"lora": {"targets": ["fc2"], "r": 2}}], "optimize": ["test_count", "fuse"]}
+    cm = peftc.compile(model, spec, example_inputs("tiny-torch"))
+    assert [n for n, _ in pipeline.optimize_passes(cm.spec.optimize)] == ["fuse", "test_count"]  # phase order
+    assert cm.pass_counts["test_count"] == 7  # every linear but the fused fc2s (no aten.linear any more)
+    with pytest.raises(peftc.SpecError, match="test_coun"):
+        Spec.from_dict({"methods": [{"lora": {"targets": ["q_proj"]}}], "optimize": ["test_coun"]})
+    assert "test_count:" not in cm.graph_summary()  # every linear it looked at was matched
+    cm2 = peftc.compile(tiny_model("tiny-torch", dropout=0.0).eval(), {**spec, "optimize": ["test_count"]},
+                        example_inputs("tiny-torch"))
+    assert "test_count: 7 of 9 linears: 2 adapted by LoRA\n" in cm2.graph_summary()
+
+
+def test_a_lowering_is_not_a_setting():
+    with pytest.raises(peftc.SpecError, match="sgmv"):
+        Spec.from_dict({"methods": [{"lora": {"targets": ["q_proj"]}}], "optimize": ["sgmv"]})
 
 
 def test_every_passes_module_is_loaded():

@@ -32,7 +32,7 @@ from peftc.passes.methods.gates import init_gate, insert_gate, tokens_3d
 from peftc.passes.methods.linear import LinearMethod, LinearTarget, sample_rows
 from peftc.passes.methods.train import TrainSpec
 from peftc.passes.pipeline import register_method
-from peftc.peft_io import PREFIX
+from peftc.peft_files import PREFIX
 from peftc.spec import MethodSpec, check_layer_selection, check_targets
 
 __all__ = ["LoraSpec", "LoraLinear", "rewrite", "pattern_value", "INITS", "BIAS"]
@@ -255,7 +255,7 @@ class LoraSpec(LinearMethod):
                 f"{root}.{owner.store_dir}.{adapter}.{rel}")
         return out
 
-    # ---- merging (passes/merge.py) ----------------------------------------------------------
+    # ---- merging (peftc/merging.py) ---------------------------------------------------------
     def fold(self, path: str, module: nn.Module, w: torch.Tensor, b, transposed: bool):
         """Merged weight (merge.py): W + s B A, and DoRA's row rescaling."""
         if self.gate:

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError
 from peftc.graph import PEFTC, Inserter, mount_adapter, stack_owner
+from peftc.model_family import kv_geometry
 from peftc.passes import dtype_policy
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.methods.gates import attention_input, init_gate, insert_gate
@@ -34,7 +35,7 @@ from peftc.passes.methods.prompt import PromptLearning, prompt_learning_config, 
 from peftc.passes.pipeline import register_method
 from peftc.spec import MethodSpec
 
-__all__ = ["PrefixSpec", "PrefixEncoder", "rewrite", "kv_geometry"]
+__all__ = ["PrefixSpec", "PrefixEncoder", "rewrite"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -88,19 +89,6 @@ class PrefixSpec(PromptLearning):
     @classmethod
     def rewrite(cls, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return rewrite(gm, ctx)
-
-
-def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) as PEFT sizes the prefix (GQA: the kv heads)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise PeftcError("prefix tuning needs an HF model config (layers, heads)")
-    get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
-    layers, heads = get("num_hidden_layers", "n_layer", "num_layers"), get("num_attention_heads", "n_head")
-    dim = get("hidden_size", "n_embd", "d_model")
-    kv = get("num_key_value_heads")
-    head_dim = get("head_dim") if kv is not None and get("head_dim") else dim // heads
-    return layers, kv or heads, head_dim
 
 
 class PrefixEncoder(nn.Module):

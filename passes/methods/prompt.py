@@ -56,6 +56,7 @@ class PromptLearning(MethodSpec):
 class PromptSpec(PromptLearning):
     """``tokens``: number of virtual tokens P; ``init``: "random" or "sample_vocab"."""
 
+    inserts_tokens: ClassVar[bool] = True  # P virtual tokens ahead of the input ids
     tokens: int = 20
     init: str = "random"
 

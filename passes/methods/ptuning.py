@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
@@ -36,6 +37,7 @@ class PTuningSpec(PromptLearning):
     """``tokens``: P; ``encoder``: "mlp" (PEFT's prompt encoder) or "none" (prompts trained
     directly); ``hidden``: the MLP width (None = the model's embedding width, PEFT's default)."""
 
+    inserts_tokens: ClassVar[bool] = True  # P virtual tokens ahead of the input ids
     tokens: int = 20
     encoder: str = "mlp"
     hidden: int | None = None

@@ -30,6 +30,11 @@ sibling's marginal dropout is PEFT's, the masks are correlated), so such sites a
 under ``shared_dropout: true``; otherwise they stay single lora_linear ops. ``ctx.counts``:
 ``fuse`` = sites fused (either op), ``fuse_siblings`` = lora_siblings nodes.
 
+Coverage (``ctx.coverage("fuse", "adapter sites")``): every site of a method that adapts linears
+(LoRA, DoRA, IA3, LoHa, LoKr, VeRA, SSF, LoRA on parameters; one per method, adapter and module)
+is a hit when fused, else a miss with the matcher's reason, e.g. ``fuse: 2 of 6 adapter sites:
+2 gated LoRA has no fused op; 2 LoHa has no fused op``.
+
 Settings (``optimize: {fuse: {...}}``): ``shared_dropout`` (bool, default false). Unknown
 settings are SpecErrors (``check_settings``).
 """
@@ -45,10 +50,26 @@ from peftc.errors import SpecError
 from peftc.graph import PEFTC, fetch_attr, has_role
 from peftc.passes.context import PassContext, PassResult
 from peftc.passes.dtype_policy import is_cast
-from peftc.passes.optimize.fuse_scaling import fuse_dora, fuse_ia3, seed_for
+from peftc.passes.optimize.fuse_scaling import (
+    BASE_READ,
+    CASTS,
+    FORM,
+    READ_OUTSIDE,
+    base_linear,
+    fuse_dora,
+    fuse_ia3,
+    is_dora_add,
+    seed_for,
+    site_key,
+)
 from peftc.passes.pipeline import register_optimization
+from peftc.spec import METHODS, Sites
 
-__all__ = ["fuse", "match_lora", "sibling_groups", "seed_for", "check_settings", "SETTINGS"]
+__all__ = ["fuse", "match_lora", "lora_site", "low_rank_chain", "adapter_sites", "sibling_groups", "seed_for",
+           "check_settings", "SETTINGS", "UNIT"]
+
+UNIT = "adapter sites"  # what fuse's coverage counts
+NO_FUSED_OP = {"loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "ssf": "SSF", "lora_params": "LoRA on parameters"}
 
 aten = torch.ops.aten
 
@@ -79,25 +100,36 @@ def match_lora(add: fx.Node) -> dict | None:
     """The pieces of one unfused LoRA site ending at ``add``, or None if it is not one."""
     if not has_role(add, "lora", "add") or add.target is not aten.add.Tensor:
         return None
+    m = lora_site(add)
+    return m if isinstance(m, dict) else None
+
+
+def lora_site(add: fx.Node) -> dict | str:
+    """The pieces of the LoRA site ending at ``add`` (a LoRA ``add`` node, not DoRA's: see
+    ``fuse_scaling.dora_site``), or why it does not fuse (the reason ``graph_summary()`` shows)."""
     base, term = add.args[:2]
-    if not (has_role(term, "lora", "scale") and term.target is aten.mul.Tensor and _only_user(term, add)):
-        return None
-    chain = low_rank_chain(term)
+    if has_role(term, "lora", "gated"):
+        return "gated LoRA has no fused op"
+    if has_role(term, "lora", "mask"):
+        return "mixed-batch LoRA (masked per sample) has no fused op"
+    if not (has_role(term, "lora", "scale") and term.target is aten.mul.Tensor):
+        return f"LoRA {FORM}"
+    chain = low_rank_chain(term) if _only_user(term, add) else None
     if chain is None:
-        return None
+        return f"LoRA {READ_OUTSIDE}"
     src, a_w, b_w, scale, p, up, down, drop = (chain[k] for k in ("src", "a", "b", "scale", "p", "up", "down", "drop"))
     cast_in, cast_out = _casts(src, drop or down, add)
     if cast_in is False:
-        return None
+        return f"LoRA {CASTS}"
     src = cast_in.args[0] if cast_in is not None else src
-    if not isinstance(base, fx.Node) or list(base.users) != [add] or PEFTC in base.meta:
-        return None
-    if base.target is aten.linear.default and base.args[0] is src:
-        w, bias, transposed = base.args[1], base.args[2] if len(base.args) > 2 else None, False
-    elif base.target is aten.addmm.default and base.args[1] is src and len(base.args) == 3 and not base.kwargs:
-        bias, w, transposed = base.args[0], base.args[2], True
-    else:
-        return None
+    found = base_linear(base)
+    if isinstance(found, str):
+        return f"LoRA {found}"
+    if list(base.users) != [add]:
+        return f"LoRA {BASE_READ}"
+    if found["x"] is not src:
+        return f"LoRA {FORM}"
+    w, bias, transposed = found["w"], found["bias"], found["transposed"]
     return {"x": src, "w": w, "bias": bias, "transposed": transposed, "a": a_w, "b": b_w, "scale": float(scale),
             "p": float(p), "erase": [*([cast_out] if cast_out is not None else []), add, term, up, down,
                                      *([drop] if drop is not None else []),
@@ -215,14 +247,43 @@ def _fuse_group(gm: fx.GraphModule, group: list[dict]) -> bool:
     return True
 
 
+def adapter_sites(gm: fx.GraphModule) -> dict[tuple, str]:
+    """``site_key`` -> method of every adapter site on a linear (or a parameter read) in the graph,
+    in graph order: what ``fuse`` could fuse, whether or not it has a fused op for it. A site counts
+    by its computing nodes (a mixed batch's segmented terms leave only their weights' get_attr)."""
+    sites = {}
+    for node in gm.graph.nodes:
+        info = node.meta.get(PEFTC) if node.op == "call_function" else None
+        cls = METHODS.get(info.get("method")) if info else None
+        if cls is not None and cls.sites in (Sites.LINEAR, Sites.PARAMETER):
+            sites.setdefault(site_key(info), info["method"])
+    return sites
+
+
+def _report(ctx: PassContext, sites: dict[tuple, str], outcome: dict[tuple, str | None]) -> None:
+    """One hit per fused site, one miss per other site: the matcher's reason, or its method's lack of an op."""
+    cov = ctx.coverage("fuse", UNIT)
+    for key, method in sites.items():
+        reason = outcome.get(key, f"{NO_FUSED_OP.get(method, method)} has no fused op")
+        cov.hit() if reason is None else cov.miss(reason)
+
+
 @register_optimization("fuse", phase="fuse", check=check_settings)
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Replaces sibling LoRA sites by lora_siblings, every other matched site by lora_linear
-    (see the module docstring)."""
+    """Replaces sibling LoRA sites by lora_siblings, every other matched site by lora_linear, IA3
+    and DoRA sites by their ops (see the module docstring); reports every adapter site's outcome."""
     from peftc.kernels import lora_linear, lora_siblings  # noqa: F401  (register the ops)
 
     settings = check_settings(ctx.spec.optimize.get("fuse") or {})
-    sites = [m for m in map(match_lora, list(gm.graph.nodes)) if m is not None]
+    candidates = adapter_sites(gm)
+    outcome: dict[tuple, str | None] = {}  # site -> None (fused) or why not
+    sites = []
+    for node in list(gm.graph.nodes):
+        if has_role(node, "lora", "add") and node.target is aten.add.Tensor and not is_dora_add(node):
+            m = lora_site(node)
+            outcome[site_key(node.meta[PEFTC])] = m if isinstance(m, str) else None
+            if isinstance(m, dict):
+                sites.append(m)
     grouped = set()
     for group in sibling_groups(gm, sites, settings["shared_dropout"]):
         if _fuse_group(gm, group):
@@ -231,7 +292,9 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for m in sites:
         if id(m) not in grouped:
             _fuse_one(gm, m)
-    scaling = fuse_ia3(gm, ctx) + fuse_dora(gm, ctx)  # IA3 / DoRA sites: counts "fuse_ia3", "fuse_dora"
+    scaling = {**fuse_ia3(gm, ctx), **fuse_dora(gm, ctx)}  # IA3 / DoRA sites: counts "fuse_ia3", "fuse_dora"
+    outcome.update(scaling)
+    _report(ctx, candidates, outcome)
     n = len(sites)
     ctx.counts["fuse"] += n
-    return PassResult(gm, n > 0 or scaling > 0)
+    return PassResult(gm, n > 0 or any(r is None for r in scaling.values()))

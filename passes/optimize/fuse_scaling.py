@@ -17,6 +17,8 @@ of a fused site remains; outputs and gradients equal the unfused graph's (DoRA w
 training agrees in distribution: the op draws its own mask from ``seed``, as the LoRA fusion).
 
 Called from passes/optimize/fuse.py's ``fuse``; counts go to ``ctx.counts["fuse_ia3"]`` / ``["fuse_dora"]``.
+Each returns, per site it looked at (``site_key``), None when fused or why not (``fuse``'s coverage):
+the matchers' rejections as reasons (``ia3_site`` / ``dora_site``; ``match_*`` give None instead).
 """
 
 from __future__ import annotations
@@ -30,95 +32,138 @@ from peftc.graph import PEFTC, has_role
 from peftc.passes.context import PassContext
 from peftc.passes.dtype_policy import is_cast
 
-__all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora", "seed_for"]
+__all__ = ["fuse_ia3", "fuse_dora", "match_ia3", "match_dora", "ia3_site", "dora_site", "is_dora_add", "seed_for", "site_key",
+           "base_linear", "STACKED", "READ_OUTSIDE", "BASE_READ", "CASTS", "NOT_LINEAR", "FORM"]
 
 aten = torch.ops.aten
+
+# why a site is left unfused, after its kind ("LoRA", "DoRA", "IA3"): ``graph_summary()`` reads "2 DoRA <reason>"
+STACKED = "stacked on another adapter's output has no fused op"
+READ_OUTSIDE = "with a node read outside its site"
+BASE_READ = "whose base output is also read outside the site"
+CASTS = "with only part of PEFT's dtype casts (x.to(adapter dtype) read once, the sum cast back)"
+NOT_LINEAR = "on an op other than aten.linear / Conv1D's addmm"
+FORM = "not in the form its rewrite inserts"
+
+
+def site_key(info: dict) -> tuple:
+    """One adapter site: (method, adapter, module, site) of the peftc meta of any of its nodes."""
+    return info.get("method"), info.get("adapter"), info.get("module"), info.get("site")
 
 
 def seed_for(x: torch.Tensor, dropout: bool) -> torch.Tensor:
     """A fused op's dropout seed: fresh from the global RNG when it may drop, else a constant."""
-    from peftc.kernels.lora_linear import draw_seed  # kernels load on first fusion, not on import
+    from peftc.kernels.common import draw_seed, zero_seed  # kernels load on first fusion, not on import
 
-    return draw_seed(x.device) if dropout else torch.zeros((), dtype=torch.int64, device=x.device)
+    return draw_seed(x.device) if dropout else zero_seed(x.device)
 
 
-def _base(node) -> dict | None:
-    """x, W, bias of an un-annotated linear / Conv1D addmm node, else None."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or PEFTC in node.meta or node.kwargs:
-        return None
+def base_linear(node) -> dict | str:
+    """x, W, bias of an un-annotated linear / Conv1D addmm node, else why not (``STACKED`` when it
+    is another adapter's node, ``NOT_LINEAR``)."""
+    if isinstance(node, fx.Node) and PEFTC in node.meta:
+        return STACKED
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
+        return NOT_LINEAR
     if node.target is aten.linear.default:
         return {"x": node.args[0], "w": node.args[1], "bias": node.args[2] if len(node.args) > 2 else None,
                 "transposed": False}
     if node.target is aten.addmm.default and len(node.args) == 3:
         return {"x": node.args[1], "w": node.args[2], "bias": node.args[0], "transposed": True}
-    return None
+    return NOT_LINEAR
 
 
 def match_ia3(mul: fx.Node) -> dict | None:
     """The pieces of one IA3 site whose scaling ``mul`` this is, or None."""
     if mul.target is not aten.mul.Tensor or not has_role(mul, "ia3", "scale_output", "scale_input"):
         return None
+    m = ia3_site(mul)
+    return m if isinstance(m, dict) else None
+
+
+def ia3_site(mul: fx.Node) -> dict | str:
+    """The pieces of the IA3 site whose scaling ``mul`` (role scale_output / scale_input) this is, or
+    why it does not fuse ("IA3 <reason>")."""
     src, vec = mul.args
     if not has_role(vec, "ia3", "flatten"):
-        return None
+        return f"IA3 {FORM}"
     users = list(mul.users)
     back = users[0] if len(users) == 1 and is_cast(users[0], "cast_out") else None  # PEFT's .to(base dtype)
     if has_role(mul, "ia3", "scale_output"):
-        base = _base(src)
-        if base is None or list(src.users) != [mul]:
-            return None
+        base = base_linear(src)
+        if isinstance(base, str):
+            return f"IA3 {base}"
+        if list(src.users) != [mul]:
+            return f"IA3 {BASE_READ}"
         anchor = back or mul
         return {**base, "vec": vec, "mode": "out", "anchor": anchor, "erase": [*([back] if back else []), mul, src],
                 "site": src}
     up = None
     if is_cast(src, "cast_in"):  # x.to(l.dtype) * l, cast back before the linear
         if back is None or list(src.users) != [mul]:
-            return None
+            return f"IA3 {CASTS}"
         up, src = src, src.args[0]
     reader = back or mul
     users = list(reader.users)
-    base = _base(users[0]) if len(users) == 1 else None
-    if base is None or base["x"] is not reader:
-        return None
+    if len(users) != 1:
+        return f"IA3 {READ_OUTSIDE}"
+    base = base_linear(users[0])
+    if isinstance(base, str):
+        return f"IA3 {base}"
+    if base["x"] is not reader:
+        return f"IA3 {FORM}"
     return {**base, "x": src, "vec": vec, "mode": "in", "anchor": users[0],
             "erase": [users[0], *([back] if back else []), mul, *([up] if up else [])], "site": users[0]}
 
 
+def is_dora_add(add: fx.Node) -> bool:
+    """Whether ``add`` is a LoRA add whose term is DoRA's (``dora_site`` matches it, not fuse's LoRA matcher)."""
+    return has_role(add, "lora", "add") and len(add.args) > 1 and has_role(add.args[1], "lora", "dora")
+
+
 def match_dora(add: fx.Node) -> dict | None:
-    """The pieces of one unfused DoRA site ending at the LoRA ``add``, or None.
+    """The pieces of one unfused DoRA site ending at the LoRA ``add``, or None."""
+    if add.target is not aten.add.Tensor or not is_dora_add(add):
+        return None
+    m = dora_site(add)
+    return m if isinstance(m, dict) else None
+
+
+def dora_site(add: fx.Node) -> dict | str:
+    """The pieces of the DoRA site ending at the LoRA ``add`` (``is_dora_add``), or why it does not
+    fuse ("DoRA <reason>").
 
     The site: dropout? -> lora_A -> lora_B; m / detach(||W + s B A||) as a row; the base term
     (the linear itself, ``y - b``, or the recompute on the dropped input) times mn - 1; plus
     mn * lora_B * s.
     """
-    if add.target is not aten.add.Tensor or not has_role(add, "lora", "add"):
-        return None
+    form = f"DoRA {FORM}"
     y, term = add.args[:2]
-    base = _base(y)
-    if base is None or not has_role(term, "lora", "dora"):
-        return None
+    base = base_linear(y)
+    if isinstance(base, str):
+        return f"DoRA {base}"
     t1, t2 = term.args
     if not (has_role(t1, "lora", "dora_base") and has_role(t2, "lora", "scale")):
-        return None
+        return form
     minus1, base_term = t1.args
     dl, scale = t2.args
     if not (has_role(minus1, "lora", "mag_minus_one") and has_role(dl, "lora", "dora_lora")
             and isinstance(scale, (int, float))):
-        return None
+        return form
     mag, up = dl.args
     if not (has_role(mag, "lora", "mag_row") and has_role(up, "lora", "lora_B") and minus1.args[0] is mag):
-        return None
+        return form
     div = mag.args[0]
     detach = div.args[1] if has_role(div, "lora", "mag_norm_scale") else None
     norm = detach.args[0] if has_role(detach, "lora", "detach_norm") else None
     adapted = norm.args[0] if has_role(norm, "lora", "weight_norm") else None
     if adapted is None or not has_role(adapted, "lora", "adapted_weight"):
-        return None
+        return form
     scaled = adapted.args[1]
     delta = scaled.args[0] if has_role(scaled, "lora", "scale_delta") else None
     down, b_w = up.args
     if not (has_role(delta, "lora", "delta_weight") and has_role(down, "lora", "lora_A")):
-        return None
+        return form
     src, a_w = down.args
     p, train, drop = 0.0, False, None
     if has_role(src, "lora", "dropout"):
@@ -127,15 +172,15 @@ def match_dora(add: fx.Node) -> dict | None:
     if is_cast(src, "cast_in"):  # PEFT's autocast: x.to(A.dtype) in, (y + term).to(y.dtype) out
         users = list(add.users)
         if len(users) != 1 or not is_cast(users[0], "cast_out"):
-            return None
+            return f"DoRA {CASTS}"
         up_x, back, src = src, users[0], src.args[0]
     if src is not base["x"]:
-        return None
+        return form
     w = adapted.args[0]  # (out, in): the weight itself, or t(W) for Conv1D
     if base["transposed"] and not (has_role(w, "lora", "weight_t") and w.args[0] is base["w"]):
-        return None
+        return form
     if not base["transposed"] and w is not base["w"]:
-        return None
+        return form
     nodes = [*([back] if back else []), add, term, t1, t2, minus1, dl, mag, div, detach, norm, adapted, scaled,
              delta, up, down, *([drop] if drop is not None else []), *([up_x] if up_x else []), y]
     if base_term is not y:
@@ -148,11 +193,11 @@ def match_dora(add: fx.Node) -> dict | None:
                   and (wx is w or cast_w is not None))
             nodes += [cast_w] if cast_w is not None else []
         if not ok:
-            return None
+            return form
         nodes.append(base_term)
     inside = set(nodes) | ({w} if base["transposed"] else set())
     if any(u not in inside for n in nodes[1:] for u in n.users):  # only the add leaves the site
-        return None
+        return f"DoRA {BASE_READ}" if any(u not in inside for u in y.users) else f"DoRA {READ_OUTSIDE}"
     return {**base, "w": w, "a": a_w, "b": b_w, "m": div.args[0], "scale": float(scale), "p": float(p),
             "train": bool(train), "erase": nodes, "info": add.meta[PEFTC], "site": y, "anchor": nodes[0]}
 
@@ -188,35 +233,42 @@ def _replace(gm: fx.GraphModule, m: dict, op, args_of, role: str) -> fx.Node:
     return fused
 
 
-def fuse_ia3(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Replaces every matched IA3 site by ``peftc::ia3_linear``; returns the number fused."""
+def fuse_ia3(gm: fx.GraphModule, ctx: PassContext) -> dict[tuple, str | None]:
+    """Replaces every matched IA3 site by ``peftc::ia3_linear``; returns, per IA3 site (``site_key``),
+    None when fused, else why not."""
     from peftc.kernels import ia3_linear  # noqa: F401  (registers torch.ops.peftc.ia3_linear)
 
-    n = 0
+    outcome = {}
     for node in list(gm.graph.nodes):
-        m = match_ia3(node)
-        if m is None:
+        if node.target is not aten.mul.Tensor or not has_role(node, "ia3", "scale_output", "scale_input"):
             continue
         info = node.meta[PEFTC]
+        m = ia3_site(node)
+        outcome[site_key(info)] = m if isinstance(m, str) else None
+        if isinstance(m, str):
+            continue
         _replace(gm, {**m, "raw_w": m["w"], "info": info}, torch.ops.peftc.ia3_linear.default,
                  lambda g, new, m=m: (m["vec"], m["mode"]), "ia3_linear")
-        n += 1
-    ctx.counts["fuse_ia3"] += n
-    return n
+    ctx.counts["fuse_ia3"] += sum(r is None for r in outcome.values())
+    return outcome
 
 
-def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Replaces every matched DoRA site by ``peftc::dora_linear``; returns the number fused.
+def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> dict[tuple, str | None]:
+    """Replaces every matched DoRA site by ``peftc::dora_linear``; returns, per DoRA site
+    (``site_key``), None when fused, else why not.
 
     The op's train flag starts as the LoRA dropout node's and is flipped by ``set_training``
     (the op registers its ``train`` argument); its dropout seed is drawn per call, as for the fused LoRA op.
     """
     from peftc.kernels import dora_linear  # noqa: F401  (registers torch.ops.peftc.dora_linear)
 
-    n = 0
+    outcome = {}
     for node in list(gm.graph.nodes):
-        m = match_dora(node)
-        if m is None:
+        if node.target is not aten.add.Tensor or not is_dora_add(node):
+            continue
+        m = dora_site(node)
+        outcome[site_key(node.meta[PEFTC])] = m if isinstance(m, str) else None
+        if isinstance(m, str):
             continue
 
         def args_of(g, new, m=m):
@@ -225,6 +277,5 @@ def fuse_dora(gm: fx.GraphModule, ctx: PassContext) -> int:
             return m["a"], m["b"], m["m"], m["scale"], m["p"], seed, m["train"]
 
         _replace(gm, m, torch.ops.peftc.dora_linear.default, args_of, "dora_linear")
-        n += 1
-    ctx.counts["fuse_dora"] += n
-    return n
+    ctx.counts["fuse_dora"] += sum(r is None for r in outcome.values())
+    return outcome

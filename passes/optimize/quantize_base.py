@@ -35,8 +35,6 @@ def merge_quantized(cm, requantize: bool) -> dict[str, float]:
                          "into them would round the merged weights again; call merge(requantize=True) to "
                          "dequantize, merge and requantize (the rounding error is reported), or keep the adapter "
                          "unmerged")
-    from peftc.passes.merge import _fold_of
-
     errors = {}
     for path, qw in [(n, m) for n, m in root.named_modules() if isinstance(m, QuantizedWeight)]:
         if path.endswith(".merged"):
@@ -50,10 +48,10 @@ def merge_quantized(cm, requantize: bool) -> dict[str, float]:
             state = cm.registry.state(name)
             for entry, found in zip(state.spec.methods, state.targets):
                 if entry.sites != "linear" or path not in found:
-                    continue
+                    continue  # the linear-site methods all fold (LinearMethod); others: peftc.merging refuses
                 module = cm.adapters.get_submodule(f"{path}.{entry.store_dir}.{name}")
                 with torch.no_grad():
-                    w, bias = _fold_of(entry)(path, module, w, bias, kind == "conv1d")
+                    w, bias = entry.fold(path, module, w, bias, kind == "conv1d")
                 folded = True
         if hasattr(qw, "merged"):
             del qw.merged

@@ -28,8 +28,9 @@ Policies (``optimize: {recompute: {policy: ..., budget_mb: ...}}``; ``[recompute
 
 Pre: optimizations of earlier phases (fuse) have run. Post: ``ctx.counts`` has
 ``recompute_<policy>`` (tensors recomputed / blocks checkpointed) and details; the graph's
-``meta[SUMMARY_LINES]`` holds lines that ``graph_summary()`` prints (also when nothing
-matched: never silent).
+``meta[SUMMARY_LINES]`` holds what the policy did (sizes, tiers); its coverage (``UNITS``) says
+what it could have matched: ``recompute: matched nothing: no repeated blocks in this graph``, or
+``recompute: 3 of 5 adapter inputs saved beyond the base's: 2 not cheaply recomputable (kept)``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import fx
 from peftc.capture import register_train_flag
 from peftc.errors import SpecError
 from peftc.graph import FLAT_VIEW, PEFTC, SUMMARY_LINES
+from peftc.passes.context import Coverage
 from peftc.passes.optimize.recompute_ops import (
     RecipeFactory,
     SaveWithRecipes,
@@ -58,9 +60,14 @@ from peftc.passes.optimize.recompute_ops import (
 )
 from peftc.passes.pipeline import PassContext, PassResult, register_optimization
 
-__all__ = ["recompute", "check_settings", "POLICIES", "SUMMARY", "attach_recipe", "find_blocks", "wrap"]
+__all__ = ["recompute", "check_settings", "POLICIES", "UNITS", "SUMMARY", "attach_recipe", "find_blocks", "wrap"]
 
 POLICIES = ("adapters", "blocks", "budget")
+UNITS = {  # what each policy's coverage counts
+    "adapters": "adapter inputs saved beyond the base's",  # recomputed by a recipe, or kept
+    "blocks": "repeated blocks",  # entries <list>.<i> of the module list owning most nodes
+    "budget": "saved tensors worth recomputing",  # what the min-cut recomputes within the budget
+}
 register_train_flag(bit_dropout, 2)  # set_training flips bit_dropout(x, p, train)
 SUMMARY = SUMMARY_LINES  # gm.meta key: lines for graph_summary()
 VIEW = FLAT_VIEW  # gm.meta key: the graph before blocks were outlined (for inspection)
@@ -91,14 +98,15 @@ def recompute(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Applies the selected policy (see the module docstring)."""
     settings = check_settings(ctx.spec.optimize.get("recompute") or {})
     policy = settings["policy"]
+    cov = ctx.coverage("recompute", UNITS[policy])
     if policy == "adapters":
-        lines = _adapters(gm, ctx)
+        lines = _adapters(gm, ctx, cov)
     elif policy == "blocks":
-        lines = _blocks(gm, ctx)
+        lines = _blocks(gm, ctx, cov)
     else:
         from peftc.passes.optimize.recompute_budget import budget
 
-        lines = budget(gm, ctx, settings["budget_mb"])
+        lines = budget(gm, ctx, settings["budget_mb"], cov)
     gm.meta.setdefault(SUMMARY, []).extend(lines)
     ctx.counts[f"recompute_{policy}"] += 0  # present even when it matched nothing
     return PassResult(gm, ctx.counts[f"recompute_{policy}"] > 0)
@@ -173,7 +181,9 @@ def _flat_nodes(args) -> list[fx.Node]:
     return out
 
 
-def _adapters(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+def _adapters(gm: fx.GraphModule, ctx: PassContext, cov: Coverage | None = None) -> list[str]:
+    """Adapter inputs the base does not keep -> recipes over what it keeps; ``cov`` (None when
+    the budget policy runs this first) counts each one recomputed or kept."""
     req = requires_grad(gm)
     kept = kept_by(gm, req)
     drops = _bit_dropouts(gm)
@@ -199,6 +209,8 @@ def _adapters(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
             chain = recipe_chain(t, kept)
             if chain is None:
                 kept_x += 1
+                if cov is not None:
+                    cov.miss("not cheaply recomputable (kept)")
                 continue
             recipe = attach_recipe(gm, t, chain, f"_peftc_recipe_{i}")
         for c in users:
@@ -207,6 +219,8 @@ def _adapters(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         saved += nbytes(drops[t][0] if t in drops else t)
         ctx.counts["recompute_adapters"] += 1
         ctx.counts["recompute_consumers"] += len(users)
+        if cov is not None:
+            cov.hit()
     return [f"recompute (adapters): {recomputed} adapter inputs stored as recipes "
             f"({ctx.counts['recompute_dropout_bits']} dropout masks as bits), ~{saved / 2**20:.2f} MB fewer "
             f"saved at the example shape; {kept_x} inputs kept (not cheaply recomputable)"
@@ -241,7 +255,7 @@ def find_blocks(gm: fx.GraphModule) -> tuple[str, dict[int, list[fx.Node]]]:
     return prefix, spans
 
 
-def _blocks(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+def _blocks(gm: fx.GraphModule, ctx: PassContext, cov: Coverage) -> list[str]:
     prefix, spans = find_blocks(gm)
     starts = sorted((s[0], s[-1]) for s in spans.values())
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -254,10 +268,12 @@ def _blocks(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     for i, span in spans.items():
         if extract_region(gm, list(span), f"_peftc_block_{i}") is not None:
             done += 1
+            cov.hit()
+        else:
+            cov.miss("no output used after the block")
     ctx.counts["recompute_blocks"] += done
     return [f"recompute (blocks): {done} blocks of {prefix} checkpointed (torch.utils.checkpoint, "
-            "non-reentrant, RNG state preserved)" if done else
-            "recompute (blocks): no repeated blocks found in nn_module_stack: nothing checkpointed"]
+            "non-reentrant, RNG state preserved)"] if done else []  # none: the coverage line says so
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

@@ -29,6 +29,7 @@ from torch import fx
 
 from peftc.errors import SpecError
 from peftc.graph import PEFTC
+from peftc.passes.context import Coverage
 from peftc.passes.optimize.recompute_ops import CHEAP, bit_dropout, nbytes, requires_grad, saved_inputs
 from peftc.passes.pipeline import PassContext
 
@@ -156,7 +157,8 @@ def _chain(t: fx.Node, keep: set[fx.Node]) -> list[fx.Node]:
     return [n for n in t.graph.nodes if n in chain]
 
 
-def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
+def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float, cov: Coverage) -> list[str]:
+    """Adapter inputs as recipes first, then the min-cut's recomputed tensors; ``cov`` counts both."""
     from peftc.passes.optimize.recompute import _adapters, attach_recipe, wrap
 
     lines = []
@@ -164,7 +166,9 @@ def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
         fill_vals(gm)
     except (RuntimeError, TypeError, NotImplementedError) as e:  # sizes then come from what capture traced
         lines.append(f"recompute (budget): sizes of inserted nodes unknown ({type(e).__name__}): estimates are low")
+    before = ctx.counts["recompute_adapters"]
     lines += _adapters(gm, ctx)  # first what costs nothing: adapter inputs and masks
+    cov.hit(ctx.counts["recompute_adapters"] - before)
     limit = budget_mb * 2**20
     tried = []
     for tier in range(len(TIERS)):
@@ -181,6 +185,7 @@ def budget(gm: fx.GraphModule, ctx: PassContext, budget_mb: float) -> list[str]:
         recipe = attach_recipe(gm, t, _chain(t, keep), f"_peftc_budget_{i}")
         for c in needed[t]:
             wrap(c, recipe)
+    cov.hit(len(recomputed))
     ctx.counts["recompute_budget"] += len(recomputed) + ctx.counts["recompute_adapters"]
     ctx.counts["recompute_budget_kept"] += len(keep)
     ctx.counts["recompute_budget_tier"] = tier

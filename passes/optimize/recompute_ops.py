@@ -2,11 +2,11 @@
 
 Runtime pieces (all exact: they change what autograd stores, never what is computed):
 
-- ``Recipe``: made in the forward right after a tensor ``t``; it holds the few tensors ``t`` is
-  recomputed from (``inputs``) and a small GraphModule ``fn`` with ``fn(*inputs) == t``.
-- ``SaveWithRecipes(op)``: calls ``op`` under ``saved_tensors_hooks`` that store a Recipe in
-  place of every tensor of its recipes that ``op`` saves for backward (a view of it too); the
-  backward unpacks it by recomputing ``t`` once (shared by every op that saved it).
+- ``Recipe``, ``RecipeFactory``, ``SaveWithRecipes`` (from ``peftc.recipes``, where reports read
+  them too): a Recipe, made in the forward right after a tensor ``t``, holds the few tensors ``t``
+  is recomputed from and a small GraphModule ``fn`` with ``fn(*inputs) == t``; an op wrapped in
+  ``SaveWithRecipes`` saves the Recipe in place of ``t`` (or a view of it), and backward
+  recomputes ``t`` once (shared by every op that saved it).
 - ``bit_dropout(x, p, train) -> (y, bits)``: ``aten.dropout``'s CPU math and RNG draws (so the
   mask equals the unfused graph's under the same seed) with the mask kept as packed bits, 1/32
   of the fp32 noise ``aten.dropout`` saves.
@@ -29,13 +29,13 @@ from torch.utils.checkpoint import checkpoint
 
 from peftc.capture import set_training
 from peftc.graph import PEFTC
+from peftc.recipes import Recipe, RecipeFactory, SaveWithRecipes
 
-__all__ = ["Recipe", "RecipeFactory", "SaveWithRecipes", "bit_dropout", "Checkpointed", "LISTENERS",
+__all__ = ["Recipe", "RecipeFactory", "SaveWithRecipes", "bit_dropout", "Checkpointed",
            "requires_grad", "kept_by", "recipe_chain", "extract_region", "nbytes", "CHEAP", "saved_inputs",
            "frontier", "subgraph", "apply_bits", "unpack_bits"]
 
 aten = torch.ops.aten
-LISTENERS: list = []  # callables(tensors) told what a packed Recipe keeps alive (peftc.memory)
 
 CHEAP = {  # recomputing these in backward costs an elementwise pass at most
     aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.div.Tensor,
@@ -189,78 +189,6 @@ def subgraph(gm: fx.GraphModule, chain: list[fx.Node], inputs: list[fx.Node], ou
     else:
         g.output(tail(g, env[outputs[0]], phs) if tail else env[outputs[0]])
     return fx.GraphModule(gm, g)
-
-
-# ---------------------------------------------------------------- runtime: recipes
-
-
-def _key(t: torch.Tensor):
-    return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-
-
-class Recipe:
-    """A tensor's stand-in in autograd's saved tensors: recomputed once in backward, then shared
-    by every op that saved it until the last one has unpacked it."""
-
-    __slots__ = ("fn", "inputs", "key", "base_offset", "value", "packs")
-
-    def __init__(self, fn, inputs: tuple, t: torch.Tensor):
-        self.fn, self.inputs, self.key, self.base_offset = fn, inputs, _key(t), t.storage_offset()
-        self.value, self.packs = None, 0
-
-    def pack(self, t: torch.Tensor):
-        if self.packs == 0:
-            for cb in LISTENERS:
-                cb([x for x in self.inputs if isinstance(x, torch.Tensor)])
-        self.packs += 1
-        return self, tuple(t.shape), t.stride(), t.storage_offset() - self.base_offset
-
-    def unpack(self, shape, stride, offset) -> torch.Tensor:
-        if self.value is None:
-            with torch.no_grad():
-                self.value = self.fn(*self.inputs)
-        v = self.value
-        self.packs -= 1
-        if self.packs <= 0:
-            self.value = None
-        return v.as_strided(shape, stride, v.storage_offset() + offset)
-
-
-class RecipeFactory(nn.Module):
-    """Graph node ``recipe(t, *inputs) -> Recipe``: made after t in the forward."""
-
-    def __init__(self, fn: fx.GraphModule):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, t, *inputs):
-        return Recipe(self.fn, inputs, t) if isinstance(t, torch.Tensor) else None
-
-
-class SaveWithRecipes:
-    """``op(*args, **kwargs)`` storing a Recipe for each tensor of ``_recipes`` that op saves."""
-
-    def __init__(self, op):
-        self.op = op
-        self.__name__ = f"save_with_recipes_{getattr(op, '__name__', 'op')}"
-
-    def __repr__(self):
-        return self.__name__
-
-    def __call__(self, *args, _recipes=(), **kwargs):
-        recipes = {r.key: r for r in _recipes if r is not None}
-        if not recipes or not torch.is_grad_enabled():
-            return self.op(*args, **kwargs)
-
-        def pack(t):
-            r = recipes.get(_key(t)) if t.device.type != "meta" else None
-            return r.pack(t) if r is not None else t
-
-        def unpack(obj):
-            return obj[0].unpack(*obj[1:]) if isinstance(obj, tuple) else obj
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return self.op(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- runtime: dropout as bits

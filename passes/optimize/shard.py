@@ -5,7 +5,7 @@
     get_attr A (trainable)     -> grad_mean(A, world_group, world)               dL/dA averaged over ranks
 
 Each rank keeps 1/world of every frozen tensor the graph reads (base parameters, and the quantized
-buffers of ``quantize``: sharded NF4 is FSDP-QLoRA), flat and zero-padded (peftc/distributed.py);
+buffers of ``quantize``: sharded NF4 is FSDP-QLoRA), flat and zero-padded (kernels/collectives.py);
 the full tensor's storage is released (a zero-stride placeholder of the same shape, as
 ``quantize.release_base``), so the user's eager model no longer computes. The graph gathers a
 weight right before the op that reads it; with ``reshard_after_forward`` (default) gather and op
@@ -22,6 +22,12 @@ Settings (``optimize: {shard: {...}}``): ``reshard_after_forward`` (true), ``pre
 ranks). Needs an initialised default process group (``torchrun``), checked before capture.
 ``ctx.counts``: ``shard`` (tensors sharded), ``shard_regions`` (gather + op regions),
 ``shard_in_blocks`` (gathers placed inside recompute blocks), ``shard_grad_mean`` (adapter tensors).
+Coverage (``ctx.coverage("shard", "frozen tensors")``): every frozen tensor the graph reads is
+sharded or counted with why it stays whole (model buffers, frozen adapter tensors, constants,
+parameters inside ``call_module`` nodes); ``graph_summary()`` also gets a ``sharded over ...``
+line of bytes and settings when something was sharded. The settings, the process groups, the
+store of shards and the runtime hooks (checkpoint writes on rank 0, loading shards from a
+checkpoint, merged export) are ``shard_base.py``.
 """
 
 from __future__ import annotations
@@ -29,85 +35,39 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from peftc import distributed
-from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, SUMMARY_LINES, fetch_attr, mount_adapter
+from peftc.kernels import collectives  # noqa: F401  (registers shard_gather and grad_mean)
 from peftc.passes.optimize.recompute_ops import Checkpointed, extract_region
+from peftc.passes.optimize.shard_base import (
+    ROOT,
+    SETTINGS,
+    Groups,
+    ShardStore,
+    before_export,
+    before_merge,
+    check_settings,
+    export_merged,
+    groups,
+    load_base,
+    materialize_adapters,
+    shard_store,
+    write_files,
+)
 from peftc.passes.pipeline import PassContext, PassResult, register_optimization
 
 __all__ = ["shard", "check_settings", "check_model", "ShardStore", "shard_store", "materialize_adapters",
-           "ROOT", "SETTINGS"]
+           "ROOT", "SETTINGS", "UNIT"]
 
 aten = torch.ops.aten
-ROOT = "_shard"  # store path of the ShardStore (every graph mounts the same one)
-SETTINGS = {
-    "reshard_after_forward": "true or false (default true): free each gathered weight after its op, gather again "
-                             "in backward",
-    "prefetch": "true or false (default false): gather block i+1's weights when block i starts "
-                "(needs reshard_after_forward: false)",
-    "mesh": "[replicate, shard]: two positive integers whose product is the world size (default [1, world])",
-}
+UNIT = "frozen tensors"  # what the coverage counts: frozen tensors the graph reads (sharded, or why not)
 _VIEWS = {aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten.reshape.default,
           aten.expand.default, aten.unsqueeze.default, aten._to_copy.default}
-
-
-def check_settings(settings) -> dict:
-    """``optimize: {shard: {...}}`` with defaults; SpecError naming a bad setting."""
-    for key, value in settings.items():
-        if key not in SETTINGS:
-            raise SpecError(f"optimize.shard.{key}", value, f"one of {sorted(SETTINGS)}", "unknown shard setting")
-    out = {"reshard_after_forward": True, "prefetch": False, "mesh": None, **settings}
-    for key in ("reshard_after_forward", "prefetch"):
-        if not isinstance(out[key], bool):
-            raise SpecError(f"optimize.shard.{key}", out[key], SETTINGS[key])
-    if out["prefetch"] and out["reshard_after_forward"]:
-        raise SpecError("optimize.shard.prefetch", True, SETTINGS["prefetch"],
-                        "with resharding each gather runs inside its op's recompute region; set "
-                        "reshard_after_forward: false to prefetch")
-    mesh = out["mesh"]
-    if mesh is not None:
-        if not (isinstance(mesh, (list, tuple)) and len(mesh) == 2 and
-                all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in mesh)):
-            raise SpecError("optimize.shard.mesh", mesh, SETTINGS["mesh"])
-        out["mesh"] = tuple(mesh)
-    return out
 
 
 def check_model(spec, resolved, model: nn.Module) -> None:
     """Before capture: a process group exists and the mesh fits the world size."""
     settings = check_settings(dict(spec.optimize.get("shard") or {}))
-    distributed.groups(settings)
-
-
-class ShardStore(nn.Module):
-    """Every rank's shards, as buffers (``w<i>``); ``entries``: key -> (buffer, shape, dtype, rank, world),
-    the key being the tensor's name in the base model (a checkpoint key) or ``<store path>`` for buffers
-    of other optimizations; ``released``: base names whose full storage was freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.entries: dict[str, tuple] = {}
-        self.by_id: dict[int, str] = {}
-        self.released: set[str] = set()
-        self.full_bytes = 0
-
-    def add(self, key: str, t: torch.Tensor, rank: int, world: int) -> str:
-        if key not in self.entries:
-            buf = f"w{len(self.entries)}"
-            self.register_buffer(buf, distributed.shard_flat(t.detach(), rank, world))
-            self.entries[key] = (buf, tuple(t.shape), t.dtype, rank, world)
-            self.full_bytes += t.numel() * t.element_size()
-            if t.device.type != "meta":  # free the full tensor; shape and identity stay for later captures
-                t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-            self.released.add(key)
-            self.by_id[id(t)] = key
-        return self.entries[key][0]
-
-    def set_shard(self, buf: str, value: torch.Tensor) -> None:
-        self._buffers[buf] = value
-
-    def shard_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers() if b.device.type != "meta")
+    groups(settings)
 
 
 def _store(store: nn.Module) -> ShardStore:
@@ -116,14 +76,6 @@ def _store(store: nn.Module) -> ShardStore:
     except AttributeError:
         mount_adapter(store, nn.Module(), ROOT, ShardStore)
         return store.get_submodule(ROOT)
-
-
-def shard_store(cm) -> ShardStore:
-    try:
-        return cm.adapters.get_submodule(ROOT)
-    except AttributeError:
-        raise SpecError("optimize", sorted(cm.spec.optimize), "a spec with optimize: {shard: {...}}",
-                        "only a sharded model has shards to load") from None
 
 
 def _frozen_owners(ctx: PassContext, store: ShardStore) -> dict[int, str]:
@@ -173,7 +125,8 @@ def _gather_inside(gm: fx.GraphModule, call: fx.Node, w: fx.Node, shard_node: fx
 def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Frozen reads -> gathers of per-rank shards; trainable reads -> grad_mean (module docstring)."""
     settings = check_settings(dict(ctx.spec.optimize.get("shard") or {}))
-    groups = distributed.groups(settings)
+    grp = groups(settings)
+    cov = ctx.coverage("shard", UNIT)
     store = _store(ctx.store)
     mount_adapter(ctx.store, gm, ROOT, lambda: store)
     owners = _frozen_owners(ctx, store)
@@ -187,18 +140,19 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if id(t) in trainable:
             with gm.graph.inserting_after(w):
-                m = gm.graph.call_function(torch.ops.peftc.grad_mean.default, (w, groups.data, groups.world))
+                m = gm.graph.call_function(torch.ops.peftc.grad_mean.default, (w, grp.data, grp.world))
             _tag(m, w, w.target, "grad_mean", adapter)
             w.replace_all_uses_with(m, delete_user_cb=lambda n, m=m: n is not m)
             counts["shard_grad_mean"] += 1
             continue
         key = owners.get(id(t))
         if key is None:
+            cov.miss(_kept_whole(t, ctx))
             continue
-        buf = store.add(key, t, groups.shard_rank, groups.shard_world)
+        buf = store.add(key, t, grp.shard_rank, grp.shard_world)
         with gm.graph.inserting_before(w):
             shard_node = _tag(gm.graph.get_attr(f"{ROOT}.{buf}"), w, key, "shard", adapter)
-        args = (groups.shard, list(t.shape))
+        args = (grp.shard, list(t.shape))
         shared = None
         for u in list(w.users):
             if u.op == "call_module" and isinstance(gm.get_submodule(u.target), Checkpointed):
@@ -222,12 +176,18 @@ def shard(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 gathers.append(shared)
         gm.graph.erase_node(w)
         counts["shard"] += 1
+        cov.hit()
+    for u in [n for n in gm.graph.nodes if n.op == "call_module"]:  # a module left whole by the frontend
+        held = sum(not p.requires_grad for p in gm.get_submodule(u.target).parameters())
+        if held:
+            cov.miss("frozen parameters inside call_module nodes (only get_attr reads are sharded)", held)
     _release_quantized(ctx)
     if settings["prefetch"]:
         _prefetch(gm, gathers)
     for k, v in counts.items():
         ctx.counts[k] += v
-    gm.meta.setdefault(SUMMARY_LINES, []).append(_line(settings, groups, store, counts))
+    if counts["shard"]:
+        gm.meta.setdefault(SUMMARY_LINES, []).append(_line(settings, grp, store, counts))
     return PassResult(gm, counts["shard"] + counts["shard_grad_mean"] > 0)
 
 
@@ -264,46 +224,30 @@ def _prefetch(gm: fx.GraphModule, gathers: list[fx.Node]) -> None:
             start.prepend(g)
 
 
-def _line(settings: dict, groups, store: ShardStore, counts: dict) -> str:
+def _kept_whole(t: torch.Tensor, ctx: PassContext) -> str:
+    """Why a tensor the graph reads stays whole on every rank (a coverage miss): the pass shards
+    the base model's frozen parameters and the quantized weights, and nothing else."""
+    if t.requires_grad:
+        return "trainable tensors outside the adapter store (neither sharded nor averaged over ranks)"
+    if any(b is t for b in ctx.model.buffers()):
+        return "model buffers (kept whole on every rank: only parameters are sharded)"
+    if any(x is t for x in (*ctx.store.parameters(), *ctx.store.buffers())):
+        return "frozen adapter tensors (adapters stay whole on every rank)"
+    return "graph constants (kept whole on every rank)"
+
+
+def _line(settings: dict, grp: Groups, store: ShardStore, counts: dict) -> str:
+    """What was sharded, where and how (the coverage line, if any, says what was not)."""
     how = ("each gathered weight freed after its op and gathered again in backward"
            if settings["reshard_after_forward"] else "gathered weights kept for backward"
            + (", next block prefetched" if settings["prefetch"] else ""))
-    if not counts["shard"]:
-        return "shard: no frozen weight read by this graph: nothing sharded"
-    return (f"shard: {counts['shard']} frozen tensors sharded over {groups.shard_world} of {groups.world} ranks "
+    return (f"sharded over {grp.shard_world} of {grp.world} ranks: {counts['shard']} frozen tensors "
             f"({store.full_bytes:,} -> {store.shard_bytes():,} bytes on this rank); {how} "
             f"({counts['shard_regions']} regions, {counts['shard_in_blocks']} in recompute blocks); "
-            f"{counts['shard_grad_mean']} adapter tensors' gradients averaged over {groups.world} ranks")
+            f"{counts['shard_grad_mean']} adapter tensors' gradients averaged over {grp.world} ranks")
 
 
-def materialize_adapters(cm, seed: int = 0, device="cpu") -> None:
-    """Adapters compiled on the meta device -> real tensors, initialised as at compile time (LoRA:
-    A kaiming-uniform, B zero) from ``seed`` on every rank alike; other methods' adapters must be
-    loaded (``cm.load_adapter_state_dict``) and are left empty."""
-    from peftc.passes.methods.lora import LoraLinear
-
-    torch.manual_seed(seed)
-    for m in cm.adapters.modules():
-        if not any(p.device.type == "meta" for p in m.parameters(recurse=False)) and not isinstance(m, LoraLinear):
-            continue
-        if isinstance(m, LoraLinear) and m.lora_A.weight.device.type == "meta":
-            m.to_empty(device=device)
-            m.lora_A.reset_parameters()
-            nn.init.zeros_(m.lora_B.weight)
-        elif not isinstance(m, LoraLinear):
-            m.to_empty(device=device, recurse=False)
-
-
-def _before_merge(cm, requantize: bool) -> None:
-    raise PeftcError("merge() folds adapters into the base weights in place, but a sharded model's base weights "
-                     "live as per-rank shards; keep the adapter unmerged, or export a merged copy with "
-                     "peftc.distributed.save_merged_sharded(cm, path)")
-
-
-def _before_export(cm) -> None:
-    raise PeftcError("the base weights are sharded across ranks: use peftc.distributed.save_merged_sharded(cm, path) "
-                     "(every rank calls it; rank 0 writes one weight at a time)")
-
-
+# the one record of the shard optimization: its pass and what a sharded model adds to the runtime
 register_optimization("shard", phase="shard", check=check_settings, on_base=True, check_model=check_model,
-                      before_merge=_before_merge, before_export=_before_export)(shard)
+                      before_merge=before_merge, before_export=before_export, write_files=write_files,
+                      load_base=load_base, export_merged=export_merged)(shard)
