@@ -95,7 +95,7 @@ def note(gm: fx.GraphModule, ctx, *, prompts: bool = False) -> None:
     name = lambda d: str(d).removeprefix("torch.")
     head = f"dtypes (adapter {adapter!r}): {FIELD}={str(autocast).lower()}"
     parts = [f"base {name(base)}", f"adapter weights {'/'.join(mine) or 'none'}"]
-    sites = ctx.counts[UPCAST_COUNT] if UPCAST_COUNT in ctx.counts else 0
+    sites = ctx.counts.get(f"{UPCAST_COUNT}:{adapter}", 0)  # counts are shared by every adapter of a graph
     if sites:
         parts.append(f"{sites} linear sites compute in float32 (input cast up, output cast back to {name(base)})")
     elif base in UPCAST and not autocast:
@@ -108,8 +108,9 @@ def note(gm: fx.GraphModule, ctx, *, prompts: bool = False) -> None:
 
 
 def count_site(ctx) -> None:
-    """One more linear site whose adapter path runs upcast (for ``note``)."""
+    """One more linear site whose adapter path runs upcast (for ``note``): in all, and per adapter."""
     ctx.counts[UPCAST_COUNT] += 1
+    ctx.counts[f"{UPCAST_COUNT}:{ctx.spec.adapter}"] += 1
 
 
 def is_cast(node, role: str | None = None) -> bool:

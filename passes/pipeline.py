@@ -83,13 +83,15 @@ def register_method(name: str, *, phase: str | None, peft_type: str | None = Non
 
 
 def register_optimization(name: str, *, phase: str, check: Callable | None = None, on_base: bool = False,
-                          **hooks):
+                          checkpointing: dict | None = None, **hooks):
     """Decorator for an optimization pass: its one record (``peftc.spec.Optimization``).
 
     ``phase``: one of ``OPTIMIZE_PHASES`` (selected with ``optimize: {name: {...}}``) or of
     ``LOWERING_PHASES`` (run whenever the graph calls for it; not a setting). ``check(settings)``
     validates its settings when a spec is built; ``on_base``: it also runs on graphs without
-    adapter nodes; ``hooks``: see ``Optimization``. The pass must fill ``ctx.coverage(name, unit)``.
+    adapter nodes; ``checkpointing``: the settings HF's gradient checkpointing means (one
+    optimization declares them); ``hooks``: see ``Optimization``. The pass must fill
+    ``ctx.coverage(name, unit)``.
     """
     if phase not in OPTIMIZE_PHASES + LOWERING_PHASES:
         raise PassError(f"optimization {name!r} declares phase {phase!r}; one of "
@@ -97,7 +99,7 @@ def register_optimization(name: str, *, phase: str, check: Callable | None = Non
 
     def deco(fn):
         add_optimization(Optimization(name, fn, phase, check=check, on_base=on_base, hooks=hooks,
-                                      selectable=phase in OPTIMIZE_PHASES))
+                                      selectable=phase in OPTIMIZE_PHASES, checkpointing=checkpointing))
         return fn
 
     return deco

@@ -1,7 +1,8 @@
-"""The ``peftc`` command: demo, compile, inspect, methods, bench.
+"""The ``peftc`` command: demo, compile, export, inspect, methods, bench.
 
     peftc demo                                    # LoRA on a built-in tiny Llama, end to end
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
+    peftc export --aot served/ --model tiny-llama --adapter adapter/   # generate's graphs, AOTInductor
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
     peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --explorer   # Model Explorer, split view
     peftc inspect --model tiny-llama --spec examples/llama-lora.yaml --optimize fuse recompute --memory
@@ -9,6 +10,7 @@
     peftc bench --memory                          # saved-for-backward bytes per recompute policy vs PEFT (+GC)
     peftc bench --serving                         # mixed batches: segmented vs masked LoRA, 1-64 adapters
     peftc bench --compile                         # frozen base vs PEFT vs peftc (fused), JSON + PNG + RESULTS.md
+    peftc bench --codegen --only decode,train     # optimize: [compile] vs PEFT eager / + torch.compile (SmolLM2, Llama)
 """
 
 from __future__ import annotations
@@ -94,6 +96,31 @@ def cmd_compile(args) -> int:
         console.print(f"adapter written to {args.out}")
         for line in cm.notes[-1:] if compiled else ():
             console.print(line.rstrip())
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``--aot DIR``: the AOTInductor package of generate's step graphs (``peftc.aot``)."""
+    import json
+
+    import peftc
+
+    if args.adapter:  # a trained adapter: its config is the spec, its weights are loaded
+        model, inputs = _load(args)
+        cm = peftc.from_peft(model, args.adapter, inputs)
+    else:
+        spec = _spec(args.spec)  # validated before the model is built
+        model, inputs = _load(args)
+        cm = peftc.compile(model, spec, inputs)
+    if args.merge:
+        cm.merge()
+    out = cm.export_aot(args.aot, max_cache_len=args.max_cache_len)
+    meta = json.loads((out / "peftc_aot.json").read_text())
+    for line in meta["notes"]:
+        console.print(f"note: {escape(line)}")
+    secs = ", ".join(f"{k} {v['export']:.1f} s + {v['aot_compile']:.1f} s" for k, v in meta["seconds"].items())
+    console.print(f"AOTInductor package written to {out} (export + AOT compile: {secs})")
+    console.print(f"run it with torch alone: python {out / 'generate.py'} --ids 1,2,3 --max-new-tokens 8")
     return 0
 
 
@@ -194,6 +221,11 @@ def cmd_bench(rest: list[str]) -> int:
         from peftc.benchmarks import memory
 
         memory.main([a for a in rest if a != "--memory"])
+        return 0
+    if "--codegen" in rest:  # benchmarks/codegen.py: optimize: [compile] vs PEFT eager / + torch.compile
+        from peftc.benchmarks import codegen
+
+        codegen.main([a for a in rest if a != "--codegen"])
         return 0
     from peftc.benchmarks import step_time
 
@@ -373,12 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "here (no server) and print the command that opens them")
             p.add_argument("--memory", action="store_true",
                            help="bytes saved for backward by node kind and module, before/after optimizations")
+    p = sub.add_parser("export", help="write generate's prefill/decode graphs as an AOTInductor package "
+                       "with a torch-only greedy loop (DIR/generate.py)")
+    _model_args(p)
+    p.add_argument("--aot", required=True, metavar="DIR", help="the package directory (replaced)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="YAML/JSON spec or a PEFT adapter_config.json / dir (untrained weights)")
+    source.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT-saved adapter: its config and weights")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights first")
+    p.add_argument("--max-cache-len", type=int, help="longest prompt + new tokens (default: the model's "
+                   "max_position_embeddings)")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("methods", help="list every method with its fields and defaults")
     p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("bench", help="training-step benchmark: frozen base / PEFT / peftc unfused / fused "
                        "(+ torch.compile); flags as benchmarks/step_time.py (--quick, --compile, --reps, ...); "
                        "--memory: benchmarks/memory.py (saved-for-backward bytes per recompute policy); "
-                       "--serving: benchmarks/serving.py (mixed batches, cost vs number of adapters)",
+                       "--serving: benchmarks/serving.py (mixed batches, cost vs number of adapters); "
+                       "--codegen: benchmarks/codegen.py (optimize: [compile] vs PEFT eager / + torch.compile)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda args: cmd_bench(args.rest))

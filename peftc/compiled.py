@@ -27,7 +27,7 @@ from peftc.graph import FLAT_VIEW, SUMMARY_LINES
 from peftc.graph_cache import MASKS, GraphCache
 from peftc.passes import Plan, build
 from peftc.resolve import resolve_all, with_implied_entries
-from peftc.spec import Spec, optimization_hooks
+from peftc.spec import Spec, checkpointing, optimization_hooks
 
 __all__ = ["CompiledModel", "AdapterState", "compile", "from_peft"]
 
@@ -61,16 +61,18 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
 
 
 def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:
-    """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes
-    ``recompute: {policy: blocks}`` unless the spec chose a recompute policy itself."""
+    """HF ``gradient_checkpointing_enable()`` is inlined away by capture: it becomes the
+    optimization that declares it (``peftc.spec.checkpointing``: recompute per block) unless the
+    spec set that optimization itself."""
     on = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name; the old one warns
     if not (on if on is not None else getattr(model, "is_gradient_checkpointing", False)):
         return spec, None
-    if "recompute" in spec.optimize:
-        return spec, (f"the model had gradient_checkpointing_enable(); the spec's recompute "
-                      f"{spec.optimize['recompute']} applies instead")
-    return (spec.replace(optimize={**spec.optimize, "recompute": {"policy": "blocks"}}),
-            "recompute (blocks) because the model had gradient_checkpointing_enable()")
+    name, settings = checkpointing()
+    if name in spec.optimize:
+        return spec, (f"the model had gradient_checkpointing_enable(); the spec's {name} "
+                      f"{spec.optimize[name]} applies instead")
+    return (spec.replace(optimize={**spec.optimize, name: settings}),
+            f"{name} {settings} because the model had gradient_checkpointing_enable()")
 
 
 class CompiledModel(hf_surface.HFSurface, nn.Module):
@@ -229,6 +231,15 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         KV cache; ``cm.base_model.generate`` is the bare base model (see ``peftc.generation``)."""
         return generation.generate(self, *args, adapter_names=adapter_names, **kwargs)
 
+    def export_aot(self, directory: str | os.PathLike, *, example_length: int = 8, max_cache_len: int | None = None,
+                   adapter_names: list[str] | None = None) -> Path:
+        """``generate``'s prefill and decode graphs as an AOTInductor package in ``directory``, with a
+        greedy loop that needs torch only (``python DIR/generate.py --ids 1,2,3``); see ``peftc.aot``."""
+        from peftc import aot  # torch.export / inductor machinery: loaded when a package is made
+
+        return aot.export_aot(self, directory, example_length=example_length, max_cache_len=max_cache_len,
+                              adapter_names=adapter_names)
+
     def train(self, mode: bool = True) -> CompiledModel:
         nn.Module.train(self, mode)
         for gm in self.graphs.rewritten.values():
@@ -248,24 +259,29 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
 
     # ---- memory --------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        """HF's switch: recompute per transformer block (``optimize: {recompute: {policy: blocks}}``);
-        the graphs are rebuilt on the next call. Checkpointing is always non-reentrant."""
+        """HF's switch: recompute per transformer block (the optimization that declares
+        ``checkpointing``: ``optimize: {recompute: {policy: blocks}}``); the graphs are rebuilt on
+        the next call. Checkpointing is always non-reentrant."""
         unused = hf_surface.checkpointing_notes(gradient_checkpointing_kwargs)  # bad kwargs fail first
-        self._set_recompute({"policy": "blocks"})
-        self.notes = ["recompute (blocks) because of cm.gradient_checkpointing_enable()", *unused]
+        name, settings = checkpointing()
+        self._set_checkpointing(settings)
+        self.notes = [f"{name} {settings} because of cm.gradient_checkpointing_enable()", *unused]
 
     def gradient_checkpointing_disable(self) -> None:
-        """Drops the recompute optimization; the graphs are rebuilt without it."""
-        self._set_recompute(None)
+        """Drops that optimization; the graphs are rebuilt without it."""
+        self._set_checkpointing(None)
         self.notes = []
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.spec.optimize.get("recompute", {}).get("policy") == "blocks"
+        name, settings = checkpointing()
+        chosen = self.registry.optimize.get(name)
+        return chosen is not None and all(chosen.get(k) == v for k, v in settings.items())
 
-    def _set_recompute(self, settings: dict | None) -> None:
-        opt = {k: v for k, v in self.registry.optimize.items() if k != "recompute"}
-        self.registry.set_optimize({**opt, "recompute": settings} if settings else opt)
+    def _set_checkpointing(self, settings: dict | None) -> None:
+        name = checkpointing()[0]
+        opt = {k: v for k, v in self.registry.optimize.items() if k != name}
+        self.registry.set_optimize({**opt, name: settings} if settings else opt)
         self._invalidate()
 
     # ---- merging -------------------------------------------------------------------------

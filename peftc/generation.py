@@ -216,8 +216,8 @@ class Generator:
         self.step_module = _Step(cm.base_model)
         self.stats: Counter = Counter()
         # no size-1 reuse: its eager check would run a step graph, which writes the cache in place
-        self.prefill = GraphCache(cm.registry, self._capture, checks=False)
-        self.decode = GraphCache(_DecodeView(cm.registry), self._capture, checks=False)
+        self.prefill = GraphCache(cm.registry, self._capture, checks=False, name="prefill: ")
+        self.decode = GraphCache(_DecodeView(cm.registry), self._capture, checks=False, name="decode step: ")
         self.decode.captured = self.prefill.captured
 
     def _capture(self, kwargs: dict) -> fx.GraphModule:

@@ -39,6 +39,7 @@ __all__ = [
     "add_optimization",
     "Optimization",
     "optimization_hooks",
+    "checkpointing",
     "spec_from_peft_config",
     "METHODS",
     "OPTIMIZATIONS",
@@ -106,6 +107,7 @@ class Optimization:
     on_base: bool = False
     hooks: Mapping[str, Callable] = field(default_factory=dict)
     selectable: bool = True  # False: a lowering the pipeline runs when a graph needs it, not a setting
+    checkpointing: Mapping | None = None  # its settings that HF's gradient_checkpointing_enable() stands for
 
     def __post_init__(self):
         unknown = set(self.hooks) - set(HOOKS)
@@ -118,6 +120,15 @@ def add_optimization(record: Optimization) -> None:
     if record.name in OPTIMIZATIONS:
         raise RuntimeError(f"optimization {record.name!r} is registered twice")
     OPTIMIZATIONS[record.name] = record
+
+
+def checkpointing() -> tuple[str, dict]:
+    """(name, settings) of the optimization HF's gradient checkpointing maps to: capture inlines
+    the model's own checkpointing away, so it is applied as an optimization instead."""
+    found = [(n, dict(o.checkpointing)) for n, o in OPTIMIZATIONS.items() if o.checkpointing is not None]
+    if len(found) != 1:
+        raise PeftcError(f"gradient checkpointing needs one optimization that declares it; found {found}")
+    return found[0]
 
 
 def optimization_hooks(spec: Spec, hook: str) -> list:

@@ -95,3 +95,75 @@ def test_sections_of_one_report_do_not_overwrite_each_other(tmp_path):
     text = md.read_text()
     assert "second" in text and "first" not in text and "## B" in text
     assert text.index("## A") < text.index("## B") and text.count("<!-- a:begin -->") == 1
+
+
+# ---- benchmarks/codegen.py (peftc bench --codegen) -------------------------------------------
+codegen = importlib.import_module("peftc.benchmarks.codegen")
+DECODE = {"peftc interpreted", "peftc compiled", "PEFT eager", "PEFT + torch.compile", "weight-streaming floor"}
+
+
+@pytest.fixture(scope="module")
+def codegen_quick(tmp_path_factory):
+    """Every row on the tiny Llama (inductor compiles ~15 graphs: minutes, not seconds)."""
+    out = tmp_path_factory.mktemp("codegen")
+    return out, codegen.main(["--quick", "--out", str(out), "--no-progress", "--note", "test run"])
+
+
+@pytest.mark.slow
+def test_codegen_quick_writes_json_png_and_report(codegen_quick):
+    out, result = codegen_quick
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "codegen.json", "codegen.png"]
+    on_disk = json.loads((out / "codegen.json").read_text())
+    assert on_disk["schema"] == "peftc.bench.codegen/1" and on_disk["models"] == result["models"]
+    assert on_disk["config"]["rows"] == list(codegen.ROWS) and list(on_disk["models"]) == ["tiny"]
+    m, reps = on_disk["models"]["tiny"], on_disk["config"]["reps"]
+    assert set(codegen.ROWS) <= set(m)
+    assert set(m["decode"]["variants"]) == set(m["decode8"]["variants"]) == DECODE
+    assert set(m["decode4"]["variants"]) == {"peftc nf4 interpreted", "peftc nf4 compiled", "PEFT eager"}
+    assert set(m["prefill"]["variants"]) == DECODE - {"weight-streaming floor"}
+    for row in ("decode", "decode4", "decode8", "prefill"):
+        for n, s in m[row]["variants"].items():
+            assert STAT_KEYS - {"overhead_pct", "overhead_paired_pct", "overhead_min_pct"} <= set(s)
+            assert len(s["samples_ms"]) == reps and s["min_ms"] <= s["median_ms"] <= s["max_ms"]
+            assert n == "weight-streaming floor" or {"first_call_s", "warm_call_s", "compile_s"} <= set(s)
+    assert m["decode8"]["batch"] == on_disk["config"]["batch"] and m["prefill"]["prompt"] == on_disk["config"]["prefill"]
+    assert m["decode"]["floor"]["linears"] == 7 * 2 + 1  # every linear of 2 layers + the head
+    assert set(m["decode"]["profile"]) == DECODE - {"weight-streaming floor"}
+    assert all(p["ops"] and p["steps"] >= 1 for p in m["decode"]["profile"].values())
+    lines = m["decode"]["compile_lines"]["peftc compiled"]  # both step graphs went through inductor
+    assert any(x.startswith("compile: prefill") for x in lines) and any(x.startswith("compile: decode step") for x in lines)
+    assert not any("runs interpreted" in x for row in ("decode", "decode4") for v in m[row]["compile_lines"].values()
+                   for x in v)
+    (p,) = on_disk["config"]["dropouts"]
+    assert set(m["train"]["variants"]) == {"frozen base", "frozen base + torch.compile", *(
+        f"{n} p={p}" for n in ("PEFT eager", "PEFT + torch.compile", "peftc interpreted", "peftc compile",
+                               "peftc fuse+compile"))}
+    assert all(len(s["samples_ms"]) == on_disk["config"]["train_reps"] for s in m["train"]["variants"].values())
+    assert "compile cache: loaded from" in "\n".join(m["warm"]["warm"]["summary"])
+    assert "compile cache: loaded from" not in "\n".join(m["warm"]["cold"]["summary"])
+    assert (out / "codegen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "RESULTS.md").read_text()
+    assert "## Code generation" in md and "--quick --out" in md and "test run" in md and "transformers " in md
+    assert "| decode fp32, batch 1" in md and "| warm start" in md and codegen.PENDING not in md
+
+
+@pytest.mark.slow
+def test_codegen_greedy_tokens_and_losses_equal_peft(codegen_quick):
+    _, result = codegen_quick
+    eq = result["token_equality"]["tiny"]
+    for row in ("decode", "decode8", "prefill"):  # peftc, compiled or not, gives PEFT's greedy tokens
+        assert eq[row]["peftc compiled"] and eq[row]["peftc interpreted"], (row, eq[row])
+    assert eq["warm"] == {"cold": True, "warm": True}
+    train = result["models"]["tiny"]["train"]
+    (p,) = train["dropouts"]  # same seed: the same dropout masks
+    assert train["step0_loss"][f"peftc interpreted p={p}"] == pytest.approx(train["step0_loss"][f"PEFT eager p={p}"],
+                                                                           abs=1e-5)
+
+
+def test_codegen_placeholder_section_and_row_flags(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    assert codegen.main(["--placeholder", "--out", str(tmp_path)]) is None
+    text = md.read_text()
+    assert "<!-- codegen:begin -->" in text and codegen.PENDING in text and "python -m benchmarks.codegen" in text
+    with pytest.raises(SystemExit):
+        codegen.main(["--quick", "--only", "decode,nonsense", "--out", str(tmp_path)])

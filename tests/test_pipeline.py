@@ -17,7 +17,7 @@ LORA = {"lora": {"targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}}
 
 def _fused(cm) -> int:
     """LoRA sites the example graph's fuse pass rewrote (rebuilt for the running adapters)."""
-    cm.graph_module
+    assert cm.graph_module is not None  # builds the example graph for the running adapters
     return cm.pass_counts["fuse"]
 
 

@@ -93,7 +93,7 @@ def check_settings(settings) -> dict:
     return {"policy": policy, "budget_mb": budget}
 
 
-@register_optimization("recompute", phase="recompute", check=check_settings)
+@register_optimization("recompute", phase="recompute", check=check_settings, checkpointing={"policy": "blocks"})
 def recompute(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Applies the selected policy (see the module docstring)."""
     settings = check_settings(ctx.spec.optimize.get("recompute") or {})
