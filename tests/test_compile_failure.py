@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import peftc
-from peftc import graph_cache
 from peftc.errors import CaptureError, PassError, SpecError
 from peftc.models import example_inputs, tiny_model
+from peftc.passes import pipeline
 
 LORA = {"methods": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 4}}]}
 
@@ -38,14 +38,14 @@ def assert_same(before, after):
 
 def fail_after(monkeypatch, pass_name):
     """run_pipeline that raises once a pipeline containing ``pass_name`` has run."""
-    real = graph_cache.run_pipeline
+    real = pipeline.run_pipeline
 
-    def run(gm, ctx, passes):
-        gm = real(gm, ctx, passes)
+    def run(gm, ctx, passes, **kwargs):
+        gm = real(gm, ctx, passes, **kwargs)
         if any(name == pass_name for name, _ in passes):
             raise PassError(f"pass {pass_name!r} failed (injected)")
         return gm
-    monkeypatch.setattr(graph_cache, "run_pipeline", run)
+    monkeypatch.setattr(pipeline, "run_pipeline", run)  # build() runs every pass through it
 
 
 def test_capture_error_batch_mismatch():
