@@ -4,16 +4,10 @@
     python -m benchmarks.codegen --only decode,train      # a subset of rows
     python -m benchmarks.codegen --quick --out /tmp/cg    # tiny Llama, 2 reps: the harness, not a measurement
 
-Rows (``--only``): ``decode`` (fp32, batch 1: ms/token, tokens/s, the weight-streaming floor, first
-compile of the decode graphs, torch.profiler's top ops of one decode step), ``decode4`` (NF4 base
-with ``release_base``, batch 1, vs PEFT eager fp32), ``decode8`` (fp32, batch 8), ``prefill`` (one
-512-token prompt), ``train`` (LoRA r=16 on every linear, dropout 0 and 0.05: frozen base eager and
-compiled, PEFT eager / + torch.compile, peftc interpreted / compile / fuse+compile; first compile of
-the training graph), ``warm`` (a second process with an empty inductor cache loads the saved
-artefacts: time to first output). Each row's variants run interleaved (``codegen_rows.interleaved``);
-every row starts with ``torch._dynamo.reset()`` and its own empty ``TORCHINDUCTOR_CACHE_DIR``, so
-first calls compile cold. Greedy tokens of peftc (compiled and interpreted) are checked against
-PEFT's on the unquantized base and recorded (``token_equality``); times are never asserted.
+Rows (``--only``; what each measures: benchmarks/README.md): decode, decode4 (NF4 base), decode8,
+prefill, train, warm. Variants run interleaved (``codegen_rows.interleaved``); each row starts from
+``torch._dynamo.reset()`` and an empty ``TORCHINDUCTOR_CACHE_DIR``, so first calls compile cold. peftc's
+greedy tokens are checked against PEFT's (``token_equality`` in the JSON); times are never asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,18 +33,18 @@ from peftc.benchmarks.report import atomic_write, write_section
 __all__ = ["CodegenConfig", "run", "write", "main", "ROWS", "TARGETS"]
 
 ROWS = ("decode", "decode4", "decode8", "prefill", "train", "warm")
-# Targets of the compile issue as this benchmark reads them (one place to change them).
+# The compile issue's targets (one place to change them).
 TARGETS = {
     "decode_floor": 1.25,  # peftc compiled ms/token <= 1.25x the weight-streaming floor
-    "decode_vs_eager": 1.3,  # peftc compiled tokens/s >= 1.3x PEFT eager
-    "decode_vs_compile": 1.0,  # ... and >= PEFT + torch.compile
-    "decode4_vs_eager_fp32": 1.0,  # NF4 peftc compiled tokens/s >= PEFT eager on the fp32 base
-    "decode8_vs_compile": 1.0,  # batch 8: peftc compiled tokens/s >= PEFT + torch.compile
+    "decode_vs_eager": 1.8,  # ... i.e. tokens/s >= 1.8x PEFT eager on this CPU
+    "decode4_vs_eager_fp32": 3.0,  # 4-bit base: peftc compiled tokens/s >= 3x PEFT eager on the fp32 base
+    "decode8_vs_eager": 1.3,  # batch 8: peftc compiled tokens/s >= 1.3x PEFT eager
     "prefill_vs_eager": 1.0,  # prefill: peftc compiled no slower than PEFT eager
-    "decode_compile_vs_peft": 0.5,  # first compile of the decode graphs <= 0.5x PEFT + torch.compile's
-    "train_vs_frozen_compiled_pct": 5.0,  # peftc fuse+compile step <= +5% over the compiled frozen base
-    "train_compile_depth": 1.5,  # regional: 30-layer training-graph compile <= 1.5x the 4-layer one
-    "warm_vs_cold": 0.25,  # warm start: time to first output <= 0.25x the cold process's
+    "decode_compile_s": 30.0,  # first compile of the decode graphs <= 30 s (PEFT + torch.compile: 89 s)
+    "train_vs_frozen_compiled_pct": {0.0: 10.0, 0.05: 15.0},  # step <= frozen base compiled +10% / +15%
+    "train_compile_s": 60.0,  # first compile of the training graph (SmolLM2, 30 layers) <= 60 s
+    "train_compile_depth": 1.5,  # ... and <= 1.5x the 4-layer model's (regional)
+    "warm_s": 10.0,  # warm start from the on-disk cache: first output <= 10 s
 }
 
 
@@ -132,6 +127,7 @@ def _decode_row(src, pm, cfg, row: str, pad: int) -> dict:
         ref = torch.tensor(tokens["PEFT eager"])
         out["token_agreement_vs_fp32"] = {n: (torch.tensor(t) == ref).float().mean().item()
                                           for n, t in tokens.items() if n != "PEFT eager"}
+        out["quantize"] = rows.nf4_settings(src.model)
     if row == "decode":
         out["floor"] = {"linears": calls[rows.FLOOR].weights, "bytes": calls[rows.FLOOR].bytes}
         if cfg.profile:
@@ -156,17 +152,11 @@ def _train_row(src, cfg) -> dict:
             "variants": variants, "step0_loss": losses, "compile_lines": lines}
 
 
-def _warm_row(key, src, pm, cfg, workdir: Path, pad: int) -> dict:
-    ids = src.ids(1, cfg.prompt, seed=1)
-    args = {"model": key, "bench": asdict(step_time.BenchConfig.quick() if key == "tiny" else step_time.BenchConfig()),
-            "positions": max(cfg.prefill, cfg.prompt) + cfg.new_tokens + 8, "ids": ids.tolist(),
-            "new_tokens": cfg.new_tokens, "pad": pad}
-    out = rows.warm_start(src, pm, workdir, args, cfg.timeout)
-    with torch.no_grad():
-        ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
-                          min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=pad)
-    out["token_equality"] = {mode: out[mode]["tokens"] == ref[:, ids.shape[1]:].tolist() for mode in ("cold", "warm")}
-    return out
+def _warm_row(key, src, cfg, pm, workdir: Path, pad: int) -> dict:
+    bench = step_time.BenchConfig.quick() if key == "tiny" else step_time.BenchConfig()
+    return rows.warm_start(pm, workdir, {"model": key, "bench": asdict(bench), "new_tokens": cfg.new_tokens,
+                                         "positions": max(cfg.prefill, cfg.prompt) + cfg.new_tokens + 8,
+                                         "ids": src.ids(1, cfg.prompt, seed=1).tolist(), "pad": pad}, cfg.timeout)
 
 
 def run(config: CodegenConfig) -> dict:
@@ -180,8 +170,8 @@ def run(config: CodegenConfig) -> dict:
     """
     torch.manual_seed(config.seed)
     skipped, result = {}, {}
-    saved_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="peftc-codegen-") as tmp:  # an empty inductor cache per row
+    saved_cache, tmp = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), tempfile.mkdtemp(prefix="peftc-codegen-")
+    try:  # an empty inductor cache per row, the user's setting back afterwards
         for key, src in _sources(config, skipped):
             pad = src.tokenizer.pad_token_id if src.tokenizer is not None else 0
             res = result[key] = {"name": src.name, "layers": src.layers}
@@ -197,13 +187,15 @@ def run(config: CodegenConfig) -> dict:
                 elif row == "train":
                     res[row] = _train_row(src, config)
                 else:
-                    res[row] = _warm_row(key, src, pm, config, Path(tmp) / f"warm-{key}", pad)
+                    res[row] = _warm_row(key, src, config, pm, Path(tmp) / f"warm-{key}", pad)
                 res[row]["row_s"] = time.perf_counter() - start
                 if config.progress:
                     print(f"[codegen] {src.name}: {row} done in {res[row]['row_s']:.0f} s", flush=True)
-    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    if saved_cache is not None:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if saved_cache is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     out = {"schema": "peftc.bench.codegen/1", "config": cfg, "environment": step_time._environment("cpu"),
            "peft_compile_recipe": rows.PEFT_COMPILE, "targets": TARGETS, "skipped": skipped,
@@ -233,15 +225,16 @@ PENDING = "not yet measured"
 T = TARGETS
 GOALS = {  # table row -> (label, target as text)
     "decode": ("decode fp32, batch 1: ms/token (tok/s)", f"<= {T['decode_floor']}x floor; >= {T['decode_vs_eager']}x "
-               f"PEFT eager, >= {T['decode_vs_compile']}x PEFT + compile tok/s"),
+               "PEFT eager tok/s"),
     "decode4": ("decode NF4 base, batch 1 (PEFT: fp32)", f">= {T['decode4_vs_eager_fp32']}x PEFT eager fp32 tok/s"),
-    "decode8": ("decode fp32, batch 8: tok/s", f">= {T['decode8_vs_compile']}x PEFT + compile"),
+    "decode8": ("decode fp32, batch 8: tok/s", f">= {T['decode8_vs_eager']}x PEFT eager"),
     "prefill": ("prefill 512 tokens: ms", f"<= {T['prefill_vs_eager']}x PEFT eager"),
-    "decode_compile": ("first compile of the decode graphs: s", f"<= {T['decode_compile_vs_peft']}x PEFT + compile"),
-    "train": ("train step (dropout p): ms", f"fuse+compile <= +{T['train_vs_frozen_compiled_pct']:.0f}% over the "
-              "compiled frozen base; faster than PEFT + compile"),
-    "train_compile": ("first compile of the training graph: s", f"30 layers <= {T['train_compile_depth']}x 4 layers"),
-    "warm": ("warm start, new process to first token: s", f"<= {T['warm_vs_cold']}x the cold process"),
+    "decode_compile": ("first compile of the decode graphs: s", f"<= {T['decode_compile_s']:.0f} s"),
+    "train": ("train step (dropout p): ms", "fuse+compile <= +10% (p=0) / +15% (p=0.05) over the compiled "
+              "frozen base; <= PEFT + compile"),
+    "train_compile": ("first compile of the training graph: s",
+                      f"30 layers <= {T['train_compile_s']:.0f} s and <= {T['train_compile_depth']}x 4 layers"),
+    "warm": ("warm start, new process to first token: s", f"<= {T['warm_s']:.0f} s"),
 }
 
 
@@ -254,17 +247,16 @@ def _cells(m: dict, row: str, p: str = "") -> tuple[str, list[str], list[tuple[s
     if row in ("decode", "decode8", "prefill"):
         c, e, pc = (get(row, n) for n in ("peftc compiled", "PEFT eager", "PEFT + torch.compile"))
         if row == "prefill":
-            return (label.replace("512", str(m[row]["prompt"])) + " (PEFT + compile: eager prefill)",
+            return (label.replace("512", str(m[row]["prompt"]), 1) + " (PEFT + compile: eager prefill)",
                     [f1(get(row, n)) for n in COLUMNS], [("x PEFT eager", c["median_ms"] / e["median_ms"],
                                                           T["prefill_vs_eager"], False)])
         if row == "decode8":
-            return (label.replace("8", str(m[row]["batch"])), [f1(get(row, n), "tokens_per_s") for n in COLUMNS],
-                    [("x PEFT + compile", c["tokens_per_s"] / pc["tokens_per_s"], T["decode8_vs_compile"], True)])
+            return (label.replace("batch 8", f"batch {m[row]['batch']}"), [f1(get(row, n), "tokens_per_s") for n in COLUMNS],
+                    [("x PEFT eager", c["tokens_per_s"] / e["tokens_per_s"], T["decode8_vs_eager"], True)])
         f = get(row, rows.FLOOR)
         return (f"{label}; floor {f['median_ms']:.1f} ms", [dec(get(row, n)) for n in COLUMNS],
                 [("x floor", c["median_ms"] / f["median_ms"], T["decode_floor"], False),
-                 ("x PEFT eager", c["tokens_per_s"] / e["tokens_per_s"], T["decode_vs_eager"], True),
-                 ("x PEFT + compile", c["tokens_per_s"] / pc["tokens_per_s"], T["decode_vs_compile"], True)])
+                 ("x PEFT eager", c["tokens_per_s"] / e["tokens_per_s"], T["decode_vs_eager"], True)])
     if row == "decode4":
         c, e = get(row, "peftc nf4 compiled"), get(row, "PEFT eager")
         return (label, [dec(get(row, "peftc nf4 interpreted")), dec(c), dec(e), "-"],
@@ -274,15 +266,15 @@ def _cells(m: dict, row: str, p: str = "") -> tuple[str, list[str], list[tuple[s
         inductor = [x.split(" in ")[-1].split(" (")[0] for x in d["compile_lines"]["peftc compiled"]]
         return (label, [f"- (capture {d['capture_s']['peftc interpreted']:.1f})",
                         f"{c['compile_s']:.1f} (inductor: {', '.join(inductor)})", "-", f"{pc['compile_s']:.1f}"],
-                [("x PEFT + compile", c["compile_s"] / pc["compile_s"], T["decode_compile_vs_peft"], False)])
+                [("s", c["compile_s"], T["decode_compile_s"], False)])
     tr = m["train"]["variants"] if "train" in m else {}
     if row == "train":
         fc, fb, pc = tr[f"peftc fuse+compile p={p}"], tr["frozen base + torch.compile"], tr[f"PEFT + torch.compile p={p}"]
-        return (label.replace("p", p) + f"; frozen base {tr['frozen base']['median_ms']:.1f}, compiled {fb['median_ms']:.1f}",
+        return (label.replace("(dropout p)", f"(dropout {p})") + f"; frozen base {tr['frozen base']['median_ms']:.1f}, compiled {fb['median_ms']:.1f}",
                 [f1(tr[f"peftc interpreted p={p}"]), f"fuse+compile {f1(fc)}, compile {f1(tr[f'peftc compile p={p}'])}",
                  f1(tr[f"PEFT eager p={p}"]), f1(pc)],
                 [("% over compiled frozen base", 100 * (fc["median_ms"] / fb["median_ms"] - 1),
-                  T["train_vs_frozen_compiled_pct"], False), ("x PEFT + compile", fc["median_ms"] / pc["median_ms"], 1.0, False)])
+                  T["train_vs_frozen_compiled_pct"].get(float(p), 15.0), False), ("x PEFT + compile", fc["median_ms"] / pc["median_ms"], 1.0, False)])
     if row == "train_compile":
         return (f"{label} ({m['train']['layers']} layers, dropout {p})",
                 ["-", f"compile {f1(tr[f'peftc compile p={p}'], 'compile_s')}, fuse+compile "
@@ -290,7 +282,7 @@ def _cells(m: dict, row: str, p: str = "") -> tuple[str, list[str], list[tuple[s
                  f1(tr[f"PEFT + torch.compile p={p}"], "compile_s")], [])  # the depth check is under the tables
     w = m["warm"]
     return (label, ["-", f"{w['warm']['first_token_s']:.1f} (cold {w['cold']['first_token_s']:.1f})", "-", "-"],
-            [("x cold", w["warm"]["first_token_s"] / w["cold"]["first_token_s"], T["warm_vs_cold"], False)])
+            [("s", w["warm"]["first_token_s"], T["warm_s"], False)])
 
 
 def _table(m: dict | None) -> list[str]:

