@@ -54,7 +54,7 @@ from peftc.generation import generator
 from peftc.graph_cache import MASKS, GraphCache
 from peftc.model_family import kv_geometry
 from peftc.passes import build
-from peftc.peft_files import normal_mode
+from peftc.peft_files import replace_dir
 
 __all__ = ["export_aot", "step_programs", "MANIFEST", "ADAPTER_MASK"]
 
@@ -85,14 +85,7 @@ def export_aot(cm, directory: str | os.PathLike, *, example_length: int = 8, max
             manifest["seconds"][kind]["aot_compile"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.copyfile(aot_loop.__file__, tmp / "generate.py")
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-old-"))
-            os.replace(directory, old / directory.name)
-        os.chmod(tmp, normal_mode(directory=True))  # mkdtemp made it 0700
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from peftc.errors import CheckpointError
-from peftc.peft_files import normal_mode
+from peftc.peft_files import replace_dir
 
 __all__ = ["write_hf_model"]
 
@@ -139,14 +139,7 @@ def write_hf_model(model, path: str | os.PathLike, tensors, *, untied=(), max_sh
                                   "total_size": sum(v.numel() * v.element_size() for v in layout.values())},
                      "weight_map": where}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
-            os.replace(path, old / path.name)
-        os.chmod(tmp, normal_mode(directory=True))  # mkdtemp made it 0700
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, path)
     finally:
         if writer is not None and not writer.f.closed:
             writer.f.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from peftc.errors import CheckpointError
 
 __all__ = ["PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter",
-           "normal_mode"]
+           "normal_mode", "replace_dir"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,6 +70,19 @@ def normal_mode(directory: bool = False) -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Puts the finished temp dir ``tmp`` at ``path``: an existing ``path`` is moved aside first
+    and removed only once the new one is in place, so a failure never leaves half a directory."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+        os.replace(path, old / path.name)
+    os.chmod(tmp, normal_mode(directory=True))  # mkdtemp made it 0700
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
