@@ -1,19 +1,5 @@
-"""Quantized frozen linear: weights stored NF4 or int8, dequantized inside the op (+ LoRA / DoRA).
-
-Formats (``quantize_weight`` / ``dequantize``), for W (out, in):
-
-    nf4   QLoRA's NormalFloat4: per block of ``block_size`` weights along a row, w ~ absmax * code[i],
-          i the nearest of 16 code points (packed two per byte). double_quant: the absmax constants,
-          minus their mean, are int8 in groups of 256 with one fp32 step per group (QLoRA / torchao:
-          4 + 8/64 + 32/(64*256) = 4.127 bits per weight). Codes are chosen against the absmax the
-          dequantizer will use (after double quantization), so each weight is as close as the
-          stored scale allows: never worse than torchao's ``to_nf4``, which picks them against the
-          unrounded absmax.
-    int8  per-output-channel absmax: w ~ step[row] * q, q in [-127, 127] (8 + 32/in bits per weight).
-
-A quantized weight is four tensors ``(data, qscale, qscale2, qoffset)``: nf4 data uint8 (out, in/2),
-qscale int8 (blocks) + qscale2 fp32 (groups) + qoffset fp32 () with double_quant, else qscale fp32
-(blocks) and two empty tensors; int8 data int8 (out, in), qscale fp32 (out,), two empty tensors.
+"""Quantized frozen linear: weights stored NF4, int4 or int8 (kernels/quant_formats.py), read packed
+inside the op (+ LoRA / DoRA).
 
 Ops (registered on import)::
 
@@ -25,9 +11,10 @@ Ops (registered on import)::
 
 Autograd saves the quantized tensors (buffers, no copy), x and h (with LoRA), never a dequantized
 weight: backward dequantizes again for dx = g deq(W) (+ the LoRA terms, as lora_linear). W never
-gets a gradient (it is frozen); the bias may (BitFit). CPU: the weight is dequantized into a
-temporary inside the op (freed on return), then lora_linear's / dora_linear's fused torch code
-runs. CUDA fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
+gets a gradient (it is frozen); the bias may (BitFit). CPU, up to ``quant_gemv.MAX_ROWS`` rows
+(decode): ``quant_gemv.packed_linear`` reads the packed codes (a C kernel), the LoRA term added after;
+more rows, backward and DoRA: the weight is dequantized into a temporary inside the op (freed on
+return), then lora_linear's / dora_linear's fused torch code runs. CUDA fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
 (forward x W^T and backward g W) with the LoRA term in its epilogue, as ``gemm.mm``;
 DoRA on CUDA dequantizes to a temporary and runs dora_linear's Triton path.
 
@@ -40,9 +27,18 @@ from __future__ import annotations
 import torch
 
 from peftc.capture import register_train_flag
-from peftc.kernels.common import draw_seed, dropout_on, lora_torch_backward, lora_torch_forward, zero_seed
+from peftc.kernels.common import (
+    add_low_rank,
+    draw_seed,
+    dropout_on,
+    lora_torch_backward,
+    lora_torch_forward,
+    zero_seed,
+)
 from peftc.kernels.dora_linear import dora_backward, dora_forward
 from peftc.kernels.gemm import BLOCKS, mm, precision, triton_seed, triton_takes, upcast
+from peftc.kernels.quant_formats import GROUP, NF4_CODE, dequantize, in_features, quantize_weight, weight_bits
+from peftc.kernels.quant_gemv import packed_linear
 
 try:
     import triton
@@ -55,89 +51,6 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
 __all__ = ["NF4_CODE", "GROUP", "quantize_weight", "dequantize", "weight_bits", "quant_linear",
            "triton_forward", "triton_backward"]
 
-# QLoRA's NormalFloat4 code points (bitsandbytes' / torchao's table)
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
-GROUP = 256  # absmax constants per double-quantization group (QLoRA)
-_ROWS = 1 << 20  # quantize in chunks of about this many weights (the int64 code indices are 8 B each)
-
-
-# ---------------------------------------------------------------- formats (torch)
-
-
-def _double_quant(absmax: torch.Tensor):
-    """absmax (blocks,) -> int8 codes, fp32 step per group of 256, fp32 mean; as torchao (q = round((c - mean)
-    * 128 / groupmax)), the last group zero-padded."""
-    mean = absmax.mean()
-    c = absmax - mean
-    n, groups = c.numel(), -(-c.numel() // GROUP)
-    padded = torch.nn.functional.pad(c, (0, groups * GROUP - n)).view(groups, GROUP)
-    gmax = padded.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-    q = (padded * (128 / gmax)[:, None]).round_().clamp_(-128, 127).to(torch.int8).flatten()[:n]
-    return q, gmax / 128, mean
-
-
-def _absmax(qscale, qscale2, qoffset) -> torch.Tensor:
-    """The per-block absmax the dequantizer uses (fp32)."""
-    if qscale2.numel() == 0:
-        return qscale.float()
-    step = qscale2.float().repeat_interleave(GROUP)[: qscale.numel()]
-    return qscale.float() * step + qoffset.float()
-
-
-def quantize_weight(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_quant: bool = True):
-    """W (out, in) -> (data, qscale, qscale2, qoffset); see the module docstring."""
-    w = w.detach()
-    out, d = w.shape
-    empty = w.new_empty(0, dtype=torch.float32)
-    if fmt == "int8":
-        step = w.float().abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        return (w.float() / step[:, None]).round_().clamp_(-127, 127).to(torch.int8), step, empty, empty
-    if fmt != "nf4":
-        raise ValueError(f"quantize_weight: format {fmt!r}, want 'nf4' or 'int8'")
-    if d % block_size or block_size % 2:
-        raise ValueError(f"quantize_weight: block_size {block_size} must be even and divide the width {d}")
-    absmax = w.float().reshape(-1, block_size).abs().amax(1)
-    if double_quant:
-        qscale, qscale2, qoffset = _double_quant(absmax)
-    else:
-        qscale, qscale2, qoffset = absmax, empty, empty
-    used = _absmax(qscale, qscale2, qoffset).view(out, -1)
-    used = torch.where(used == 0, torch.ones_like(used), used)
-    code = torch.tensor(NF4_CODE, device=w.device)
-    mids = (code[1:] + code[:-1]) / 2
-    data = torch.empty(out, d // 2, dtype=torch.uint8, device=w.device)
-    rows = max(1, _ROWS // d)
-    for r0 in range(0, out, rows):  # nearest code to w / absmax, two codes per byte (first high)
-        normed = w[r0:r0 + rows].float().contiguous().view(-1, d // block_size, block_size) / used[r0:r0 + rows, :, None]
-        idx = torch.bucketize(normed, mids).view(-1, d // 2, 2).to(torch.uint8)
-        data[r0:r0 + rows] = idx[..., 0] << 4 | idx[..., 1]
-    return data, qscale, qscale2, qoffset
-
-
-def dequantize(data, qscale, qscale2, qoffset, fmt: str, block_size: int, dtype=torch.float32) -> torch.Tensor:
-    """The weight (out, in) a quantized weight stands for, in ``dtype``."""
-    if fmt == "int8":
-        return (data.float() * qscale.float()[:, None]).to(dtype)
-    out, half = data.shape
-    code = torch.tensor(NF4_CODE, device=data.device)
-    idx = torch.stack((data >> 4, data & 15), -1).view(-1, block_size).long()
-    return (code[idx] * _absmax(qscale, qscale2, qoffset)[:, None]).view(out, 2 * half).to(dtype)
-
-
-def weight_bits(q) -> float:
-    """Bits per weight of a quantized weight, everything it stores counted."""
-    data = q[0]
-    numel = data.numel() * (2 if data.dtype == torch.uint8 else 1)
-    return 8 * sum(t.numel() * t.element_size() for t in q) / numel
-
-
-def _in_features(data, fmt):
-    return data.shape[1] * (2 if fmt == "nf4" else 1)
-
-
 # ---------------------------------------------------------------- Triton: dequant inside the GEMM
 
 if triton is not None:
@@ -146,7 +59,14 @@ if triton is not None:
     def _dequant_tile(q_ptr, s_ptr, s2_ptr, off_ptr, code_ptr, rows, cols, w_in, mask,
                       FMT: tl.constexpr, BLOCK_Q: tl.constexpr, DQ: tl.constexpr):
         """W[rows, cols] (fp32) of a quantized (out, in) weight; rows, cols broadcast to the tile."""
-        if FMT == 0:  # nf4: two codes per byte, first in the high nibble; absmax per BLOCK_Q along a row
+        if FMT == 2:  # int4: group of BLOCK_Q = BLOCK_Q / 2 bytes, byte j = q[j] | q[j + BLOCK_Q / 2] << 4
+            e = rows * w_in + cols
+            grp, j = e // BLOCK_Q, e % BLOCK_Q
+            byte = tl.load(q_ptr + grp * (BLOCK_Q // 2) + j % (BLOCK_Q // 2), mask=mask, other=0)
+            nib = tl.where(j < BLOCK_Q // 2, byte & 15, byte >> 4).to(tl.float32)
+            d = tl.load(s_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+            return nib * d + tl.load(off_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+        elif FMT == 0:  # nf4: two codes per byte, first in the high nibble; absmax per BLOCK_Q along a row
             e = rows * w_in + cols
             byte = tl.load(q_ptr + e // 2, mask=mask, other=0)
             nib = tl.where(e % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
@@ -203,7 +123,7 @@ if triton is not None:
 def _qmm(a, q, fmt, block_size, *, trans, bias=None, epi=None, beta=1.0, seed=None, p=0.0, blocks=None):
     """``_qmm_kernel`` on 2-D ``a``: a @ deq(W)^T (trans=False) or a @ deq(W) (trans=True), + epilogue."""
     data, qscale, qscale2, qoffset = q
-    out, w_in = data.shape[0], _in_features(data, fmt)
+    out, w_in = data.shape[0], in_features(data, fmt)
     m, k = a.shape
     n = w_in if trans else out
     if k != (out if trans else w_in):
@@ -222,7 +142,7 @@ def _qmm(a, q, fmt, block_size, *, trans, bias=None, epi=None, beta=1.0, seed=No
         c if bias is None else bias, e, f, c if seed is None else seed,
         m, n, k, e.shape[1] if epi is not None else 0, w_in,
         *a.stride(), *c.stride(), *e.stride(), *f.stride(), float(beta), float(p), n,
-        FMT=0 if fmt == "nf4" else 1, BLOCK_Q=block_size, DQ=qscale2.numel() > 0, TRANS=trans,
+        FMT={"nf4": 0, "int8": 1, "int4": 2}[fmt], BLOCK_Q=block_size, DQ=qscale2.numel() > 0, TRANS=trans,
         HAS_BIAS=bias is not None, HAS_EPI=epi is not None, DROP=3 if seed is not None else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, PRECISION=precision(a), UPCAST=upcast(a),
     )
@@ -270,10 +190,18 @@ def _use_triton(x, fmt, lora_A=None) -> bool:
     return triton_takes(x) and x.is_cuda and (lora_A is None or lora_A.dtype == x.dtype)
 
 
-# ---------------------------------------------------------------- CPU path (dequantize into a temporary)
+# ---------------------------------------------------------------- CPU path (packed GEMV or a dequantized temporary)
 
 
 def _torch_forward(x, q, bias, lora_A, lora_B, scale, p, seed, train, fmt, block_size):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = packed_linear(x2, q, fmt, block_size) if not dropout_on(p, train) or lora_A is None else None
+    if y is not None:  # a few rows: the codes read in place (the LoRA term as lora_linear's, no dropout)
+        y = y.to(x.dtype) if bias is None else y.to(x.dtype).add_(bias)
+        if lora_A is None:
+            return y.view(*x.shape[:-1], y.shape[1]), x.new_empty(0)
+        h = torch.mm(x2.to(lora_A.dtype), lora_A.t())
+        return add_low_rank(y, h, lora_B, scale).view(*x.shape[:-1], y.shape[1]), h
     w = dequantize(*q, fmt, block_size, x.dtype)
     if lora_A is None:
         return torch.nn.functional.linear(x, w, bias), x.new_empty(0)
@@ -300,7 +228,7 @@ def _dequantize_op(data: torch.Tensor, qscale: torch.Tensor, qscale2: torch.Tens
 
 @_dequantize_op.register_fake
 def _(data, qscale, qscale2, qoffset, fmt, block_size, dtype):
-    return data.new_empty(data.shape[0], _in_features(data, fmt), dtype=dtype)
+    return data.new_empty(data.shape[0], in_features(data, fmt), dtype=dtype)
 
 
 @torch.library.custom_op("peftc::quant_linear", mutates_args=())
@@ -315,9 +243,9 @@ def _quant_linear_op(x: torch.Tensor, data: torch.Tensor, qscale: torch.Tensor, 
 
 @_quant_linear_op.register_fake
 def _(x, data, qscale, qscale2, qoffset, bias, lora_A, lora_B, scale, p, seed, train, fmt, block_size):
-    if x.shape[-1] != _in_features(data, fmt):
+    if x.shape[-1] != in_features(data, fmt):
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not fit a ({data.shape[0]}, "
-                         f"{_in_features(data, fmt)}) weight")
+                         f"{in_features(data, fmt)}) weight")
     h = x.new_empty(0) if lora_A is None else lora_A.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
     return x.new_empty(*x.shape[:-1], data.shape[0]), h
 
@@ -335,7 +263,7 @@ def _quant_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, data: torch.T
 
 @_quant_linear_backward_op.register_fake
 def _(grad, x, data, qscale, qscale2, qoffset, lora_A, lora_B, h, scale, p, seed, train, fmt, block_size, need_dx):
-    dx = grad.new_empty(*grad.shape[:-1], _in_features(data, fmt)) if need_dx else grad.new_empty(0)
+    dx = grad.new_empty(*grad.shape[:-1], in_features(data, fmt)) if need_dx else grad.new_empty(0)
     none = grad.new_empty(0)
     return dx, none if lora_A is None else torch.empty_like(lora_A), none if lora_B is None else torch.empty_like(lora_B)
 

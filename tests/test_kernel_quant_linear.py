@@ -1,4 +1,4 @@
-"""kernels/quant_linear.py on CPU: the NF4 / int8 formats (bits per weight, accuracy against torchao's
+"""kernels/quant_linear.py on CPU: the NF4 / int4 / int8 formats (bits per weight, accuracy against torchao's
 NF4 and a float64 QLoRA reference), the op's forward and gradients against the dequantized weight,
 what autograd saves; Triton kernels under TRITON_INTERPRET=1 in a subprocess
 (tests/test_kernel_quant_linear_triton.py)."""
@@ -20,7 +20,9 @@ def weights(kind: str, shape=(256, 512), seed=0):
     if kind == "normal":
         return torch.randn(*shape, generator=g) * 0.02
     # heavy-tailed (Student t, 3 dof) with a few outlier rows: absmax blocks of very different sizes
-    w = torch.distributions.StudentT(3.0).sample(shape) * 0.02
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        w = torch.distributions.StudentT(3.0).sample(shape) * 0.02
     w[::37] *= 8
     return w
 
@@ -82,7 +84,7 @@ def test_int8_and_nf4_without_double_quant_round_to_nearest():
     assert ((QL.dequantize(*q4, "nf4", 64) - w).reshape(-1, 64).abs() <= gap + 1e-7).all()
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("lora", [True, False])
 def test_op_matches_dequantized_reference(fmt, p, lora):
@@ -146,7 +148,7 @@ def test_export_and_fake_tensor_shapes():
 def test_triton_kernels_under_the_interpreter():
     path = Path(__file__).with_name("test_kernel_quant_linear_triton.py")
     tail = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(path)])
-    assert_all_passed(tail, 2 * 3 + 2)  # both formats: 3 LoRA cases and the plain one
+    assert_all_passed(tail, 3 * 3 + 3)  # every format: 3 LoRA cases and the plain one
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

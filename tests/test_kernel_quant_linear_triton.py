@@ -45,7 +45,7 @@ def rel(a, b):
 
 
 @interpret
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("p, dtype, tol", [(0.0, torch.float32, 1e-5), (0.3, torch.float32, 1e-5),
                                            (0.3, torch.bfloat16, 2e-2)])
 def test_interpreted_quant_kernel_matches_reference(fmt, p, dtype, tol):
@@ -62,7 +62,7 @@ def test_interpreted_quant_kernel_matches_reference(fmt, p, dtype, tol):
 
 
 @interpret
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 def test_interpreted_plain_quant_linear(fmt):
     """No LoRA: y = x deq(W)^T + b, dx = g deq(W)."""
     x, q, b, _, _, grad = make(9, 64, 24, 4, fmt, seed=2)
@@ -75,7 +75,7 @@ def test_interpreted_plain_quant_linear(fmt):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_cuda_op_matches_reference(fmt, dtype, tol):
     x, q, b, a, bb, grad = make(300, 256, 192, 16, fmt, dtype=dtype, device="cuda", seed=3)

@@ -64,8 +64,8 @@ def pair(name, method, optimize=(), settings=None, dropout=0.0):
     return cm, ref
 
 
-def check_parity(cm, ref, train=False):
-    ids = _ids()
+def check_parity(cm, ref, train=False, shape=(3, 11)):
+    ids = _ids(shape=shape)
     for c in (cm, ref):
         c.train(train)
         c.zero_grad()
@@ -104,7 +104,7 @@ def test_quantized_matches_dequantized_reference(name, method, optimize):
     check_parity(cm, ref)
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 def test_fused_dropout_and_shared_siblings_match(fmt):
     """Training with dropout: the quantized op regenerates lora_linear's mask from the same seed; siblings
     split into one op per module keep one shared mask (the same seed node)."""
@@ -122,6 +122,19 @@ def test_fused_dropout_and_shared_siblings_match(fmt):
     q.load_adapter_state_dict(sd)
     r.load_adapter_state_dict(sd)
     check_parity(q, r, train=True)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("optimize", [(), ("fuse",)], ids=["unfused", "fused"])
+def test_few_rows_read_the_packed_codes(fmt, optimize):
+    """A batch of 1 x 5 tokens (decode-sized: the C kernel reads the codes) matches the dequantized
+    reference in logits and gradients; the summary names the path and the format's bits."""
+    cm, ref = pair("tiny-llama", "lora", optimize, {"format": fmt})
+    check_parity(cm, ref, shape=(1, 5))
+    summary = cm.graph_summary()
+    assert "CPU linears of up to 16 rows (decode): packed C kernel (reads the codes)" in summary
+    if fmt == "int4":
+        assert "quantize (int4, block 32): 14 weights" in summary and "5.000 bits/weight" in summary
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
@@ -264,6 +277,8 @@ def test_tied_head_stays_full_precision_and_is_reported():
     ({"block_size": 63}, "optimize.quantize.block_size"),
     ({"block_size": "64"}, "optimize.quantize.block_size"),
     ({"format": "int8", "block_size": 32}, "optimize.quantize.block_size"),
+    ({"format": "int4", "double_quant": True}, "optimize.quantize.double_quant"),
+    ({"format": "int4", "block_size": 7}, "optimize.quantize.block_size"),
     ({"bits": 4}, "optimize.quantize.bits"),
     ({"skip": "re:("}, "optimize.quantize.skip"),
 ])

@@ -1,4 +1,4 @@
-"""Quantization: frozen linear weights stored NF4 or int8, dequantized inside the op that reads them.
+"""Quantization: frozen linear weights stored NF4, int4 or int8, read packed by the op that uses them.
 
     linear(x, W, b)  /  addmm(b, x, W)  (Conv1D)         -> quant_linear(x, Q(W), b)[0]
     lora_linear(x, W, b, A, B, s, p, seed, train)         -> quant_linear(x, Q(W), b, A, B, s, p, seed, train)
@@ -41,6 +41,7 @@ from torch import fx, nn
 from peftc import targets as _targets
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, install_module, mount_adapter
+from peftc.kernels.quant_formats import FORMATS, dequantize, quantize_weight
 from peftc.passes.merge import STATE as MERGE_STATE
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import check_targets
@@ -50,8 +51,9 @@ __all__ = ["quantize", "check_settings", "check_model", "plan", "QuantizedWeight
 aten = torch.ops.aten
 ROOT = "_quantize"  # store path of the QuantizedWeight modules (and the report)
 SETTINGS = {
-    "format": "nf4 or int8 (default nf4)",
-    "block_size": "an even integer >= 2 dividing every quantized layer's input width (default 64; nf4 only)",
+    "format": "nf4, int4 or int8 (default nf4)",
+    "block_size": "an even integer >= 2 dividing every quantized layer's input width (default nf4 64, int4 32 = "
+                  "GGUF's Q4_1; not for int8)",
     "double_quant": "true or false (default true; nf4 only): the absmax constants stored as int8",
     "skip": "module names / dotted suffixes or 're:<regex>' kept full precision (default: the output head)",
     "release_base": "true or false (default false): free the base model's quantized parameters",
@@ -63,20 +65,23 @@ def check_settings(settings) -> dict:
     for key, value in settings.items():
         if key not in SETTINGS:
             raise SpecError(f"optimize.quantize.{key}", value, f"one of {sorted(SETTINGS)}", "unknown quantize setting")
-    out = {"format": "nf4", "block_size": 64, "double_quant": True, "skip": None, "release_base": False, **settings}
-    if out["format"] not in ("nf4", "int8"):
-        raise SpecError("optimize.quantize.format", out["format"], SETTINGS["format"])
+    fmt = settings.get("format", "nf4")
+    if fmt not in FORMATS:
+        raise SpecError("optimize.quantize.format", fmt, SETTINGS["format"])
+    out = {"format": fmt, "block_size": 32 if fmt == "int4" else 64, "double_quant": fmt == "nf4", "skip": None,
+           "release_base": False, **settings}
     bs = out["block_size"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
         raise SpecError("optimize.quantize.block_size", bs, SETTINGS["block_size"])
     for key in ("double_quant", "release_base"):
         if not isinstance(out[key], bool):
             raise SpecError(f"optimize.quantize.{key}", out[key], SETTINGS[key])
-    if out["format"] == "int8":
-        for key in ("block_size", "double_quant"):
-            if key in settings:
-                raise SpecError(f"optimize.quantize.{key}", settings[key], "unset for int8",
-                                "int8 has one absmax per output channel")
+    if fmt == "int8" and "block_size" in settings:
+        raise SpecError("optimize.quantize.block_size", settings["block_size"], "unset for int8",
+                        "int8 has one absmax per output channel")
+    if fmt != "nf4" and "double_quant" in settings:
+        raise SpecError("optimize.quantize.double_quant", settings["double_quant"], f"unset for {fmt}",
+                        "double quantization applies to nf4's absmax constants")
     skip = out["skip"]
     if skip is not None and not (isinstance(skip, (list, tuple)) and not skip):
         out["skip"] = check_targets("optimize.quantize.skip", skip)
@@ -130,7 +135,7 @@ def check_model(spec, resolved, model: nn.Module) -> dict[str, str]:
     weight, a block size that does not divide a width, naming the module)."""
     settings = check_settings(dict(spec.optimize.get("quantize") or {}))
     chosen = plan(model, settings, spec, resolved)
-    if settings["format"] == "nf4":
+    if settings["format"] != "int8":
         for path, kind in chosen.items():
             w = model.get_submodule(path).weight
             width = w.shape[0] if kind == "conv1d" else w.shape[1]
@@ -143,12 +148,10 @@ def check_model(spec, resolved, model: nn.Module) -> dict[str, str]:
 
 
 class QuantizedWeight(nn.Module):
-    """One quantized (out, in) weight: buffers ``data, qscale, qscale2, qoffset`` (kernels/quant_linear.py)."""
+    """One quantized (out, in) weight: buffers ``data, qscale, qscale2, qoffset`` (kernels/quant_formats.py)."""
 
     def __init__(self, w_out_in: torch.Tensor, fmt: str, block_size: int, double_quant: bool):
         super().__init__()
-        from peftc.kernels.quant_linear import quantize_weight
-
         self.fmt, self.block_size, self.shape, self.dtype = fmt, block_size, tuple(w_out_in.shape), w_out_in.dtype
         for name, t in zip(("data", "qscale", "qscale2", "qoffset"), quantize_weight(w_out_in, fmt, block_size,
                                                                                    double_quant)):
@@ -158,8 +161,6 @@ class QuantizedWeight(nn.Module):
         return self.data, self.qscale, self.qscale2, self.qoffset
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        from peftc.kernels.quant_linear import dequantize
-
         return dequantize(*self.tensors(), self.fmt, self.block_size, dtype)
 
     def nbytes(self) -> int:

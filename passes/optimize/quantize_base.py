@@ -11,6 +11,9 @@ import torch
 
 from peftc import targets as _targets
 from peftc.errors import PeftcError
+from peftc.kernels.quant_formats import in_features
+from peftc.kernels.quant_gemv import MAX_ROWS
+from peftc.kernels.quant_gemv import status as gemv_status
 from peftc.passes.optimize.quantize import (
     ROOT,
     QuantizedWeight,
@@ -113,11 +116,14 @@ def summary(cm) -> str:
         return ""
     s = root.settings
     qws = [(n, m) for n, m in root.named_modules() if isinstance(m, QuantizedWeight) and not n.endswith(".merged")]
-    numel = sum(m.data.numel() * (2 if m.fmt == "nf4" else 1) for _, m in qws)
+    numel = sum(m.data.shape[0] * in_features(m.data, m.fmt) for _, m in qws)
     nbytes = sum(m.nbytes() for _, m in qws)
-    fmt = s["format"] + (f", block {s['block_size']}, double_quant {s['double_quant']}" if s["format"] == "nf4" else "")
+    fmt = s["format"] + ("" if s["format"] == "int8" else f", block {s['block_size']}") + (
+        f", double_quant {s['double_quant']}" if s["format"] == "nf4" else "")
     lines = [f"quantize ({fmt}): {len(qws)} weights, {nbytes:,} bytes, "
              f"{8 * nbytes / max(numel, 1):.3f} bits/weight" + ("; base parameters released" if root.released else "")]
+    if any(t.device.type == "cpu" for _, m in qws for t in m.tensors()[:1]):
+        lines.append(f"quantize: CPU linears of up to {MAX_ROWS} rows (decode): {gemv_status()}")
     lines += [f"quantize: kept full precision {p}: {why}" for p, why in sorted(root.kept.items())]
     lines += [f"merge: requantized {p}: max abs rounding error {e:.3g}" for p, e in sorted(root.merge_error.items())]
     return "\n".join(lines) + "\n"
