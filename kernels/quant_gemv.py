@@ -15,6 +15,8 @@ torch's packed CPU ops are slower still (``_weight_int4pack_mm_for_cpu``: 85 ms 
           fp32 or (double quantization) int8 * step[block / 256] + mean, resolved per block in the loop.
     int8  w = q * step[n].
 
+    and the LoRA linear's rest in the same call: y += bias + s (x A^T) B^T, h = x A^T returned.
+
 The C source below is compiled once per machine by the system C compiler (``$CC``, else ``cc``;
 inductor needs one on CPU anyway) with ``-O3 -march=native -fopenmp`` into the peftc cache
 (``$PEFTC_CACHE_DIR``, else ``~/.cache/peftc``), keyed by the source, the flags and the compiler.
@@ -22,7 +24,7 @@ Each weight row is read once and used for all M rows while it sits in L1; rows a
 ``torch.get_num_threads()`` OpenMP threads. Without a compiler ``status()`` says why and
 quant_linear dequantizes per call instead (its summary line names which path runs).
 
-    >>> y = packed_linear(x2, (data, qscale, qscale2, qoffset), "int4", 32)   # None if it does not apply
+    >>> y, h = packed_linear(x2, (data, qscale, qscale2, qoffset), "int4", 32, bias, A, B, 2.0)  # or None
 """
 
 from __future__ import annotations
@@ -50,8 +52,36 @@ C_SOURCE = r"""
 #include <immintrin.h>
 #endif
 
+/* The epilogue every format shares: h = x A^T (M, R) before the rows, then per output
+   y[m, n] += bias[n] + s * B[n, :] . h[m, :]. A (R, K), B (N, R), bias (N) may be null. */
+typedef struct { const float *bias, *A, *B; int R; float s; float *h; } epi_t;
+
+static void low_rank_h(const float *x, int M, int K, const epi_t *e) {
+    if (!e->A) return;
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < e->R; r++) {
+            const float *xr = x + (size_t)m * K, *ar = e->A + (size_t)r * K;
+            float a = 0.f;
+#pragma omp simd reduction(+ : a)
+            for (int k = 0; k < K; k++) a += xr[k] * ar[k];
+            e->h[(size_t)m * e->R + r] = a;
+        }
+}
+
+static inline float epilogue(const epi_t *e, int m, int n) {
+    float v = e->bias ? e->bias[n] : 0.f;
+    if (e->A) {
+        float l = 0.f;
+#pragma omp simd reduction(+ : l)
+        for (int r = 0; r < e->R; r++) l += e->B[(size_t)n * e->R + r] * e->h[(size_t)m * e->R + r];
+        v += e->s * l;
+    }
+    return v;
+}
+
 void peftc_gemv_int4(const float *x, int M, int K, int N, const uint8_t *q, const _Float16 *d,
-                     const _Float16 *mn, int B, float *y, int threads) {
+                     const _Float16 *mn, int B, float *y, int threads, const epi_t *e) {
+    low_rank_h(x, M, K, e);
     const int G = K / B, hb = B / 2;
     float *xs = (float *)malloc(sizeof(float) * (size_t)M * G);  /* sum of x per group */
     for (int m = 0; m < M; m++)
@@ -83,7 +113,7 @@ void peftc_gemv_int4(const float *x, int M, int K, int N, const uint8_t *q, cons
                     a = _mm512_fmadd_ps(s, _mm512_set1_ps((float)dr[g]), a);
                     off += (float)mr[g] * sr[g];
                 }
-                y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + off;
+                y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + off + epilogue(e, m, n);
                 continue;
             }
 #endif
@@ -96,7 +126,7 @@ void peftc_gemv_int4(const float *x, int M, int K, int N, const uint8_t *q, cons
                 acc += s * (float)dr[g];
                 off += (float)mr[g] * sr[g];
             }
-            y[(size_t)m * N + n] = acc + off;
+            y[(size_t)m * N + n] = acc + off + epilogue(e, m, n);
         }
     }
     free(xs);
@@ -108,7 +138,8 @@ static inline float nf4_absmax(const void *qs, const float *s2, const float *off
 }
 
 void peftc_gemv_nf4(const float *x, int M, int K, int N, const uint8_t *q, const void *qs, const float *s2,
-                    const float *off, int dq, int B, const float *code, float *y, int threads) {
+                    const float *off, int dq, int B, const float *code, float *y, int threads, const epi_t *e) {
+    low_rank_h(x, M, K, e);
     const int nb = K / B, hb = B / 2, h = K / 2;
     float *xe = (float *)malloc(sizeof(float) * (size_t)M * K), *xo = xe + (size_t)M * h;
     for (int m = 0; m < M; m++)  /* x's even / odd columns: the high / low nibbles' partners */
@@ -136,7 +167,7 @@ void peftc_gemv_nf4(const float *x, int M, int K, int N, const uint8_t *q, const
                     }
                     a = _mm512_fmadd_ps(s, _mm512_set1_ps(nf4_absmax(qs, s2, off, dq, b0 + b)), a);
                 }
-                y[(size_t)m * N + n] = _mm512_reduce_add_ps(a);
+                y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + epilogue(e, m, n);
                 continue;
             }
 #endif
@@ -147,14 +178,15 @@ void peftc_gemv_nf4(const float *x, int M, int K, int N, const uint8_t *q, const
                     s += er[j] * code[qr[j] >> 4] + od[j] * code[qr[j] & 15];
                 acc += s * nf4_absmax(qs, s2, off, dq, b0 + b);
             }
-            y[(size_t)m * N + n] = acc;
+            y[(size_t)m * N + n] = acc + epilogue(e, m, n);
         }
     }
     free(xe);
 }
 
 void peftc_gemv_int8(const float *x, int M, int K, int N, const int8_t *q, const float *step, float *y,
-                     int threads) {
+                     int threads, const epi_t *e) {
+    low_rank_h(x, M, K, e);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *qr = q + (size_t)n * K;
@@ -170,7 +202,7 @@ void peftc_gemv_int8(const float *x, int M, int K, int N, const int8_t *q, const
             acc = _mm512_reduce_add_ps(a);
 #endif
             for (; k < K; k++) acc += xr[k] * (float)qr[k];
-            y[(size_t)m * N + n] = acc * step[n];
+            y[(size_t)m * N + n] = acc * step[n] + epilogue(e, m, n);
         }
     }
 }
@@ -178,10 +210,17 @@ void peftc_gemv_int8(const float *x, int M, int K, int N, const int8_t *q, const
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class _Epilogue(ctypes.Structure):
+    _fields_ = [("bias", _P), ("A", _P), ("B", _P), ("R", _I), ("s", ctypes.c_float), ("h", _P)]
+
+
+_E = ctypes.POINTER(_Epilogue)
 _SIGNATURES = {
-    "peftc_gemv_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I],
-    "peftc_gemv_nf4": [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I],
-    "peftc_gemv_int8": [_P, _I, _I, _I, _P, _P, _P, _I],
+    "peftc_gemv_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I, _E],
+    "peftc_gemv_nf4": [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _E],
+    "peftc_gemv_int8": [_P, _I, _I, _I, _P, _P, _P, _I, _E],
 }
 
 
@@ -241,30 +280,38 @@ def _nf4_table() -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32)
 
 
-def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int):
-    """x2 (M, K) @ W^T for a packed ``q = (data, qscale, qscale2, qoffset)``, fp32 (M, N); None when the
-    kernel does not apply (not CPU, M > MAX_ROWS, no library) so the caller dequantizes instead."""
-    data, qscale, qscale2, qoffset = (t.contiguous() for t in q)
-    if x2.device.type != "cpu" or x2.shape[0] > MAX_ROWS or x2.shape[0] == 0:
+def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lora_A=None, lora_B=None,
+                  scale: float = 1.0):
+    """(y, h): y = x2 W^T [+ bias] [+ scale (x2 A^T) B^T] for a packed ``q = (data, qscale, qscale2,
+    qoffset)``, h = x2 A^T (empty without LoRA), fp32; None when the kernel does not apply (not CPU, more
+    than MAX_ROWS rows, no library) so the caller dequantizes instead. Bias and adapters in another float
+    dtype are read in fp32 (h comes back in the adapters' dtype)."""
+    if x2.device.type != "cpu" or not 0 < x2.shape[0] <= MAX_ROWS:
         return None
     lib, _ = _library()
     if lib is None:
         return None
-    x2 = x2.to(torch.float32).contiguous()
+    data, qscale, qscale2, qoffset = q
+    x2, bias, a, b = (t if t is None else t.to(torch.float32).contiguous() for t in (x2, bias, lora_A, lora_B))
+    epi = _Epilogue(None if bias is None else bias.data_ptr(), None if a is None else a.data_ptr(),
+                    None if b is None else b.data_ptr(), 0, float(scale), None)
     m, k = x2.shape
     n = data.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    threads = torch.get_num_threads()
+    h = y.new_empty(0) if a is None else y.new_empty(m, a.shape[0])
+    if a is not None:
+        epi.R, epi.h = a.shape[0], h.data_ptr()
+    threads, ref = torch.get_num_threads(), ctypes.byref(epi)
     if fmt == "int4":
         lib.peftc_gemv_int4(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(),
-                            block_size, y.data_ptr(), threads)
+                            block_size, y.data_ptr(), threads, ref)
     elif fmt == "nf4":
         dq = qscale2.numel() > 0
         lib.peftc_gemv_nf4(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(),
                            qscale2.data_ptr() if dq else None, qoffset.data_ptr() if dq else None, int(dq),
-                           block_size, _nf4_table().data_ptr(), y.data_ptr(), threads)
+                           block_size, _nf4_table().data_ptr(), y.data_ptr(), threads, ref)
     elif fmt == "int8":
-        lib.peftc_gemv_int8(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), y.data_ptr(), threads)
+        lib.peftc_gemv_int8(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), y.data_ptr(), threads, ref)
     else:
         raise ValueError(f"packed_linear: format {fmt!r}, want 'int4', 'nf4' or 'int8'")
-    return y
+    return y, h if lora_A is None else h.to(lora_A.dtype)

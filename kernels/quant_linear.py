@@ -12,7 +12,7 @@ Ops (registered on import)::
 Autograd saves the quantized tensors (buffers, no copy), x and h (with LoRA), never a dequantized
 weight: backward dequantizes again for dx = g deq(W) (+ the LoRA terms, as lora_linear). W never
 gets a gradient (it is frozen); the bias may (BitFit). CPU, up to ``quant_gemv.MAX_ROWS`` rows
-(decode): ``quant_gemv.packed_linear`` reads the packed codes (a C kernel), the LoRA term added after;
+(decode), fp32 bias and adapters: ``quant_gemv.packed_linear`` reads the packed codes, LoRA in the same C call;
 more rows, backward and DoRA: the weight is dequantized into a temporary inside the op (freed on
 return), then lora_linear's / dora_linear's fused torch code runs. CUDA fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
 (forward x W^T and backward g W) with the LoRA term in its epilogue, as ``gemm.mm``;
@@ -28,7 +28,6 @@ import torch
 
 from peftc.capture import register_train_flag
 from peftc.kernels.common import (
-    add_low_rank,
     draw_seed,
     dropout_on,
     lora_torch_backward,
@@ -194,14 +193,10 @@ def _use_triton(x, fmt, lora_A=None) -> bool:
 
 
 def _torch_forward(x, q, bias, lora_A, lora_B, scale, p, seed, train, fmt, block_size):
-    x2 = x.reshape(-1, x.shape[-1])
-    y = packed_linear(x2, q, fmt, block_size) if not dropout_on(p, train) or lora_A is None else None
-    if y is not None:  # a few rows: the codes read in place (the LoRA term as lora_linear's, no dropout)
-        y = y.to(x.dtype) if bias is None else y.to(x.dtype).add_(bias)
-        if lora_A is None:
-            return y.view(*x.shape[:-1], y.shape[1]), x.new_empty(0)
-        h = torch.mm(x2.to(lora_A.dtype), lora_A.t())
-        return add_low_rank(y, h, lora_B, scale).view(*x.shape[:-1], y.shape[1]), h
+    if lora_A is None or not dropout_on(p, train):  # a few rows: the codes read in place (LoRA included)
+        out = packed_linear(x.reshape(-1, x.shape[-1]), q, fmt, block_size, bias, lora_A, lora_B, scale)
+        if out is not None:
+            return out[0].view(*x.shape[:-1], out[0].shape[1]).to(x.dtype), out[1]
     w = dequantize(*q, fmt, block_size, x.dtype)
     if lora_A is None:
         return torch.nn.functional.linear(x, w, bias), x.new_empty(0)

@@ -31,19 +31,27 @@ CASES = [("int4", 32, False), ("int4", 64, False), ("int4", 16, False), ("nf4", 
 
 @pytest.mark.parametrize("fmt, block, dq", CASES, ids=[f"{f}-{b}-{'dq' if d else 'plain'}" for f, b, d in CASES])
 @pytest.mark.parametrize("n, k, m", [(96, 128, 1), (40, 192, 5), (17, 64, 16)])
-def test_packed_linear_matches_float64(fmt, block, dq, n, k, m):
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "bias+lora"])
+def test_packed_linear_matches_float64(fmt, block, dq, n, k, m, lora):
+    g = torch.Generator().manual_seed(m)
     q = F.quantize_weight(_weight((n, k), n + k), fmt, block, dq)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    y = G.packed_linear(x, q, fmt, block)
-    assert y is not None and y.shape == (m, n) and y.dtype == torch.float32
+    x = torch.randn(m, k, generator=g)
+    b, a, bb = torch.randn(n, generator=g), torch.randn(3, k, generator=g) / 4, torch.randn(n, 3, generator=g)
+    y, h = G.packed_linear(x, q, fmt, block, *((b, a, bb, 1.5) if lora else ()))
+    assert y.shape == (m, n) and y.dtype == torch.float32
     ref = x.double() @ reference_dequantize(*q, fmt, block).T
+    if lora:
+        torch.testing.assert_close(h.double(), x.double() @ a.double().T, atol=1e-5, rtol=1e-6)
+        ref = ref + b.double() + 1.5 * (x.double() @ a.double().T) @ bb.double().T
+    else:
+        assert h.numel() == 0
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(y.double(), ref, atol=2e-6 * k ** 0.5, rtol=1e-6)
 
 
 def test_packed_linear_declines_what_it_does_not_do():
     q = F.quantize_weight(_weight((8, 64), 0), "int4", 32)
-    assert G.packed_linear(torch.randn(G.MAX_ROWS + 1, 64), q, "int4", 32) is None  # many rows: GEMM
+    assert G.packed_linear(torch.randn(G.MAX_ROWS + 1, 64), q, "int4", 32) is None  # many rows: a GEMM
     assert G.packed_linear(torch.randn(0, 64), q, "int4", 32) is None
     with pytest.raises(ValueError, match="format 'fp8'"):
         G.packed_linear(torch.randn(2, 64), q, "fp8", 32)
@@ -100,14 +108,19 @@ def test_op_forward_and_gradients_either_path(fmt, rows):
         torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-5)
 
 
-def test_bf16_decode_through_the_kernel():
+def test_bf16_base_with_fp32_adapters_through_the_kernel():
+    """HF PEFT's mixed dtypes: y in the base dtype, h in the adapters'; the kernel computes in fp32."""
+    g = torch.Generator().manual_seed(8)
     q = F.quantize_weight(_weight((32, 64), 7), "int4", 32)
-    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
-    b = torch.randn(32).to(torch.bfloat16)
-    y = OP(x, *q, b, None, None, 1.0, 0.0, None, False, "int4", 32)[0]
-    ref = torch.nn.functional.linear(x, F.dequantize(*q, "int4", 32, torch.bfloat16), b)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref, atol=3e-2, rtol=2e-2)
+    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(32, generator=g).to(torch.bfloat16)
+    a, bb = torch.randn(4, 64, generator=g) / 8, torch.randn(32, 4, generator=g)
+    y, h = OP(x, *q, b, a, bb, 2.0, 0.0, None, False, "int4", 32)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    w = F.dequantize(*q, "int4", 32, torch.float64)
+    ref = x.double() @ w.T + b.double() + 2.0 * (x.double() @ a.double().T) @ bb.double().T
+    torch.testing.assert_close(y.double(), ref, atol=3e-2, rtol=1e-2)
+    torch.library.opcheck(OP, (x, *q, b, a, bb, 2.0, 0.0, None, False, "int4", 32))
 
 
 _NO_COMPILER = """

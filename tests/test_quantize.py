@@ -132,7 +132,7 @@ def test_few_rows_read_the_packed_codes(fmt, optimize):
     cm, ref = pair("tiny-llama", "lora", optimize, {"format": fmt})
     check_parity(cm, ref, shape=(1, 5))
     summary = cm.graph_summary()
-    assert "CPU linears of up to 16 rows (decode): packed C kernel (reads the codes)" in summary
+    assert "quantize (decode path): CPU linears of up to 16 rows: packed C kernel (reads the codes)" in summary
     if fmt == "int4":
         assert "quantize (int4, block 32): 14 weights" in summary and "5.000 bits/weight" in summary
 
@@ -272,6 +272,33 @@ def test_tied_head_stays_full_precision_and_is_reported():
     assert "kept full precision lm_head: also read by aten.embedding.default" in cm.graph_summary()
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_shared_weights_quantize_a_tied_head_for_its_linear_reads(fmt):
+    """shared_weights: quantize: GPT-2's head (tied to the embedding) is read quantized by the head's
+    matmul while the embedding still reads the full-precision weight: logits and gradients equal a
+    model whose head alone has the dequantized weight; the summary says both are held."""
+    model = tiny_model("tiny-gpt2")
+    ref_model = copy.deepcopy(model)
+    cm = peftc.compile(model, {"methods": [METHODS["lora"]]}, example_inputs("tiny-gpt2"),
+                       optimize={"quantize": {"format": fmt, "skip": [], "shared_weights": "quantize",
+                                              "release_base": True}})
+    assert cm.pass_counts["quantize"] == 9 and cm.pass_counts["quantize_kept"] == 0
+    root = cm.adapters.get_submodule(Q.ROOT)
+    ref = dequantized_model(ref_model, cm)  # wrote deq(head) into the tied pair: untie, embedding as it was
+    head = root.get_submodule("lm_head")
+    ref.lm_head.weight = torch.nn.Parameter(reference_dequantize(*head.tensors(), fmt, head.block_size).float())
+    ref.transformer.wte.weight = torch.nn.Parameter(ref_model.transformer.wte.weight.detach().clone())
+    assert ref.lm_head.weight is not ref.transformer.wte.weight  # untied in the reference only
+    ref = peftc.compile(ref, {"methods": [METHODS["lora"]]}, example_inputs("tiny-gpt2"))
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in ref.adapter_state_dict().items()}
+    for c in (cm, ref):
+        c.load_adapter_state_dict(sd)
+    check_parity(cm, ref)
+    assert torch.equal(cm.base_model.transformer.wte.weight, ref_model.transformer.wte.weight)  # not released
+    assert "quantize (shared weight) lm_head: its linear reads are quantized; aten.embedding.default still reads" in cm.graph_summary()
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"format": "fp8"}, "optimize.quantize.format"),
     ({"block_size": 63}, "optimize.quantize.block_size"),
@@ -279,6 +306,7 @@ def test_tied_head_stays_full_precision_and_is_reported():
     ({"format": "int8", "block_size": 32}, "optimize.quantize.block_size"),
     ({"format": "int4", "double_quant": True}, "optimize.quantize.double_quant"),
     ({"format": "int4", "block_size": 7}, "optimize.quantize.block_size"),
+    ({"shared_weights": "yes"}, "optimize.quantize.shared_weights"),
     ({"bits": 4}, "optimize.quantize.bits"),
     ({"skip": "re:("}, "optimize.quantize.skip"),
 ])

@@ -57,6 +57,9 @@ SETTINGS = {
     "double_quant": "true or false (default true; nf4 only): the absmax constants stored as int8",
     "skip": "module names / dotted suffixes or 're:<regex>' kept full precision (default: the output head)",
     "release_base": "true or false (default false): free the base model's quantized parameters",
+    "shared_weights": "keep (default: a weight another op also reads, e.g. a head tied to the embedding, stays "
+                      "full precision) or quantize (its linear reads use a quantized copy; the other reads keep "
+                      "the full-precision weight, so both are held)",
 }
 
 
@@ -69,7 +72,9 @@ def check_settings(settings) -> dict:
     if fmt not in FORMATS:
         raise SpecError("optimize.quantize.format", fmt, SETTINGS["format"])
     out = {"format": fmt, "block_size": 32 if fmt == "int4" else 64, "double_quant": fmt == "nf4", "skip": None,
-           "release_base": False, **settings}
+           "release_base": False, "shared_weights": "keep", **settings}
+    if out["shared_weights"] not in ("keep", "quantize"):
+        raise SpecError("optimize.quantize.shared_weights", out["shared_weights"], SETTINGS["shared_weights"])
     bs = out["block_size"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
         raise SpecError("optimize.quantize.block_size", bs, SETTINGS["block_size"])
@@ -173,6 +178,7 @@ class QuantReport(nn.Module):
     def __init__(self, settings: dict):
         super().__init__()
         self.settings, self.kept, self.merge_error, self.released = dict(settings), {}, {}, set()
+        self.shared = {}  # path -> the other ops that still read its full-precision weight
 
 
 def _resolve(root, target: str):
@@ -193,8 +199,9 @@ def _root(store: nn.Module, settings: dict) -> QuantReport:
 _FUSED = ("lora_linear", "ia3_linear", "dora_linear")
 
 
-def _uses(w: fx.Node, kind: str) -> list[tuple[fx.Node, str]] | None:
-    """(user, how) for every read of W as an (out, in) weight; None if some read is of another kind."""
+def _uses(w: fx.Node, kind: str, partial: bool = False) -> list[tuple[fx.Node, str]] | None:
+    """(user, how) for every read of W as an (out, in) weight; None if some read is of another kind
+    (``partial``: those reads are left out instead)."""
     out = []
     for u in w.users:
         if kind == "conv1d" and u.target is aten.addmm.default and u.args[2] is w and len(u.args) == 3 and not u.kwargs:
@@ -213,7 +220,7 @@ def _uses(w: fx.Node, kind: str) -> list[tuple[fx.Node, str]] | None:
             out.append((u, "dequant"))
         elif u.target is aten.to.dtype and (u.meta.get(PEFTC) or {}).get("role") == "cast_weight":
             out.append((u, "dequant"))  # DoRA's recomputed base under fp32 adapters: W.to(fp32)
-        else:
+        elif not partial:
             return None
     return out
 
@@ -331,6 +338,8 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         kind = chosen[path]
         uses = _uses(w, kind)
+        if uses is None and settings["shared_weights"] == "quantize":
+            uses = _uses(w, kind, partial=True) or None
         if uses is None:
             root.kept[path] = "also read by " + ", ".join(sorted({str(u.target) for u in w.users}))
             missed[path] = f"kept full precision: {root.kept[path]}"
@@ -362,11 +371,14 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for dead in [t for t in w.users if not t.users] + [w]:
             if not dead.users:
                 gm.graph.erase_node(dead)
-        _drop_attr(gm, w.target)
+        if w.users:  # shared_weights: quantize: the other reads keep the full-precision weight
+            root.shared[path] = ", ".join(sorted({str(u.target) for u in w.users}))
+        elif not any(n.op == "get_attr" and n.target == w.target for n in gm.graph.nodes):
+            _drop_attr(gm, w.target)
         done += 1
         cov.hit()
         quantized.add(path)
-        if settings["release_base"] and not merged:
+        if settings["release_base"] and not merged and path not in root.shared:
             _release(ctx.model.get_submodule(path), root, path)
     for path in missed.keys() - quantized:
         cov.miss(missed[path])

@@ -123,8 +123,10 @@ def summary(cm) -> str:
     lines = [f"quantize ({fmt}): {len(qws)} weights, {nbytes:,} bytes, "
              f"{8 * nbytes / max(numel, 1):.3f} bits/weight" + ("; base parameters released" if root.released else "")]
     if any(t.device.type == "cpu" for _, m in qws for t in m.tensors()[:1]):
-        lines.append(f"quantize: CPU linears of up to {MAX_ROWS} rows (decode): {gemv_status()}")
+        lines.append(f"quantize (decode path): CPU linears of up to {MAX_ROWS} rows: {gemv_status()}")
     lines += [f"quantize: kept full precision {p}: {why}" for p, why in sorted(root.kept.items())]
+    lines += [f"quantize (shared weight) {p}: its linear reads are quantized; {by} still reads the full-precision weight (held too)"
+              for p, by in sorted(root.shared.items())]
     lines += [f"merge: requantized {p}: max abs rounding error {e:.3g}" for p, e in sorted(root.merge_error.items())]
     return "\n".join(lines) + "\n"
 
