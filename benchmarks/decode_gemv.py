@@ -117,6 +117,7 @@ def run(layers: int = 30, reps: int = 15, seed: int = 0) -> dict:
             ref = x_of[4] @ F.dequantize(*qs[4], fmt, block).T
             add(f"{fmt}: dequantize + F.linear", fmt,
                 [lambda x, q=q: torch.nn.functional.linear(x, F.dequantize(*q, fmt, block)) for q in qs], nbytes)
+            torch._dynamo.reset()  # one function body for every format: its recompiles would hit dynamo's limit
             ind = _inductor_gemv(fmt, block)
             err = (ind(x_of[4], qs[4][0], qs[4][1], qs[4][3]) - ref).abs().max().item()
             add(f"{fmt}: inductor dequant-reduction", fmt, [lambda x, q=q: ind(x, q[0], q[1], q[3]) for q in qs],
