@@ -138,7 +138,7 @@ def markdown(result: dict, command: str) -> str:
     fp = result["rows"]["fp32 F.linear"]["median_ms"]
     lines = ["## Decode over a quantized base, per op (CPU)", "",
              f"Command: `{command}`", "",
-             f"Device: {env.get('device', 'CPU')}; torch {env.get('torch', torch.__version__)}. "
+             f"Device: {env['device']}; {env['cpu_count']} CPUs, {env['torch_threads']} torch threads; torch {env['torch']}. "
              f"{result['weights']} distinct weights of SmolLM2-135M's layer shapes ({result['layers']} layers x "
              "q, k, v, o, gate, up, down), one row each, back to back: what one decode step streams (the head "
              f"excluded). Median of {result['reps']} reps. The C kernel: {result['kernel']}.", "",
@@ -150,8 +150,10 @@ def markdown(result: dict, command: str) -> str:
                      f"{r['gb_per_s']:.1f} | {'' if err is None else f'{err:.1e}'} |")
     lines += ["", "Chosen per op: quant_linear runs the peftc C kernel for up to 16 rows on CPU (the fastest "
               "line of each format above), and the dequantized temporary + GEMM for more rows and backward; "
-              "inductor sees quant_linear as an opaque op (a kernel it schedules around) rather than the "
-              "decomposition, whose generated reduction is slower than the fp32 floor here.", ""]
+              "inductor sees quant_linear as an opaque op (a kernel it schedules around) rather than its "
+              "decomposition, whose generated reduction is slower than the C kernel for every format. torch's "
+              "packed ops are timed with their own packing (int4: q - 8 with scale and zero per group of 32); "
+              "their error column is left empty.", ""]
     return "\n".join(lines)
 
 

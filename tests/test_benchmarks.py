@@ -110,6 +110,22 @@ def codegen_quick(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_decode_gemv_quick_writes_json_and_report(tmp_path):
+    """benchmarks/decode_gemv.py: every implementation per format, errors against the dequantized weight."""
+    dg = importlib.import_module("peftc.benchmarks.decode_gemv")
+    dg.main(["--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "decode_gemv.json").read_text())
+    names = set(result["rows"])
+    for fmt in ("int4", "nf4", "int8"):
+        assert {f"{fmt}: dequantize + F.linear", f"{fmt}: inductor dequant-reduction", f"{fmt}: peftc C kernel"} <= names
+        assert result["rows"][f"{fmt}: peftc C kernel"]["max_abs_err_vs_dequantized"] < 1e-4
+        assert result["rows"][f"{fmt}: inductor dequant-reduction"]["max_abs_err_vs_dequantized"] < 1e-4
+    assert {"int4: torch packed op", "int8: torch packed op", "fp32 F.linear"} <= names
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Decode over a quantized base, per op" in md and "python -m benchmarks.decode_gemv --quick" in md
+
+
+@pytest.mark.slow
 def test_codegen_quick_writes_json_png_and_report(codegen_quick):
     out, result = codegen_quick
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "codegen.json", "codegen.png"]
@@ -119,7 +135,8 @@ def test_codegen_quick_writes_json_png_and_report(codegen_quick):
     m, reps = on_disk["models"]["tiny"], on_disk["config"]["reps"]
     assert set(codegen.ROWS) <= set(m)
     assert set(m["decode"]["variants"]) == set(m["decode8"]["variants"]) == DECODE
-    assert set(m["decode4"]["variants"]) == {"peftc nf4 interpreted", "peftc nf4 compiled", "PEFT eager"}
+    assert set(m["decode4"]["variants"]) == {"peftc int4 interpreted", "peftc int4 compiled", "peftc nf4 compiled",
+                                             "PEFT eager"}
     assert set(m["prefill"]["variants"]) == DECODE - {"weight-streaming floor"}
     for row in ("decode", "decode4", "decode8", "prefill"):
         for n, s in m[row]["variants"].items():
