@@ -116,15 +116,15 @@ def run(layers: int = 30, reps: int = 15, seed: int = 0) -> dict:
             nbytes = sum(t.numel() * t.element_size() for q in qs for t in q)
             ref = x_of[4] @ F.dequantize(*qs[4], fmt, block).T
             add(f"{fmt}: dequantize + F.linear", fmt,
-                [lambda x, q=q: torch.nn.functional.linear(x, F.dequantize(*q, fmt, block)) for q in qs], nbytes)
+                [lambda x, q=q, f=fmt, b=block: torch.nn.functional.linear(x, F.dequantize(*q, f, b)) for q in qs], nbytes)
             torch._dynamo.reset()  # one function body for every format: its recompiles would hit dynamo's limit
             ind = _inductor_gemv(fmt, block)
             err = (ind(x_of[4], qs[4][0], qs[4][1], qs[4][3]) - ref).abs().max().item()
-            add(f"{fmt}: inductor dequant-reduction", fmt, [lambda x, q=q: ind(x, q[0], q[1], q[3]) for q in qs],
+            add(f"{fmt}: inductor dequant-reduction", fmt, [lambda x, q=q, c=ind: c(x, q[0], q[1], q[3]) for q in qs],
                 nbytes, err)
             if G.status().startswith("packed"):
                 err = (G.packed_linear(x_of[4], qs[4], fmt, block)[0] - ref).abs().max().item()
-                add(f"{fmt}: peftc C kernel", fmt, [lambda x, q=q: G.packed_linear(x, q, fmt, block) for q in qs],
+                add(f"{fmt}: peftc C kernel", fmt, [lambda x, q=q, f=fmt, b=block: G.packed_linear(x, q, f, b) for q in qs],
                     nbytes, err)
             packed = [_torch_packed(fmt, w) for w in ws]
             if packed[0] is not None:
