@@ -19,7 +19,8 @@ torch's packed CPU ops are slower still (``_weight_int4pack_mm_for_cpu``: 85 ms 
 
 The C source below is compiled once per machine by the system C compiler (``$CC``, else ``cc``;
 inductor needs one on CPU anyway) with ``-O3 -march=native -fopenmp`` into the peftc cache
-(``$PEFTC_CACHE_DIR``, else ``~/.cache/peftc``), keyed by the source, the flags and the compiler.
+(``$PEFTC_CACHE_DIR``, else ``~/.cache/peftc``), keyed by the source, the flags, the compiler and the
+CPU's features.
 Each weight row is read once and used for all M rows while it sits in L1; rows are split over
 ``torch.get_num_threads()`` OpenMP threads. Without a compiler ``status()`` says why and
 quant_linear dequantizes per call instead (its summary line names which path runs).
@@ -33,6 +34,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -241,6 +243,16 @@ def _compile(cc: str, flags, out: Path) -> None:
         os.replace(lib, out)
 
 
+def _cpu() -> str:
+    """What ``-march=native`` compiles for: a library built on one CPU must not load on another
+    (a shared home directory), so the CPU's feature flags are part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel library, "") or (None, why not): compiled on first use, then from the cache."""
@@ -253,7 +265,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler ({cc}: {e})"
     last = ""
     for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-fopenmp")):  # OpenMP missing: one thread
-        key = hashlib.sha256("\0".join((C_SOURCE, version, *flags)).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join((C_SOURCE, version, _cpu(), *flags)).encode()).hexdigest()[:16]
         path = _cache_dir() / f"quant_gemv-{key}.so"
         try:
             if not path.is_file():

@@ -12,9 +12,10 @@ Ops (registered on import)::
 Autograd saves the quantized tensors (buffers, no copy), x and h (with LoRA), never a dequantized
 weight: backward dequantizes again for dx = g deq(W) (+ the LoRA terms, as lora_linear). W never
 gets a gradient (it is frozen); the bias may (BitFit). CPU, up to ``quant_gemv.MAX_ROWS`` rows
-(decode), fp32 bias and adapters: ``quant_gemv.packed_linear`` reads the packed codes, LoRA in the same C call;
-more rows, backward and DoRA: the weight is dequantized into a temporary inside the op (freed on
-return), then lora_linear's / dora_linear's fused torch code runs. CUDA fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
+(decode) without dropout: ``quant_gemv.packed_linear`` reads the packed codes, bias and LoRA in the
+same C call; more rows, dropout, backward and DoRA: the weight is dequantized into a temporary inside
+the op (freed on return), then lora_linear's / dora_linear's fused torch code runs. CUDA
+fp16/bf16/fp32: ``_qmm_kernel`` dequantizes W tiles in registers inside the GEMM
 (forward x W^T and backward g W) with the LoRA term in its epilogue, as ``gemm.mm``;
 DoRA on CUDA dequantizes to a temporary and runs dora_linear's Triton path.
 
@@ -27,13 +28,7 @@ from __future__ import annotations
 import torch
 
 from peftc.capture import register_train_flag
-from peftc.kernels.common import (
-    draw_seed,
-    dropout_on,
-    lora_torch_backward,
-    lora_torch_forward,
-    zero_seed,
-)
+from peftc.kernels.common import draw_seed, dropout_on, lora_torch_backward, lora_torch_forward, zero_seed
 from peftc.kernels.dora_linear import dora_backward, dora_forward
 from peftc.kernels.gemm import BLOCKS, mm, precision, triton_seed, triton_takes, upcast
 from peftc.kernels.quant_formats import GROUP, NF4_CODE, dequantize, in_features, quantize_weight, weight_bits
