@@ -3,9 +3,10 @@
 Decode multiplies one token per sequence by every weight of the model: the step is bound by the
 bytes it streams, so a 4-bit base is worth ~7x fewer bytes only if the kernel reads the packed codes
 and never writes a dequantized weight. Measured on a 2-core AVX-512 CPU for every linear of
-SmolLM2-135M (210 GEMVs, batch 1): fp32 ``F.linear`` 10.3 ms; inductor's generated dequant-reduction
-47 ms (int4) and 127 ms (NF4 through a code table); this kernel ~6 ms (int4, NF4) and ~4.5 ms (int8).
-torch's packed CPU ops are slower still (``_weight_int4pack_mm_for_cpu``: 85 ms for one 8192^2 GEMV).
+SmolLM2-135M's layers (210 distinct weights, batch 1; benchmarks/decode_gemv.py): fp32 ``F.linear``
+34 ms; inductor's generated dequant-reduction 34 ms (int4), 124 ms (NF4: a code-table gather), 9 ms
+(int8); torch's packed ops 99 ms (``_weight_int4pack_mm_for_cpu``), 46 ms (``_weight_int8pack_mm``);
+this kernel 6.9 ms (int4), 6.8 ms (NF4), 5.3 ms (int8).
 
     y[m, n] = sum_k x[m, k] W[n, k]      x (M, K) fp32, M <= MAX_ROWS; W (N, K) packed as
                                          kernels/quant_formats.py stores it:
@@ -303,7 +304,13 @@ def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lor
     lib, _ = _library()
     if lib is None:
         return None
-    data, qscale, qscale2, qoffset = q
+    data, qscale, qscale2, qoffset = (t.contiguous() for t in q)
+    want = {"int4": (torch.uint8, torch.float16), "nf4": (torch.uint8, None), "int8": (torch.int8, torch.float32)}
+    if fmt not in want:
+        raise ValueError(f"packed_linear: format {fmt!r}, want 'int4', 'nf4' or 'int8'")
+    if data.dtype != want[fmt][0] or want[fmt][1] not in (None, qscale.dtype):
+        raise ValueError(f"packed_linear: a {fmt} weight stores {want[fmt][0]} codes and {want[fmt][1]} scales "
+                         f"(kernels/quant_formats.py); got {data.dtype} and {qscale.dtype}")
     x2, bias, a, b = (t if t is None else t.to(torch.float32).contiguous() for t in (x2, bias, lora_A, lora_B))
     epi = _Epilogue(None if bias is None else bias.data_ptr(), None if a is None else a.data_ptr(),
                     None if b is None else b.data_ptr(), 0, float(scale), None)
@@ -314,7 +321,7 @@ def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lor
     if a is not None:
         epi.R, epi.h = a.shape[0], h.data_ptr()
     threads, ref = torch.get_num_threads(), ctypes.byref(epi)
-    if fmt == "int4":
+    if fmt == "int4":  # (nf4: qscale int8 with double quantization, else fp32; the kernel reads either)
         lib.peftc_gemv_int4(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(),
                             block_size, y.data_ptr(), threads, ref)
     elif fmt == "nf4":
@@ -324,6 +331,4 @@ def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lor
                            block_size, _nf4_table().data_ptr(), y.data_ptr(), threads, ref)
     elif fmt == "int8":
         lib.peftc_gemv_int8(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), y.data_ptr(), threads, ref)
-    else:
-        raise ValueError(f"packed_linear: format {fmt!r}, want 'int4', 'nf4' or 'int8'")
     return y, h if lora_A is None else h.to(lora_A.dtype)

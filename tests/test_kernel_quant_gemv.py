@@ -55,6 +55,8 @@ def test_packed_linear_declines_what_it_does_not_do():
     assert G.packed_linear(torch.randn(0, 64), q, "int4", 32) is None
     with pytest.raises(ValueError, match="format 'fp8'"):
         G.packed_linear(torch.randn(2, 64), q, "fp8", 32)
+    with pytest.raises(ValueError, match="int4 weight stores torch.uint8 codes and torch.float16 scales"):
+        G.packed_linear(torch.randn(2, 64), (q[0], q[1].float(), q[2], q[3]), "int4", 32)
 
 
 def test_int4_is_ggufs_q4_1_bit_for_bit():
