@@ -215,14 +215,17 @@ class Generator:
         self.cm = cm
         self.step_module = _Step(cm.base_model)
         self.stats: Counter = Counter()
-        # no size-1 reuse: its eager check would run a step graph, which writes the cache in place
-        self.prefill = GraphCache(cm.registry, self._capture, checks=False, name="prefill: ")
-        self.decode = GraphCache(_DecodeView(cm.registry), self._capture, checks=False, name="decode step: ")
+        # no size-1 reuse: the decode step keeps a graph specialised to one token
+        self.prefill = GraphCache(cm.registry, self._capture, checks=False, name="prefill: ", reference=self.step_module)
+        self.decode = GraphCache(_DecodeView(cm.registry), self._capture, checks=False, name="decode step: ",
+                                 reference=self.step_module)
         self.decode.captured = self.prefill.captured
 
-    def _capture(self, kwargs: dict) -> fx.GraphModule:
-        t0 = time.perf_counter()  # every layer traced: repeated layers are checked by running the graph
-        gm = torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export", repeat_layers=False)[0]
+    def _capture(self, kwargs: dict, repeat_layers: bool = True) -> fx.GraphModule:
+        """A deep model's step graph traces three layers and repeats the third (the graph cache
+        checks it once against ``_Step``, on copies of the cache)."""
+        t0 = time.perf_counter()
+        gm = torch.compiler.disable(capture)(self.step_module, kwargs, frontend="export", repeat_layers=repeat_layers)[0]
         self.stats["captures"] += 1
         self.stats["capture_seconds"] += time.perf_counter() - t0
         return gm

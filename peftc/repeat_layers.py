@@ -9,10 +9,13 @@ only, then repeat layer 2's nodes for layers 3..N-1:
 
     layer k = layer 2 with  get_attr  <list>.2.<p>  -> <list>.k.<p>,
                             inputs from layer 1's node j -> layer k-1's node j,
+                            graph inputs named by layer (key_2 -> key_k), see below
                             nn_module_stack  <list>.2  -> <list>.k
     users of layer 2's node j after the layers -> layer N-1's node j
 
-Layer 0 stays as traced (T5-like first layers differ). Where a model does not fit (one layer
+A graph input that layer 2 reads where layer 1 reads another input at the same place (a step
+graph's per-layer KV cache: layer 1 writes ``key_1``, layer 2 ``key_2``) must be named by the
+layer index; layer k reads the input whose name has k there. Layer 0 stays as traced (T5-like first layers differ). Where a model does not fit (one layer
 list of ``config.num_hidden_layers``, layers 1 and 2 traced to the same op sequence, contiguous
 in the graph), ``None`` is returned and the caller captures the whole model. The result is
 checked once against the eager model by the graph cache (not on the meta device, where there
@@ -127,6 +130,9 @@ def repeat_layer(gm: fx.GraphModule, model: nn.Module, path: str, layers: int) -
     start, end = nodes.index(two[0]), nodes.index(two[-1])
     if nodes[start:end + 1] != two:
         return False
+    per_layer = _per_layer_inputs(graph, one, two, layers)
+    if per_layer is None:
+        return False
     after = nodes[end + 1]
     old = f"{path}.2"
     attrs = {n.target: n for n in nodes if n.op == "get_attr" and n.target.startswith(old + ".")}
@@ -135,7 +141,7 @@ def repeat_layer(gm: fx.GraphModule, model: nn.Module, path: str, layers: int) -
     for k in range(3, layers):
         new = f"{path}.{k}"
         env: dict[fx.Node, fx.Node] = {}
-        mapped = {**prev, **env}  # filled as nodes are copied (env's entries win)
+        mapped = {**prev, **{x: by_k[k] for x, by_k in per_layer.items()}}  # and each node as it is copied
 
         def arg(a: fx.Node, mapped=mapped) -> fx.Node:
             return mapped.get(a, a)
@@ -161,6 +167,30 @@ def repeat_layer(gm: fx.GraphModule, model: nn.Module, path: str, layers: int) -
     gm.recompile()
     gm.meta[REPEATED] = (path, layers)
     return True
+
+
+def _per_layer_inputs(graph: fx.Graph, one: list, two: list, layers: int) -> dict | None:
+    """{input layer 2 reads: {k: the input layer k reads}} for the inputs named by layer
+    (``key_2`` where layer 1 reads ``key_1``: ``key_k``); None where such an input has no name of
+    that form or a layer's input is missing."""
+    inputs = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    out: dict[fx.Node, dict[int, fx.Node]] = {}
+    for a, b in zip(one, two):
+        for x, y in zip(a.all_input_nodes, b.all_input_nodes):
+            if y.op != "placeholder" or x is y or y in out:
+                continue
+            if x.op != "placeholder":
+                return None
+            spots = [m.start() for m in re.finditer(r"(?<!\d)2(?!\d)", y.target)
+                     if y.target[:m.start()] + "1" + y.target[m.end():] == x.target]
+            if len(spots) != 1:
+                return None
+            i = spots[0]
+            names = {k: y.target[:i] + str(k) + y.target[i + 1:] for k in range(3, layers)}
+            if any(name not in inputs for name in names.values()):
+                return None
+            out[y] = {k: inputs[name] for k, name in names.items()}
+    return out
 
 
 def _install(gm: fx.GraphModule, target: str, value, *, buffer: bool) -> None:

@@ -156,3 +156,40 @@ def test_layers_that_differ_are_captured_whole(reason):
     gm, _ = capture(model, {"input_ids": torch.randint(0, 64, (2, 5)), "use_cache": False})
     assert REPEATED not in gm.meta
     assert any(n.target == "model.layers.4.mlp.up_proj.weight" for n in gm.graph.nodes if n.op == "get_attr")
+
+
+def test_step_graph_repeats_layers_with_each_layer_its_own_cache():
+    """A generate step graph reads and writes one KV cache input per layer: layer k of the
+    repeated graph must write key_k / value_k, as the whole capture does."""
+    from peftc.capture import set_training
+    from peftc.generation import _KVCache, _Step
+    from peftc.model_family import kv_geometry
+
+    model = _llama(7).eval()
+    step = _Step(model)
+    cache = _KVCache(12)
+    cache.allocate(2, kv_geometry(model), model.lm_head.weight)
+    for t in (*cache.keys, *cache.values):
+        t.normal_()
+    kw = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+          "start": torch.zeros(2, 1, dtype=torch.long), "past": torch.tensor(0), **cache.inputs()}
+    repeated, _ = capture(step, kw)
+    whole, _ = capture(step, kw, repeat_layers=False)
+    assert repeated.meta[REPEATED] == ("model.layers", 7)
+    sizes = ("aten.sym_size.int", "_guards_fn")  # shape reads of other cache inputs: where export put them
+    assert [o for o in _ops(repeated) if o[1] not in sizes] == [o for o in _ops(whole) if o[1] not in sizes]
+
+    def writes(gm):  # (layer of the writing node, cache input written), in graph order
+        return [(list(n.meta["nn_module_stack"].values())[-1][0], n.args[0].target) for n in gm.graph.nodes
+                if n.op == "call_function" and "index_copy_" in str(n.target)]
+    assert writes(repeated) == writes(whole)
+    assert ("model.layers.6.self_attn", "value_6") in writes(repeated)
+    outs = []
+    for gm in (repeated, whole):
+        set_training(gm, False)
+        copy = {k: v.clone() for k, v in kw.items()}
+        with torch.no_grad():
+            outs.append((gm(**copy), copy))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
+    for k in kw:
+        torch.testing.assert_close(outs[0][1][k], outs[1][1][k], atol=0, rtol=0)

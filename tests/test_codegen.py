@@ -5,6 +5,8 @@ against HF PEFT, regional compilation, and the fall-back of a graph the compiler
 Each case compiles with inductor (10-30 s on 2 CPU cores): the cases are few and small."""
 
 import copy
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,8 +180,11 @@ start = time.perf_counter()
 cm = peftc.from_peft(tiny_model("tiny-llama"), adapter, example_inputs("tiny-llama"), optimize=["compile"])
 logits = cm(input_ids=ids).logits
 seconds = time.perf_counter() - start
+from peftc.passes.optimize.codegen_cache import loaded_libraries
+loaded = sorted(loaded_libraries())
 cm.save_adapter(adapter, artifacts=True)
-print(json.dumps({"seconds": seconds, "logits": logits.flatten()[:16].tolist(), "summary": cm.graph_summary()}))
+print(json.dumps({"seconds": seconds, "logits": logits.flatten()[:16].tolist(), "summary": cm.graph_summary(),
+                  "notes": cm.notes, "loaded": loaded}))
 """
 
 
@@ -208,3 +213,33 @@ def test_a_second_process_starts_warm_from_the_saved_artefacts(tmp_path):
     assert "compile cache: loaded from" in runs["warm"]["summary"], runs["warm"]["summary"]
     line = next(x for x in runs["warm"]["summary"].splitlines() if x.startswith("compile: input_ids"))
     assert "(first call; 0 from the cache)" not in line, line  # every graph came from the saved artefacts
+    with tarfile.open(tmp_path / "adapter" / "peftc_compile_kernels.tar") as tar:
+        saved = set(tar.getnames())
+    assert runs["cold"]["loaded"] and set(runs["cold"]["loaded"]) <= saved
+    # the warm process built no kernel library: each one it loaded was restored from the adapter
+    assert runs["warm"]["loaded"] and set(runs["warm"]["loaded"]) <= saved, set(runs["warm"]["loaded"]) - saved
+    note = next(x for x in runs["warm"]["notes"] if x.startswith("compile cache: loaded from"))
+    assert f"{len(saved)} kernel libraries ({len(saved)} restored into inductor's cache dir, 0 already there)" in note
+
+
+def test_saved_kernels_are_not_loaded_for_another_cpu_or_from_a_bad_archive(tmp_path):
+    import io
+    import json
+
+    from peftc.passes.optimize import codegen_cache as cc
+
+    model = tiny_model("tiny-llama")
+    key = cc.cache_key(model)
+    (tmp_path / cc.CACHE_FILE).write_bytes(b"unused")
+    (tmp_path / cc.CACHE_KEY).write_text(json.dumps({**key, "cpu": "x86_64 NONE"}))
+    assert "made for another cpu" in cc.load_artifacts(None, model, tmp_path)
+    outside = io.BytesIO()
+    with tarfile.open(fileobj=outside, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.so")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x7fELF"))
+    (tmp_path / cc.KERNELS_FILE).write_bytes(outside.getvalue())
+    with pytest.raises(ValueError, match="unexpected entry '../escape.so'"):
+        cc.restore_kernels(tmp_path / cc.KERNELS_FILE)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert not (Path(cache_dir()).parent / "escape.so").exists()

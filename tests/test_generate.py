@@ -102,6 +102,29 @@ def test_kv_cache_counts_and_no_recapture():
     assert longest.shape == (3, 15) and torch.equal(shorter, longest[:, :14])
 
 
+def test_deep_model_step_graphs_trace_three_layers(tmp_path):
+    """Eight layers: each step graph is traced from three and checked once against the eager step
+    (on copies of the cache, which the check must not write); the tokens stay PEFT's."""
+    base = tiny_model("tiny-llama", num_hidden_layers=8)
+    snapshot = copy.deepcopy(base.state_dict())
+    torch.manual_seed(3)
+    pm = get_peft_model(base, CONFIGS["lora"]()).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    fresh = tiny_model("tiny-llama", num_hidden_layers=8)
+    fresh.load_state_dict(snapshot)
+    cm = peftc.from_peft(fresh, tmp_path / "peft", example_inputs("tiny-llama"))
+    ids, mask = _batch(seed=6)
+    with torch.no_grad():
+        ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = cm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    gen = generator(cm)
+    assert gen.stats["captures"] == 2  # prefill and decode, none captured again whole
+    for graphs in (gen.prefill, gen.decode):
+        assert any("(8 layers from 3 traced)" in line for line in graphs.stats.log), graphs.stats.log
+        assert not any("differs" in line for line in graphs.stats.log), graphs.stats.log
+
+
 def test_beam_search_and_sampling_equal_peft(tmp_path):
     pm, cm = _pair(tmp_path, "tiny-llama", "lora")
     ids, mask = _batch(seed=6)

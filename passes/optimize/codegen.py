@@ -18,19 +18,15 @@ dynamo's graph breaks are summary lines too (the ``summary`` hook reads every gr
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import fx
 
 from peftc.errors import SpecError
 from peftc.passes.context import PassContext, PassResult
+from peftc.passes.optimize.codegen_cache import load_artifacts, save_artifacts
 from peftc.passes.optimize.regions import split
 from peftc.passes.pipeline import register_optimization
 from peftc.repeat_layers import layer_list
@@ -178,54 +174,6 @@ def codegen(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def summary(cm) -> str:
     log = getattr(cm.adapters, LOG, None)
     return log.text() if log is not None else "compile: no graph has run yet (inductor compiles on the first call)\n"
-
-
-# ---- warm starts: inductor's artefacts next to an adapter ------------------------------------
-CACHE_FILE, CACHE_KEY = "peftc_compile_cache.bin", "peftc_compile_cache.json"
-
-
-def _cache_key(model) -> dict:
-    """What saved artefacts are checked against before loading: the versions that generated
-    them and the model (its configuration and dtype). The spec needs no entry: inductor's own
-    keys hash each graph, so an artefact of another adapter is never used for this one."""
-    import transformers
-
-    config = getattr(model, "config", None)
-    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "model": hashlib.sha256(text.encode()).hexdigest()[:16], "dtype": str(next(model.parameters()).dtype)}
-
-
-def save_artifacts(cm, directory) -> str:
-    """Writes every artefact inductor compiled in this process (``torch.compiler``'s mega-cache)
-    and the key it is valid for; a temp file renamed into place."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
-        return "compile cache: nothing compiled yet (run a call first): not written"
-    blob, _ = saved
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in ((CACHE_FILE, blob), (CACHE_KEY, json.dumps(_cache_key(cm.base_model)).encode())):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
-    return f"compile cache: {len(blob):,} bytes written to {directory / CACHE_FILE}"
-
-
-def load_artifacts(spec, model, directory) -> str | None:
-    """Loads artefacts saved next to an adapter when their key matches this spec, model and
-    versions (else says why they were not used); None when there are none."""
-    directory = Path(directory)
-    if not (directory / CACHE_FILE).is_file() or not (directory / CACHE_KEY).is_file():
-        return None
-    saved, wanted = json.loads((directory / CACHE_KEY).read_text()), _cache_key(model)
-    differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if differ:
-        return f"compile cache at {directory} not used: it was made for another {', '.join(differ)}"
-    torch.compiler.load_cache_artifacts((directory / CACHE_FILE).read_bytes())
-    return f"compile cache: loaded from {directory / CACHE_FILE} (warm start)"
 
 
 register_optimization("compile", phase="codegen", check=check_settings, on_base=True, summary=summary,
