@@ -15,9 +15,11 @@ only, then repeat layer 2's nodes for layers 3..N-1:
 
 A graph input that layer 2 reads where layer 1 reads another input at the same place (a step
 graph's per-layer KV cache: layer 1 writes ``key_1``, layer 2 ``key_2``) must be named by the
-layer index; layer k reads the input whose name has k there. Layer 0 stays as traced (T5-like first layers differ). Where a model does not fit (one layer
+layer index; layer k reads the input whose name has k there.
+
+Layer 0 stays as traced (T5-like first layers differ). Where a model does not fit (one layer
 list of ``config.num_hidden_layers``, layers 1 and 2 traced to the same op sequence, contiguous
-in the graph), ``None`` is returned and the caller captures the whole model. The result is
+in the graph, per-layer inputs named by index), ``None`` is returned and the caller captures the whole model. The result is
 checked once against the eager model by the graph cache (not on the meta device, where there
 are no values); ``tests/test_capture_once.py`` checks it node for node against a full capture.
 """
