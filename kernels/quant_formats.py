@@ -17,6 +17,12 @@ A quantized weight is four tensors ``(data, qscale, qscale2, qoffset)``:
           empty, qoffset m fp16 (groups).
     int8  per-output-channel absmax: w ~ step[row] * q, q in [-127, 127] (8 + 32/in bits per weight):
           data int8 (out, in), qscale fp32 (out,), two empty tensors.
+    int8g symmetric int8 per group of ``block_size`` (default 32) along a row: w ~ q * d, d = absmax / 127
+          in fp16, codes against the rounded d; for block 32 exactly GGUF's Q8_0 block (8.5 bits per
+          weight). data int8 (out, in), qscale d fp16 (groups), two empty tensors.
+
+GGUF blocks convert without rounding (``from_gguf_blocks``): Q4_1 is int4 (block 32); Q4_0 (w = (q - 8) d)
+is int4 with m = -8 d, exact in fp16; Q8_0 is int8g (block 32).
 
     >>> q = quantize_weight(W, "int4", 32)
     >>> (dequantize(*q, "int4", 32) - W).abs().max()
@@ -27,9 +33,11 @@ from __future__ import annotations
 import torch
 
 __all__ = ["FORMATS", "NF4_CODE", "GROUP", "quantize_weight", "dequantize", "weight_bits", "in_features",
-           "nf4_absmax", "from_q4_1", "to_q4_1"]
+           "nf4_absmax", "from_q4_1", "to_q4_1", "from_gguf_blocks", "GGUF_BLOCKS", "default_block"]
 
-FORMATS = ("nf4", "int4", "int8")
+FORMATS = ("nf4", "int4", "int8", "int8g")
+# GGUF block types held as they are: name -> (bytes per block of 32 weights, format it is)
+GGUF_BLOCKS = {"Q4_0": (18, "int4"), "Q4_1": (20, "int4"), "Q8_0": (34, "int8g")}
 # QLoRA's NormalFloat4 code points (bitsandbytes' / torchao's table)
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -76,6 +84,12 @@ def quantize_weight(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, dou
         raise ValueError(f"quantize_weight: block_size {block_size} must be even and divide the width {d}")
     if fmt == "int4":
         return _quantize_int4(w, block_size)
+    if fmt == "int8g":
+        g = w.float().reshape(-1, block_size)
+        step = (g.abs().amax(1) / 127).half()
+        step = torch.where(step == 0, torch.ones_like(step), step)
+        q = (g / step.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8).view(out, d)
+        return q, step, empty, empty
     absmax = w.float().reshape(-1, block_size).abs().amax(1)
     if double_quant:
         qscale, qscale2, qoffset = _double_quant(absmax)
@@ -117,6 +131,8 @@ def dequantize(data, qscale, qscale2, qoffset, fmt: str, block_size: int, dtype=
     """The weight (out, in) a quantized weight stands for, in ``dtype``."""
     if fmt == "int8":
         return (data.float() * qscale.float()[:, None]).to(dtype)
+    if fmt == "int8g":
+        return (data.view(-1, block_size).float() * qscale.float()[:, None]).view(data.shape).to(dtype)
     if fmt == "int4":  # written into one buffer (5x faster here than cat of the two nibble halves)
         out, half = data.shape
         b, h = data.view(-1, block_size // 2), block_size // 2
@@ -144,6 +160,31 @@ def from_q4_1(blocks: torch.Tensor, shape) -> tuple[torch.Tensor, ...]:
     return b[:, 4:].reshape(out, d // 2).contiguous(), half(0), empty, half(2)
 
 
+def from_gguf_blocks(blocks: torch.Tensor, kind: str, shape) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """GGUF tensor data of a (out, in) weight in block type ``kind`` (a key of ``GGUF_BLOCKS``) ->
+    (format, quantized weight of block 32) standing for exactly the weights GGUF's dequantizer gives."""
+    if kind not in GGUF_BLOCKS:
+        raise ValueError(f"from_gguf_blocks: block type {kind!r}, want one of {sorted(GGUF_BLOCKS)}")
+    if kind == "Q4_1":
+        return "int4", from_q4_1(blocks, shape)
+    size, fmt = GGUF_BLOCKS[kind]
+    out, d = shape
+    if d % 32 or blocks.numel() != out * d // 32 * size or blocks.dtype != torch.uint8:
+        raise ValueError(f"from_gguf_blocks: {blocks.numel()} {blocks.dtype} bytes are not {kind} blocks of a "
+                         f"{tuple(shape)} weight")
+    b = blocks.reshape(-1, size)
+    step = b[:, :2].contiguous().view(torch.float16).flatten()
+    empty = blocks.new_empty(0, dtype=torch.float32)
+    if kind == "Q8_0":
+        return fmt, (b[:, 2:].contiguous().view(torch.int8).reshape(out, d), step, empty, empty)
+    return fmt, (b[:, 2:].reshape(out, d // 2).contiguous(), step, empty, step * -8)  # Q4_0: (q - 8) d
+
+
+def default_block(fmt: str) -> int:
+    """The block size a format takes when none is given (int8 has none: one step per row)."""
+    return 32 if fmt in ("int4", "int8g") else 64
+
+
 def to_q4_1(q) -> torch.Tensor:
     """``from_q4_1``'s inverse: an int4 weight of block 32 -> GGUF Q4_1 bytes (n_blocks, 20)."""
     data, scale, _, low = q
@@ -162,6 +203,6 @@ def weight_bits(q) -> float:
 
 def in_features(data, fmt) -> int:
     """The input width of a packed weight (4-bit formats hold two per byte)."""
-    return data.shape[1] * (1 if fmt == "int8" else 2)
+    return data.shape[1] * (1 if fmt in ("int8", "int8g") else 2)
 
 

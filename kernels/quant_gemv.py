@@ -15,6 +15,7 @@ this kernel 6.9 ms (int4), 6.8 ms (NF4), 5.3 ms (int8).
     nf4   byte i of a row = codes 2i (high nibble) | 2i + 1 (low); w = code[q] * absmax[block], absmax
           fp32 or (double quantization) int8 * step[block / 256] + mean, resolved per block in the loop.
     int8  w = q * step[n].
+    int8g w = q * d[n, group] (fp16 per group of ``block``: GGUF's Q8_0 for block 32).
 
     and the LoRA linear's rest in the same call: y += bias + s (x A^T) B^T, h = x A^T returned.
 
@@ -209,6 +210,30 @@ void peftc_gemv_int8(const float *x, int M, int K, int N, const int8_t *q, const
         }
     }
 }
+
+void peftc_gemv_int8g(const float *x, int M, int K, int N, const int8_t *q, const _Float16 *d, int B,
+                      float *y, int threads, const epi_t *e) {
+    low_rank_h(x, M, K, e);
+    const int G = K / B;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *qr = q + (size_t)n * K;
+        const _Float16 *dr = d + (size_t)n * G;
+        for (int m = 0; m < M; m++) {
+            const float *xr = x + (size_t)m * K;
+            float acc = 0.f;
+            for (int g = 0; g < G; g++) {
+                const float *xg = xr + (size_t)g * B;
+                const int8_t *qg = qr + (size_t)g * B;
+                float a = 0.f;
+#pragma omp simd reduction(+ : a)
+                for (int j = 0; j < B; j++) a += xg[j] * (float)qg[j];
+                acc += a * (float)dr[g];
+            }
+            y[(size_t)m * N + n] = acc + epilogue(e, m, n);
+        }
+    }
+}
 """
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -224,6 +249,7 @@ _SIGNATURES = {
     "peftc_gemv_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I, _E],
     "peftc_gemv_nf4": [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _E],
     "peftc_gemv_int8": [_P, _I, _I, _I, _P, _P, _P, _I, _E],
+    "peftc_gemv_int8g": [_P, _I, _I, _I, _P, _P, _I, _P, _I, _E],
 }
 
 
@@ -305,9 +331,10 @@ def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lor
     if lib is None:
         return None
     data, qscale, qscale2, qoffset = (t.contiguous() for t in q)
-    want = {"int4": (torch.uint8, torch.float16), "nf4": (torch.uint8, None), "int8": (torch.int8, torch.float32)}
+    want = {"int4": (torch.uint8, torch.float16), "nf4": (torch.uint8, None), "int8": (torch.int8, torch.float32),
+            "int8g": (torch.int8, torch.float16)}
     if fmt not in want:
-        raise ValueError(f"packed_linear: format {fmt!r}, want 'int4', 'nf4' or 'int8'")
+        raise ValueError(f"packed_linear: format {fmt!r}, want one of {sorted(want)}")
     if data.dtype != want[fmt][0] or want[fmt][1] not in (None, qscale.dtype):
         raise ValueError(f"packed_linear: a {fmt} weight stores {want[fmt][0]} codes and {want[fmt][1]} scales "
                          f"(kernels/quant_formats.py); got {data.dtype} and {qscale.dtype}")
@@ -331,4 +358,7 @@ def packed_linear(x2: torch.Tensor, q, fmt: str, block_size: int, bias=None, lor
                            block_size, _nf4_table().data_ptr(), y.data_ptr(), threads, ref)
     elif fmt == "int8":
         lib.peftc_gemv_int8(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), y.data_ptr(), threads, ref)
+    elif fmt == "int8g":
+        lib.peftc_gemv_int8g(x2.data_ptr(), m, k, n, data.data_ptr(), qscale.data_ptr(), block_size, y.data_ptr(),
+                             threads, ref)
     return y, h if lora_A is None else h.to(lora_A.dtype)

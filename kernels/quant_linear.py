@@ -1,4 +1,4 @@
-"""Quantized frozen linear: weights stored NF4, int4 or int8 (kernels/quant_formats.py), read packed
+"""Quantized frozen linear: weights stored NF4, int4, int8 or int8g (kernels/quant_formats.py), read packed
 inside the op (+ LoRA / DoRA).
 
 Ops (registered on import)::
@@ -180,8 +180,9 @@ def triton_backward(grad, x, q, lora_A, lora_B, h, scale, p, seed, train, fmt, b
 
 
 def _use_triton(x, fmt, lora_A=None) -> bool:
-    """CUDA with fp16/bf16/fp32; adapters in another dtype (fp32 on bf16) run the torch code."""
-    return triton_takes(x) and x.is_cuda and (lora_A is None or lora_A.dtype == x.dtype)
+    """CUDA with fp16/bf16/fp32; adapters in another dtype (fp32 on bf16) run the torch code, as does
+    int8g (GGUF's Q8_0), which the tile dequantizer does not read yet."""
+    return triton_takes(x) and x.is_cuda and fmt != "int8g" and (lora_A is None or lora_A.dtype == x.dtype)
 
 
 # ---------------------------------------------------------------- CPU path (packed GEMV or a dequantized temporary)

@@ -129,6 +129,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         if name is not None:
             spec = spec.replace(adapter=name)
         spec = self.registry.add(spec)
+        self.graphs.example_graph(self.training)  # captured again if a device change dropped it
         scratch = self.graphs.copy_of_capture(self.graphs.example_key)  # a throwaway rewrite creates the modules
         build(scratch, Plan(adapters=[self.graphs.context(spec.adapter, Counter(), {})]))
         if activate:
@@ -251,7 +252,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         before = kind()
         super()._apply(fn, recurse)
         if kind() != before:  # exported graphs bake device and dtype into factory ops: re-capture there
-            self.graphs.clear()
+            self.graphs.clear(kind()[0])
             generation.reset(self, captures=True)
         for gm in self.graphs.all_graphs():
             gm._apply(fn)  # buffers the graphs hold (rotary tables); parameters are shared
@@ -386,11 +387,12 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         """The rewritten graph for the example inputs' signature."""
-        return self.graphs.rewritten_graph(self.graphs.example_key, self.training)
+        return self.graphs.example_graph(self.training)
 
     @property
     def captured_graph(self) -> fx.Graph:
         """The graph as captured, before any pass ran."""
+        self.graphs.example_graph(self.training)
         return self.graphs.captured[self.graphs.example_key[0]].graph
 
     @property

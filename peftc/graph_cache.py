@@ -149,6 +149,7 @@ class GraphCache:
         self.reuses: dict[tuple, tuple] = {}  # signature -> the captured signature it runs (size-1 dims)
         self.rewritten: dict[tuple, fx.GraphModule] = {}  # for the current adapter state
         self.example_key: tuple | None = None  # (signature, None) of the example inputs
+        self.example_kwargs: dict | None = None  # those inputs: captured again after ``clear``
         self.counts, self.timings = Counter(), {}
         self.segment_mixed = True  # mixed batches: LoRA terms through peftc::lora_sgmv (passes/optimize/sgmv.py); False: masked
         self.stats = CaptureStats()
@@ -258,7 +259,14 @@ class GraphCache:
         sig = self.resolve(kwargs)
         if self.example_key is None:
             self.example_key = (sig, None)
+            self.example_kwargs = self.example_kwargs or kwargs
         return self.rewritten_graph((sig, mixed), training)
+
+    def example_graph(self, training: bool) -> fx.GraphModule:
+        """The rewritten graph of the example inputs (captured again first after ``clear``)."""
+        if self.example_key is None and self.example_kwargs is not None:
+            return self.graph_for(self.example_kwargs, None, training)
+        return self.rewritten_graph(self.example_key, training)
 
     def plan(self, mixed: tuple[str, ...] | None, counts: Counter, timings: dict, *, optimize: bool = True,
              name: str = "graph") -> Plan:
@@ -296,8 +304,13 @@ class GraphCache:
         """Drops the rewritten graphs (the adapter state changed); captures stay."""
         self.rewritten.clear()
 
-    def clear(self) -> None:
-        """Drops every graph, captures too (they bake device and dtype into factory ops)."""
+    def clear(self, device=None) -> None:
+        """Drops every graph, captures too (they bake device and dtype into factory ops); the
+        example inputs move to ``device`` for the next capture."""
+        self.example_key = None
+        if self.example_kwargs is not None and device is not None:
+            self.example_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                   for k, v in self.example_kwargs.items()}
         self.captured.clear()
         self.reuses.clear()
         self.rewritten.clear()

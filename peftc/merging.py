@@ -216,6 +216,12 @@ def _record(key, folds, w, w2, transposed) -> Restore:
                    None, crc, far_index=out_index, far_bits=want[where].clone())
 
 
+def _placeholder(t: torch.Tensor) -> bool:
+    """A tensor that holds one value for all its elements (an optimization released the base
+    weight and keeps it elsewhere, e.g. quantized): there is nothing to fold into in place."""
+    return t.numel() > 1 and all(st == 0 for st in t.stride())
+
+
 def apply(cm) -> MergeState:
     """Folds ``cm``'s active adapters into its base model (in place where possible) and records
     how to undo it; on any failure the base is restored before the error propagates."""
@@ -232,7 +238,9 @@ def apply(cm) -> MergeState:
             w_in, b_in = swaps.get(wkey, w), swaps.get(bkey, b)
             w2, b2 = _fold_all(path, snap, w_in, b_in, transposed[path])
             rec = None
-            if wkey in aliased or wkey in swaps:
+            if _placeholder(w):  # a released weight (zero-stride): the graph reads its values elsewhere
+                pass
+            elif wkey in aliased or wkey in swaps:
                 state.shared[wkey] = w2
             else:
                 rec = _record(wkey, snap, w, w2, transposed[path])

@@ -1,4 +1,5 @@
-"""HF PEFT adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` on disk.
+"""HF PEFT adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` on disk (and where
+an HF model checkpoint's safetensors files are: ``checkpoint_files``).
 
 Reading and writing only; what the keys and fields mean for peftc's adapters is
 ``peftc.peft_io``. Pickled ``adapter_model.bin`` files are refused unless ``allow_pickle=True``
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from peftc.errors import CheckpointError
 
 __all__ = ["PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "read_peft_config", "read_peft_weights", "write_adapter",
-           "normal_mode", "replace_dir"]
+           "normal_mode", "replace_dir", "checkpoint_files"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -111,3 +112,17 @@ def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict
             if os.path.exists(t):
                 os.unlink(t)
     return d
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint dir (its index when sharded), or the one file given."""
+    directory = Path(directory)
+    if directory.is_file():
+        return [directory]
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors files (save_pretrained(..., safe_serialization=True))")
+    return files

@@ -26,7 +26,7 @@ def _weight(shape, seed):
 
 
 CASES = [("int4", 32, False), ("int4", 64, False), ("int4", 16, False), ("nf4", 64, True), ("nf4", 64, False),
-         ("nf4", 16, True), ("int8", 0, False)]
+         ("nf4", 16, True), ("int8", 0, False), ("int8g", 32, False), ("int8g", 16, False)]
 
 
 @pytest.mark.parametrize("fmt, block, dq", CASES, ids=[f"{f}-{b}-{'dq' if d else 'plain'}" for f, b, d in CASES])
@@ -86,13 +86,13 @@ def test_int4_rounds_to_the_nearest_level():
     assert ((F.dequantize(*q, "int4", 32) - w).abs() <= step / 2 + 1e-4 * step).all()
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "int8g"])
 @pytest.mark.parametrize("rows", [3, 40], ids=["kernel", "dequantized"])
 def test_op_forward_and_gradients_either_path(fmt, rows):
     """quant_linear in eval (decode) and training without dropout: the packed kernel for a few rows,
     the dequantized temporary for many; both against the float64 dequantized reference."""
     g = torch.Generator().manual_seed(5)
-    block = {"int4": 32, "nf4": 64, "int8": 0}[fmt]
+    block = {"int4": 32, "nf4": 64, "int8": 0, "int8g": 32}[fmt]
     q = F.quantize_weight(_weight((48, 128), 6), fmt, block, True)
     x = torch.randn(rows, 128, generator=g, dtype=torch.float64)
     b, a, bb = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((48,), (4, 128), (48, 4)))

@@ -84,7 +84,7 @@ def test_int8_and_nf4_without_double_quant_round_to_nearest():
     assert ((QL.dequantize(*q4, "nf4", 64) - w).reshape(-1, 64).abs() <= gap + 1e-7).all()
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "int8g"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("lora", [True, False])
 def test_op_matches_dequantized_reference(fmt, p, lora):

@@ -106,6 +106,8 @@ def reference_dequantize(data, qscale, qscale2, qoffset, fmt: str, block=BLOCK) 
     """Float64 weight of peftc's stored tensors (``quantize_weight``'s tuple, a ``QuantizedWeight``'s buffers)."""
     if fmt == "int8":
         return data.double() * qscale.double()[:, None]
+    if fmt == "int8g":  # one fp16 step per group of block along a row
+        return (data.reshape(-1, block).double() * qscale.double()[:, None]).reshape(data.shape)
     if fmt == "int4":  # group g: block/2 bytes, byte j = code j (low nibble) | code j + block/2 (high)
         b = data.reshape(-1, block // 2).long()
         codes = torch.cat((b % 16, b // 16), 1).double()

@@ -124,7 +124,7 @@ def test_fused_dropout_and_shared_siblings_match(fmt):
     check_parity(q, r, train=True)
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "int8g"])
 @pytest.mark.parametrize("optimize", [(), ("fuse",)], ids=["unfused", "fused"])
 def test_few_rows_read_the_packed_codes(fmt, optimize):
     """A batch of 1 x 5 tokens (decode-sized: the C kernel reads the codes) matches the dequantized
@@ -175,13 +175,15 @@ def test_no_full_precision_weight_is_saved_for_backward():
         assert saved(cm) == []
 
 
-def test_graph_drops_weights_and_release_base_frees_them():
+def test_graph_drops_weights_and_the_default_frees_them_release_base_false_keeps_them():
     model = tiny_model("tiny-llama")
     ids = _ids()
-    keep = peftc.compile(copy.deepcopy(model), {"methods": [METHODS["lora"]]}, example_inputs("tiny-llama"),
-                         optimize={"quantize": {}})
+    kept_model = copy.deepcopy(model)
+    keep = peftc.compile(kept_model, {"methods": [METHODS["lora"]]}, example_inputs("tiny-llama"),
+                         optimize={"quantize": {"release_base": False}})
     cm = peftc.compile(model, {"methods": [METHODS["lora"]]}, example_inputs("tiny-llama"),
-                       optimize={"quantize": {"release_base": True}})
+                       optimize={"quantize": {}})
+    assert kept_model.model.layers[0].self_attn.q_proj.weight.untyped_storage().nbytes() == 64 * 64 * 4
     cm.load_adapter_state_dict({k: v + 0.1 for k, v in keep.adapter_state_dict().items()})
     keep.load_adapter_state_dict({k: v + 0.1 for k, v in keep.adapter_state_dict().items()})
     q_proj = model.model.layers[0].self_attn.q_proj.weight

@@ -15,14 +15,16 @@ other node reads too (a tied embedding) stays full precision and is listed in ``
 Where Q(W) lives: one ``QuantizedWeight`` per weight in the adapter store at ``_quantize.<module>``,
 shared by every captured graph and quantized once (the first graph built). The rewritten graph no
 longer references W and the graph module drops its attribute, so the compiled model's own graphs
-hold no full-precision copy. The base model still owns its ``nn.Parameter`` (and the captured
-graphs share it) unless ``release_base: true``: then, once quantized, each quantized parameter's
-storage is replaced by a zero-stride placeholder of the same shape (one element), which frees the
-memory while later captures still see the right shapes. Off by default because it changes the
-user's model: its own forward then computes with zeros. ``quantize_base.weight_bytes(cm)`` measures both.
+hold no full-precision copy. The user's model gives its quantized weights up by default
+(``release_base: true``, QLoRA's point: a full-precision copy would hold 8x the bytes): once
+quantized, each quantized parameter's storage is replaced by a zero-stride placeholder of the same
+shape (one element), which frees the memory while later captures still see the right shapes; the
+user's own forward then computes with zeros, and what would read those weights (``save_merged``,
+``merge()`` without ``requantize``) refuses. ``release_base: false`` keeps them (8x the memory:
+36 bits per weight held instead of 4.1 for nf4). ``quantize_base.weight_bytes(cm)`` measures both.
 
-Settings (``optimize: {quantize: {...}}``): ``format`` (nf4 | int8), ``block_size`` (64, nf4),
-``double_quant`` (true, nf4), ``skip`` (selector list or ``re:``), ``release_base`` (false).
+Settings (``optimize: {quantize: {...}}``): ``format`` (nf4 | int4 | int8 | int8g), ``block_size`` (64, nf4),
+``double_quant`` (true, nf4), ``skip`` (selector list or ``re:``), ``release_base`` (true).
 ``ctx.counts``: ``quantize`` = weights read quantized in this graph, ``quantize_kept`` = left full
 precision because another node reads them. Coverage (unit "frozen linear weights"): every Linear /
 Conv1D weight the graph reads; each one skipped (the default head, a ``skip`` selector, a module
@@ -41,7 +43,7 @@ from torch import fx, nn
 from peftc import targets as _targets
 from peftc.errors import PeftcError, SpecError
 from peftc.graph import PEFTC, install_module, mount_adapter
-from peftc.kernels.quant_formats import FORMATS, dequantize, quantize_weight
+from peftc.kernels.quant_formats import FORMATS, default_block, dequantize, quantize_weight
 from peftc.passes.merge import STATE as MERGE_STATE
 from peftc.passes.pipeline import PassContext, PassResult
 from peftc.spec import check_targets
@@ -51,12 +53,13 @@ __all__ = ["quantize", "check_settings", "check_model", "plan", "QuantizedWeight
 aten = torch.ops.aten
 ROOT = "_quantize"  # store path of the QuantizedWeight modules (and the report)
 SETTINGS = {
-    "format": "nf4, int4 or int8 (default nf4)",
+    "format": "nf4, int4, int8 or int8g (default nf4)",
     "block_size": "an even integer >= 2 dividing every quantized layer's input width (default nf4 64, int4 32 = "
-                  "GGUF's Q4_1; not for int8)",
+                  "GGUF's Q4_1, int8g 32 = GGUF's Q8_0; not for int8)",
     "double_quant": "true or false (default true; nf4 only): the absmax constants stored as int8",
     "skip": "module names / dotted suffixes or 're:<regex>' kept full precision (default: the output head)",
-    "release_base": "true or false (default false): free the base model's quantized parameters",
+    "release_base": "true or false (default true): free the user's model's quantized parameters (false keeps "
+                    "them: 8x the memory)",
     "shared_weights": "keep (default: a weight another op also reads, e.g. a head tied to the embedding, stays "
                       "full precision) or quantize (its linear reads use a quantized copy; the other reads keep "
                       "the full-precision weight, so both are held)",
@@ -71,8 +74,8 @@ def check_settings(settings) -> dict:
     fmt = settings.get("format", "nf4")
     if fmt not in FORMATS:
         raise SpecError("optimize.quantize.format", fmt, SETTINGS["format"])
-    out = {"format": fmt, "block_size": 32 if fmt == "int4" else 64, "double_quant": fmt == "nf4", "skip": None,
-           "release_base": False, "shared_weights": "keep", **settings}
+    out = {"format": fmt, "block_size": default_block(fmt), "double_quant": fmt == "nf4", "skip": None,
+           "release_base": True, "shared_weights": "keep", **settings}
     if out["shared_weights"] not in ("keep", "quantize"):
         raise SpecError("optimize.quantize.shared_weights", out["shared_weights"], SETTINGS["shared_weights"])
     bs = out["block_size"]
@@ -165,6 +168,13 @@ class QuantizedWeight(nn.Module):
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.data, self.qscale, self.qscale2, self.qoffset
 
+    def assign(self, q: tuple[torch.Tensor, ...], fmt: str, block_size: int) -> None:
+        """Holds ``q`` (already in ``fmt``: a checkpoint's own blocks, or a streamed weight quantized
+        elsewhere); graphs captured before must be captured again (they bake fmt into their ops)."""
+        self.fmt, self.block_size = fmt, block_size
+        for name, t in zip(("data", "qscale", "qscale2", "qoffset"), q):
+            self.register_buffer(name, t)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(*self.tensors(), self.fmt, self.block_size, dtype)
 
@@ -179,6 +189,7 @@ class QuantReport(nn.Module):
         super().__init__()
         self.settings, self.kept, self.merge_error, self.released = dict(settings), {}, {}, set()
         self.shared = {}  # path -> the other ops that still read its full-precision weight
+        self.loaded = []  # lines: how load_quantized filled the store (held blocks, requantized, ...)
 
 
 def _resolve(root, target: str):

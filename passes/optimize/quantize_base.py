@@ -7,6 +7,8 @@ weights, and reporting (``graph_summary()`` lines, ``weight_bytes``). The pass i
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from peftc import targets as _targets
@@ -22,6 +24,7 @@ from peftc.passes.optimize.quantize import (
     check_settings,
     quantize,
 )
+from peftc.passes.optimize.quantize_load import fill_store
 from peftc.passes.pipeline import register_optimization
 
 __all__ = ["merge_quantized", "unmerge_quantized", "check_released", "weight_bytes", "summary"]
@@ -120,6 +123,9 @@ def summary(cm) -> str:
     nbytes = sum(m.nbytes() for _, m in qws)
     fmt = s["format"] + ("" if s["format"] == "int8" else f", block {s['block_size']}") + (
         f", double_quant {s['double_quant']}" if s["format"] == "nf4" else "")
+    held = Counter(f"{m.fmt}, block {m.block_size}" for _, m in qws)
+    if any(m.fmt != s["format"] or m.block_size != s["block_size"] for _, m in qws):  # a checkpoint's own blocks
+        fmt = "; ".join(f"{n} {f}" for f, n in sorted(held.items()))
     lines = [f"quantize ({fmt}): {len(qws)} weights, {nbytes:,} bytes, "
              f"{8 * nbytes / max(numel, 1):.3f} bits/weight" + ("; base parameters released" if root.released else "")]
     if any(t.device.type == "cpu" for _, m in qws for t in m.tensors()[:1]):
@@ -127,6 +133,7 @@ def summary(cm) -> str:
     lines += [f"quantize: kept full precision {p}: {why}" for p, why in sorted(root.kept.items())]
     lines += [f"quantize (shared weight) {p}: its linear reads are quantized; {by} still reads the full-precision weight (held too)"
               for p, by in sorted(root.shared.items())]
+    lines += [f"quantize (loaded): {line}" for line in getattr(root, "loaded", ())]
     lines += [f"merge: requantized {p}: max abs rounding error {e:.3g}" for p, e in sorted(root.merge_error.items())]
     return "\n".join(lines) + "\n"
 
@@ -134,4 +141,4 @@ def summary(cm) -> str:
 # the one record of the quantize optimization: its pass (passes/optimize/quantize.py) and its hooks
 register_optimization("quantize", phase="quantize", check=check_settings, on_base=True, check_model=check_model,
                       before_merge=merge_quantized, after_unmerge=unmerge_quantized, before_export=check_released,
-                      summary=summary)(quantize)
+                      summary=summary, load_quantized=fill_store)(quantize)

@@ -13,7 +13,6 @@ Settings (``optimize: {shard: {...}}``): ``reshard_after_forward`` (true), ``pre
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from torch import nn
 
 from peftc.errors import CheckpointError, PeftcError, SpecError
 from peftc.kernels.collectives import on_rank0, require_process_group, shard_flat, shard_range
+from peftc.passes.optimize.meta_load import base_tensors, materialize_adapters, swap_tensor
+from peftc.peft_files import checkpoint_files
 
 __all__ = ["check_settings", "SETTINGS", "ROOT", "Groups", "groups", "ShardStore", "shard_store",
            "materialize_adapters", "read_chunk", "load_base", "export_merged", "write_files", "before_merge",
@@ -144,35 +145,7 @@ def shard_store(cm) -> ShardStore:
                         "only a sharded model has shards to load") from None
 
 
-def materialize_adapters(cm, seed: int = 0, device="cpu") -> None:
-    """Adapters compiled on the meta device -> real tensors, initialised as at compile time (LoRA:
-    A kaiming-uniform, B zero) from ``seed`` on every rank alike; other methods' adapters must be
-    loaded (``cm.load_adapter_state_dict``) and are left empty."""
-    from peftc.passes.methods.lora import LoraLinear
-
-    torch.manual_seed(seed)
-    for m in cm.adapters.modules():
-        if not any(p.device.type == "meta" for p in m.parameters(recurse=False)) and not isinstance(m, LoraLinear):
-            continue
-        if isinstance(m, LoraLinear) and m.lora_A.weight.device.type == "meta":
-            m.to_empty(device=device)
-            m.lora_A.reset_parameters()
-            nn.init.zeros_(m.lora_B.weight)
-        elif not isinstance(m, LoraLinear):
-            m.to_empty(device=device, recurse=False)
-
-
 # ---------------------------------------------------------------- meta-device start
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors files (save_pretrained(..., safe_serialization=True))")
-    return files
 
 
 def read_chunk(handle, key: str, shape: tuple[int, ...], rank: int, world: int) -> torch.Tensor:
@@ -189,21 +162,6 @@ def read_chunk(handle, key: str, shape: tuple[int, ...], rank: int, world: int) 
     return out
 
 
-def _swap(model, name: str, old: torch.Tensor, value: torch.Tensor, swapped: dict) -> torch.Tensor:
-    """Registers ``value`` in place of the tensor at ``name`` (one new object per old one)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if id(old) not in swapped:
-        is_param = leaf in module._parameters
-        swapped[id(old)] = torch.nn.Parameter(value, requires_grad=False) if is_param else value
-    new = swapped[id(old)]
-    if leaf in module._parameters:
-        module._parameters[leaf] = new
-    else:
-        module._buffers[leaf] = new
-    return new
-
-
 def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int]:
     """``peftc.load_sharded``: each rank reads only the checkpoint rows covering its shard of every
     sharded weight, and the small unsharded tensors whole; adapters left on the meta device are
@@ -213,11 +171,10 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
     store = shard_store(cm)
     directory = Path(directory)
     wanted = dict(store.entries)  # checkpoint key -> (buffer name, shape, dtype, rank, world)
-    names = {n: t for n, t in [*cm.base_model.named_parameters(remove_duplicate=False),
-                               *cm.base_model.named_buffers(remove_duplicate=False)]}
+    names = base_tensors(cm.base_model)
     swapped: dict[int, torch.Tensor] = {}  # a meta tensor cannot take CPU data: new objects, ties kept
     read = {"shards": 0, "whole": 0}
-    for path in _checkpoint_files(directory):
+    for path in checkpoint_files(directory):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 name = key.removeprefix(prefix)
@@ -228,17 +185,17 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
                     read["shards"] += chunk.numel() * chunk.element_size()
                 elif name in names and names[name].device.type == "meta" and name not in store.released:
                     value = f.get_tensor(key).to(device=device, dtype=names[name].dtype)
-                    _swap(cm.base_model, name, names[name], value, swapped)
+                    swap_tensor(cm.base_model, name, names[name], value, swapped)
                     read["whole"] += value.numel() * value.element_size()
     if wanted:
         raise CheckpointError(f"{directory}: no weights for sharded {sorted(wanted)[:5]} "
                               f"({len(wanted)} missing; prefix={prefix!r})")
     for name, t in names.items():
         if t.device.type == "meta" and name in store.released:
-            new = _swap(cm.base_model, name, t, torch.zeros((), dtype=t.dtype, device=device).expand(t.shape), swapped)
+            new = swap_tensor(cm.base_model, name, t, torch.zeros((), dtype=t.dtype, device=device).expand(t.shape), swapped)
             store.by_id[id(new)] = name
     materialize_adapters(cm, device=device)
-    cm.graphs.clear()
+    cm.graphs.clear(device)
     return read
 
 
