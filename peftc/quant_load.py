@@ -32,13 +32,17 @@ class SafetensorsSource:
 
         self.path = Path(path)
         self.open = lambda f: safe_open(str(f), framework="pt")
-        self.where = {}
+        self.where, self.shapes = {}, {}
         for f in checkpoint_files(self.path):
             with self.open(f) as h:
-                self.where.update({k: f for k in h.keys()})
+                for k in h.keys():
+                    self.where[k], self.shapes[k] = f, tuple(h.get_slice(k).get_shape())
 
     def keys(self) -> list[str]:
         return list(self.where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
 
     def tensor(self, key: str) -> torch.Tensor:
         with self.open(self.where[key]) as h:

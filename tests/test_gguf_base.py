@@ -205,6 +205,13 @@ def test_load_quantized_refuses_what_it_cannot_do(tmp_path, files):
     save_file({k: v for k, v in full.state_dict().items() if "layers.1." not in k}, tmp_path / "part" / "m.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         peftc.load_quantized(cm, tmp_path / "part")
+    bad = dict(full.state_dict())
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.randn(128, 32)
+    save_file(bad, tmp_path / "part" / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"up_proj.weight has shape \(128, 32\)"):
+        peftc.load_quantized(cm, tmp_path / "part")
+    assert all(p.device.type == "meta" for p in cm.base_model.parameters())  # refused before loading anything
+    peftc.load_quantized(cm, tmp_path)  # and still loads from a good checkpoint
     with pytest.raises(SpecError, match="optimize.quantize.format"):
         peftc.from_gguf(files["Q4_1"], LORA, optimize={"quantize": {"format": "nf4"}})
     with pytest.raises(CheckpointError, match="no such GGUF file"):

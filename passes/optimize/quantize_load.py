@@ -32,9 +32,10 @@ from peftc.passes.optimize.quantize import ROOT, QuantizedWeight
 __all__ = ["fill_store"]
 
 
-def _check_complete(source, keys: dict, names: dict, qws: dict) -> None:
-    """Before anything is loaded: every meta tensor (under one of its names, ties counted once) and
-    every quantized weight has a checkpoint tensor."""
+def _check_complete(cm, source, keys: dict, names: dict, qws: dict) -> None:
+    """Before anything is loaded (a failed load leaves the model as it was): every meta tensor (under
+    one of its names, ties counted once) and every quantized weight has a checkpoint tensor of its shape."""
+    where = getattr(source, "path", "the checkpoint")
     groups: dict[int, list[str]] = {}
     for n, t in names.items():
         if t.device.type == "meta":
@@ -42,13 +43,25 @@ def _check_complete(source, keys: dict, names: dict, qws: dict) -> None:
     missing = sorted(ns[0] for ns in groups.values() if not any(n in keys for n in ns))
     missing += sorted(n for n in qws if n not in keys and n not in missing)
     if missing:
-        raise CheckpointError(f"{getattr(source, 'path', 'the checkpoint')}: no tensor for {missing[:5]} "
-                              f"({len(missing)} missing; names as the model's, after stripping prefix)")
+        raise CheckpointError(f"{where}: no tensor for {missing[:5]} ({len(missing)} missing; names as the "
+                              "model's, after stripping prefix)")
+    for name, key in keys.items():
+        if name in qws:
+            path, qw = qws[name]
+            conv1d = _targets.linear_kind(cm.base_model.get_submodule(path)) == "conv1d"
+            want = qw.shape[::-1] if conv1d else qw.shape
+        elif name in names:
+            want = tuple(names[name].shape)
+        else:
+            continue
+        if tuple(source.shape(key)) != tuple(want):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(source.shape(key))}; the model's {name} is "
+                                  f"{tuple(want)}")
 
 
 def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool = True) -> dict:
     """Fills ``cm`` (compiled on the meta device with ``quantize``) from ``source`` (``peftc.quant_load``:
-    ``keys()`` + ``tensor(key)``, or a GGUF file's ``names`` / ``kind`` / ``blocks`` / ``tensor``).
+    ``keys()``, ``shape(key)``, ``tensor(key)``, or a GGUF file's ``names`` / ``kind`` / ``blocks`` too).
     ``prefix`` is stripped from checkpoint names. Returns counts and bytes: ``quantized`` weights
     (``blocks`` of them held as the file's own), ``full_precision`` tensors, and the bytes of each."""
     root = cm.adapters.get_submodule(ROOT)
@@ -65,7 +78,7 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
     config = cm.base_model.config.to_dict() if gguf else None
     keys = source.names(cm.base_model, cm.base_model.config.num_hidden_layers) if gguf else \
         {k.removeprefix(prefix): k for k in source.keys()}
-    _check_complete(source, keys, names, qws)
+    _check_complete(cm, source, keys, names, qws)
     swapped, done, stats, kinds = {}, set(), Counter(), Counter()
     for name, key in keys.items():
         if name in qws:
@@ -79,8 +92,6 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
                 w = source.tensor(key, config, qw.dtype) if gguf else source.tensor(key)
                 if _targets.linear_kind(cm.base_model.get_submodule(path_)) == "conv1d":
                     w = w.t()
-                if tuple(w.shape) != qw.shape:
-                    raise CheckpointError(f"{key}: shape {tuple(w.shape)}, the model's {path_} wants {qw.shape}")
                 fmt, q = qw.fmt, quantize_weight(w.to(device), qw.fmt, qw.block_size, qw.qscale2.numel() > 0)
                 kinds[f"{source.kind(key) if gguf else str(w.dtype).removeprefix('torch.')} quantized to {fmt}"] += 1
                 del w
@@ -91,8 +102,6 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
         elif name in names and names[name].device.type == "meta" and name not in done:
             old = names[name]
             value = source.tensor(key, config, old.dtype) if gguf else source.tensor(key).to(old.dtype)
-            if tuple(value.shape) != tuple(old.shape):
-                raise CheckpointError(f"{key}: shape {tuple(value.shape)}, the model's {name} wants {tuple(old.shape)}")
             swap_tensor(cm.base_model, name, old, value.to(device), swapped)
             kinds[f"{str(old.dtype).removeprefix('torch.')} from {source.kind(key)}" if gguf else "full precision"] += 1
             stats["full_precision"] += 1
