@@ -234,3 +234,15 @@ def test_int4_and_int8g_are_ggufs_blocks_and_quantize_at_least_as_well(kind):
     a = dequantize(*quantize_weight(w, fmt, 32), fmt, 32)
     err, err_gguf = (a - w).abs().double(), (b - w).abs().double()
     assert err.mean() <= err_gguf.mean() * (1 + 1e-6) and err.max() <= err_gguf.max() * (1 + 1e-3)
+
+
+def test_an_adapter_trained_on_a_gguf_base_loads_in_peft_on_the_dequantized_model(files, tmp_path):
+    peft = pytest.importorskip("peft")
+    path = files["Q4_1"]
+    cm = peftc.from_gguf(path, LORA)
+    _random_adapters([cm], seed=8)
+    cm.save_adapter(tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(_reference(path), tmp_path / "a").eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(cm.eval()(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
