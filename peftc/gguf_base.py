@@ -30,7 +30,7 @@ from peftc.kernels.quant_formats import GGUF_BLOCKS, from_gguf_blocks
 __all__ = ["GGUFSource", "from_gguf", "tokenizer", "ARCHITECTURES", "INSTALL"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # plain transformers tensor processors (rows at most permuted)
-INSTALL = "pip install gguf accelerate"
+INSTALL = "pip install 'peftc[gguf]' (gguf and accelerate)"
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

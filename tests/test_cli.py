@@ -187,6 +187,15 @@ def test_bench_quick_runs_every_variant(tmp_path):
     assert (tmp_path / "step_time.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_with_a_model_runs_the_codegen_table_on_it(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("peftc.benchmarks.codegen.main", lambda argv: seen.append(argv))
+    assert main(["bench", "--model", "smollm2", "--only", "decode"]) == 0
+    assert seen == [["--models", "smollm2", "--only", "decode"]]
+    assert main(["bench", "--model", "gpt5"]) == 2
+    assert "--model 'gpt5'" in capsys.readouterr().out
+
+
 def test_compile_a_local_hf_model_dir(tmp_path, capsys):
     tiny_model("tiny-llama").save_pretrained(tmp_path / "llama")
     out = tmp_path / "adapter"
