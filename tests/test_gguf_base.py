@@ -114,7 +114,7 @@ def test_held_blocks_equal_the_gguf_dequantizer_and_nothing_is_requantized(files
             assert p.untyped_storage().nbytes() == 4
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_logits_and_training_equal_the_dequantized_model(files, kind):
     """fp32: a GGUF base with LoRA (random, non-zero) gives the logits of transformers' dequantized
     model compiled with the same adapter, and three SGD steps move the adapters alike (1e-5)."""

@@ -128,3 +128,25 @@ def test_demo_without_the_wheel_names_the_install_command(monkeypatch, capsys):
     assert main(["demo", "--model", "smollm2"]) == 2
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert SMOLLM2_INSTALL in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_from_gguf_keeps_the_q4_1_blocks_and_matches_peft_on_the_dequantized_model(smol, pair):
+    """The wheel's GGUF file as the frozen base (its 210 Q4_1 linears held as they are): with PEFT's
+    adapter loaded, logits equal PEFT's on transformers' dequantized model, and the answer holds."""
+    from peft import get_peft_model_state_dict
+
+    pm, _ = pair
+    cm = peftc.from_gguf(smollm2_file(), {"methods": [{"lora": {"targets": LINEARS, "r": 4, "alpha": 8}}]})
+    cm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    assert "210 weights Q4_1 held as int4" in cm.graph_summary()
+    batch = demo_llm.sft_batch(smol[1], demo_llm.EXAMPLES[:2])
+    batch.pop("labels")
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours, theirs = cm.eval()(**batch).logits, pm(**batch).logits
+    torch.testing.assert_close(ours[real], theirs[real], atol=2e-4, rtol=1e-4)
+    cm.disable_adapters()
+    prompt = demo_llm.chat_ids(smol[1], "What is the capital of France?")
+    out = cm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert "Paris" in smol[1].decode(out[0, len(prompt):])
