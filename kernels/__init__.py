@@ -16,5 +16,12 @@ dropout masks, dtype helpers, the fused-torch LoRA linear), ``gemm`` (Triton GEM
 launch settings) and ``lora_triton`` (the LoRA-specific Triton kernels of lora_linear / lora_siblings).
 """
 
+if __name__ == "kernels":  # found as top-level "kernels" from the repository root: not ours (peftc/toplevel.py)
+    import os as _os
+    import runpy as _runpy
+
+    _runpy.run_path(_os.path.join(_os.path.dirname(__file__), _os.pardir, "peftc", "toplevel.py"))["hand_over"](
+        __name__, __file__)
+
 __all__ = ["dora_linear", "ia3_linear", "lora_linear", "lora_sgmv", "lora_siblings", "quant_linear", "common", "gemm",
            "lora_triton"]
