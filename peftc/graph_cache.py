@@ -130,7 +130,12 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     g = fx.Graph()
     out = g.graph_copy(graph, {})
     g.output(out)
-    g._codegen = copy.deepcopy(graph._codegen)  # pytree in/out specs of exported graphs
+    # pytree in/out specs of exported graphs: a new codegen (a pass may reassign its fields); the specs
+    # are immutable and shared (deep-copying them rebuilds deprecated LeafSpec objects)
+    g._codegen = codegen = copy.copy(graph._codegen)
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:
+        codegen.pytree_info = info._replace(orig_args=list(info.orig_args))
     return g
 
 
