@@ -81,7 +81,8 @@ def format_table(hidden=512, layers=4, intermediate=1408) -> list[dict]:
     spec = {"methods": [{"lora": {"targets": ["q_proj"], "r": 4}}]}
     for label, settings in (("nf4 + double quant", {}), ("nf4", {"double_quant": False}),
                             ("int8 per channel", {"format": "int8"})):
-        cm = peftc.compile(model, spec, {"input_ids": ids}, optimize={"quantize": settings})
+        # one model compiled three ways and compared with its weights: it keeps them (release_base: false)
+        cm = peftc.compile(model, spec, {"input_ids": ids}, optimize={"quantize": {**settings, "release_base": False}})
         root = cm.adapters.get_submodule("_quantize")
         nbytes = err = num = den = 0.0
         for path, mod in linears.items():
