@@ -48,6 +48,7 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
         raise SpecError("model", type(model).__name__, "a torch.nn.Module")
     if not isinstance(example_inputs, dict) or not example_inputs or not all(isinstance(k, str) for k in example_inputs):
         raise SpecError("example_inputs", example_inputs, "a non-empty dict of keyword -> value")
+    _refuse_released(model)
     task = spec.task_type or targets.infer_task_type(model)
     spec = with_implied_entries(spec.replace(task_type=task), model)
     resolved = resolve_all(spec, model)
@@ -58,6 +59,19 @@ def compile(model: nn.Module, spec, example_inputs: dict, *, optimize=None,
         cm = CompiledModel(model, spec, resolved, example_inputs, frontend=frontend)
     cm.notes = [note] if note else []
     return cm
+
+
+def _refuse_released(model: nn.Module) -> None:
+    """A parameter that is one value broadcast to its shape was given up by an earlier compile
+    (``quantize``'s ``release_base``, the default): its values live in that compiled model only, and
+    a new capture would read zeros."""
+    released = [n for n, p in model.named_parameters() if p.numel() > 1 and all(st == 0 for st in p.stride())]
+    if released:
+        raise SpecError("model", f"{len(released)} released parameters ({released[0]}, ...)",
+                        "a model whose parameters hold their values",
+                        "an earlier peftc.compile with optimize: {quantize} released them (release_base: true, the "
+                        "default); compile a fresh copy of the model, or compile the first time with "
+                        "optimize: {quantize: {release_base: false}}")
 
 
 def _keep_gradient_checkpointing(model: nn.Module, spec: Spec) -> tuple[Spec, str | None]:

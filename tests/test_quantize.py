@@ -200,6 +200,8 @@ def test_graph_drops_weights_and_the_default_frees_them_release_base_false_keeps
     keep.disable_adapters()
     torch.testing.assert_close(cm(input_ids=ids).logits, keep(input_ids=ids).logits)
     assert "base parameters released" in cm.graph_summary()
+    with pytest.raises(SpecError, match="released parameters .*release_base: false"):  # never a capture of zeros
+        peftc.compile(model, {"methods": [METHODS["lora"]]}, example_inputs("tiny-llama"))
 
 
 def test_adapters_disabled_run_the_quantized_base():
