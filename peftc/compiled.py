@@ -23,7 +23,7 @@ from peftc import distributed, generation, hf_surface, inspection, merging, peft
 from peftc.adapters import AdapterRegistry, AdapterState
 from peftc.capture import capture, restored_on_error, set_training
 from peftc.errors import CheckpointError, SpecError
-from peftc.graph import FLAT_VIEW, SUMMARY_LINES
+from peftc.graph import FLAT_VIEW, SUMMARY_LINES, is_placeholder
 from peftc.graph_cache import MASKS, GraphCache
 from peftc.passes import Plan, build
 from peftc.resolve import resolve_all, with_implied_entries
@@ -65,7 +65,7 @@ def _refuse_released(model: nn.Module) -> None:
     """A parameter that is one value broadcast to its shape was given up by an earlier compile
     (``quantize``'s ``release_base``, the default): its values live in that compiled model only, and
     a new capture would read zeros."""
-    released = [n for n, p in model.named_parameters() if p.numel() > 1 and all(st == 0 for st in p.stride())]
+    released = [n for n, p in model.named_parameters() if is_placeholder(p)]
     if released:
         raise SpecError("model", f"{len(released)} released parameters ({released[0]}, ...)",
                         "a model whose parameters hold their values",

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 __all__ = ["SUMMARY_LINES", "FLAT_VIEW", "LinearSite", "as_linear_site", "linear_sites", "Inserter", "install_module", "mount_adapter", "PEFTC",
-           "owning_module", "stack_owner", "fetch_attr", "has_role"]
+           "owning_module", "stack_owner", "fetch_attr", "has_role", "placeholder", "is_placeholder"]
 
 aten = torch.ops.aten
 PEFTC = "peftc"  # node.meta key carried by every inserted node
@@ -146,3 +146,14 @@ def mount_adapter(store: nn.Module, gm: fx.GraphModule, path: str, make) -> str:
     except AttributeError:
         install_module(gm, path, module)
     return path
+
+
+def placeholder(like: torch.Tensor, device=None) -> torch.Tensor:
+    """One zero broadcast to ``like``'s shape: what a released base weight becomes (its values live
+    elsewhere, e.g. quantized or sharded) so later captures still see the shape."""
+    return torch.zeros((), dtype=like.dtype, device=like.device if device is None else device).expand(like.shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one value for all its elements (``placeholder``): nothing to read or write in place."""
+    return t.numel() > 1 and all(st == 0 for st in t.stride())

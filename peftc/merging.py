@@ -51,6 +51,7 @@ from torch import nn
 
 from peftc import hf_export
 from peftc.errors import PeftcError
+from peftc.graph import is_placeholder
 from peftc.passes.merge import STATE
 
 __all__ = ["apply", "restore", "sync", "merge_state", "merged_tensors", "merged_state_dict", "save_merged",
@@ -216,12 +217,6 @@ def _record(key, folds, w, w2, transposed) -> Restore:
                    None, crc, far_index=out_index, far_bits=want[where].clone())
 
 
-def _placeholder(t: torch.Tensor) -> bool:
-    """A tensor that holds one value for all its elements (an optimization released the base
-    weight and keeps it elsewhere, e.g. quantized): there is nothing to fold into in place."""
-    return t.numel() > 1 and all(st == 0 for st in t.stride())
-
-
 def apply(cm) -> MergeState:
     """Folds ``cm``'s active adapters into its base model (in place where possible) and records
     how to undo it; on any failure the base is restored before the error propagates."""
@@ -238,7 +233,7 @@ def apply(cm) -> MergeState:
             w_in, b_in = swaps.get(wkey, w), swaps.get(bkey, b)
             w2, b2 = _fold_all(path, snap, w_in, b_in, transposed[path])
             rec = None
-            if _placeholder(w):  # a released weight (zero-stride): the graph reads its values elsewhere
+            if is_placeholder(w):  # a released weight: the graph reads its values elsewhere
                 pass
             elif wkey in aliased or wkey in swaps:
                 state.shared[wkey] = w2

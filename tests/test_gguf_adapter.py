@@ -8,14 +8,14 @@ base weights (checked against transformers' GGUF reader, which undoes that permu
 import json
 import shutil
 
+import peft  # a dev dependency: the reference must be there
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-gguf = pytest.importorskip("gguf")
-peft = pytest.importorskip("peft")
+gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install 'peftc[gguf]' (scripts/setup.sh --dev installs it)")
 
 from peftc.gguf_adapter import GGUFExportError, _rope_rows, save_gguf_adapter  # noqa: E402
 

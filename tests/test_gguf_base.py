@@ -15,8 +15,8 @@ from peftc.errors import CheckpointError, SpecError
 from peftc.models import tiny_model
 from peftc.passes.optimize.quantize import ROOT, QuantizedWeight
 
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
+gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install 'peftc[gguf]' (scripts/setup.sh --dev installs it)")
+pytest.importorskip("accelerate", reason="accelerate is not installed: pip install 'peftc[gguf]'")
 
 LORA = {"methods": [{"lora": {"targets": "all-linear", "r": 4, "alpha": 8, "dropout": 0.0}}]}
 
@@ -237,7 +237,7 @@ def test_int4_and_int8g_are_ggufs_blocks_and_quantize_at_least_as_well(kind):
 
 
 def test_an_adapter_trained_on_a_gguf_base_loads_in_peft_on_the_dequantized_model(files, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency: the reference must be there
     path = files["Q4_1"]
     cm = peftc.from_gguf(path, LORA)
     _random_adapters([cm], seed=8)

@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from peftc import targets as _targets
 from peftc.errors import PeftcError, SpecError
-from peftc.graph import PEFTC, install_module, mount_adapter
+from peftc.graph import PEFTC, install_module, mount_adapter, placeholder
 from peftc.kernels.quant_formats import FORMATS, default_block, dequantize, quantize_weight
 from peftc.passes.merge import STATE as MERGE_STATE
 from peftc.passes.pipeline import PassContext, PassResult
@@ -410,5 +410,5 @@ def _release(module: nn.Module, root: QuantReport, path: str) -> None:
     """The base parameter's storage -> a one-element zero-stride placeholder of the same shape."""
     p = module.weight
     if path not in root.released:
-        p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+        p.data = placeholder(p)
         root.released.add(path)

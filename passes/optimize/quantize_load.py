@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from peftc import targets as _targets
 from peftc.errors import CheckpointError, SpecError
+from peftc.graph import placeholder
 from peftc.kernels.quant_formats import quantize_weight
 from peftc.passes.optimize.meta_load import base_tensors, materialize_adapters, retie, swap_tensor
 from peftc.passes.optimize.quantize import ROOT, QuantizedWeight
@@ -110,7 +109,7 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
     retie(cm.base_model, names, swapped)
     for name, t in base_tensors(cm.base_model).items():  # released weights: placeholders of the right shape
         if t.device.type == "meta" and name in qws:
-            swap_tensor(cm.base_model, name, t, torch.zeros((), dtype=t.dtype, device=device).expand(t.shape), swapped)
+            swap_tensor(cm.base_model, name, t, placeholder(t, device), swapped)
     root.loaded = [f"{n} {'weights' if ' quantized ' in k or ' held ' in k else 'tensors'} {k}"
                    for k, n in sorted(kinds.items())]
     materialize_adapters(cm, device=device)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from peftc.errors import CheckpointError, PeftcError, SpecError
+from peftc.graph import placeholder
 from peftc.kernels.collectives import on_rank0, require_process_group, shard_flat, shard_range
 from peftc.passes.optimize.meta_load import base_tensors, materialize_adapters, swap_tensor
 from peftc.peft_files import checkpoint_files
@@ -125,7 +126,7 @@ class ShardStore(nn.Module):
             self.entries[key] = (buf, tuple(t.shape), t.dtype, rank, world)
             self.full_bytes += t.numel() * t.element_size()
             if t.device.type != "meta":  # free the full tensor; shape and identity stay for later captures
-                t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+                t.data = placeholder(t)
             self.released.add(key)
             self.by_id[id(t)] = key
         return self.entries[key][0]
@@ -192,7 +193,7 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
                               f"({len(wanted)} missing; prefix={prefix!r})")
     for name, t in names.items():
         if t.device.type == "meta" and name in store.released:
-            new = swap_tensor(cm.base_model, name, t, torch.zeros((), dtype=t.dtype, device=device).expand(t.shape), swapped)
+            new = swap_tensor(cm.base_model, name, t, placeholder(t, device), swapped)
             store.by_id[id(new)] = name
     materialize_adapters(cm, device=device)
     cm.graphs.clear(device)
