@@ -18,7 +18,6 @@ applied to row indices so packed rows move whole.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,6 @@ class GGUFSource:
         return (t if rows is None else t[rows]).to(dtype)
 
 
-@functools.lru_cache(maxsize=4)
 def _config(path: str):
     from transformers import AutoConfig
 
