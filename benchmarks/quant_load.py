@@ -129,7 +129,7 @@ def _load_figures(cm, m: dict, largest: int, file_bytes: int) -> dict:
 
     root = cm.adapters.get_submodule(ROOT)
     store = sum(q.nbytes() for q in root.modules() if isinstance(q, QuantizedWeight))
-    full = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in cm.base_model.parameters()}.values())
+    full = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in cm.get_base_model().parameters()}.values())
     adapters = sum(p.numel() * p.element_size() for p in cm.trainable_parameters())
     held = store + full + adapters
     return {**m, "store_bytes": store, "full_precision_bytes": full, "adapter_bytes": adapters, "held_bytes": held,

@@ -98,7 +98,7 @@ def step_programs(cm, *, example_length: int = 8, max_cache_len: int | None = No
                   adapter_names: list[str] | None = None) -> tuple[dict[str, ExportedProgram], dict]:
     """({"prefill": program, "decode": program}, the package manifest): what ``export_aot`` compiles.
     ``program.module()`` runs as the compiled package does (``aot_loop.Package(manifest, ...)``)."""
-    lm = cm.base_model
+    lm = cm.get_base_model()
     if not hasattr(lm, "generate") or getattr(lm, "config", None) is None or lm.config.is_encoder_decoder:
         raise PeftcError(f"export_aot needs a decoder-only HF language model; {type(lm).__name__} is not one")
     names = _check_names(cm, adapter_names)

@@ -274,7 +274,7 @@ def _objective(cm, task: str, model_ref: str, batch: int, seq: int, vocab: int):
     batch_in = {"input_ids": ids}
     if task == "SEQ_CLS":
         batch_in["attention_mask"] = torch.ones_like(ids)
-        labels = torch.randint(0, cm.base_model.config.num_labels, (batch,), generator=g)
+        labels = torch.randint(0, cm.get_base_model().config.num_labels, (batch,), generator=g)
         return (lambda: cm(**batch_in, labels=labels).loss), batch_in
     if task == "SEQ_2_SEQ_LM":  # labels are a graph input: a slice of ids would be a strided view
         labels = ids[:, : seq // 2].clone()

@@ -104,7 +104,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     def __init__(self, model: nn.Module, spec: Spec, resolved: list[dict[str, str]],
                  example_inputs: dict, *, frontend: str = "auto"):
         super().__init__()
-        self.base_model = model
+        self.model = model  # the bare model (PEFT: get_base_model()); submodule "model"
         self.adapters = nn.Module()  # every adapter's modules, at <module>.<kind>.<adapter>
         self.frontend = self.frontend_used = frontend
         self.notes: list[str] = []  # settings the user gave that peftc translated (graph_summary shows them)
@@ -118,6 +118,14 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         self._graph_for(self.call_arguments(**example_inputs))
         self.registry.refresh_trainable()
         nn.Module.train(self, self.training)
+
+    def get_base_model(self) -> nn.Module:
+        """The model without adapters (PEFT's ``get_base_model``): the one given to ``compile``."""
+        return self.model
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
 
     # ---- adapters (peftc.adapters.AdapterRegistry) ---------------------------------------
     @property
@@ -177,7 +185,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
     # ---- running (peftc.graph_cache.GraphCache) ------------------------------------------
     def _capture(self, kwargs: dict, **options) -> fx.GraphModule:
         # torch.export cannot run inside a torch.compile trace: capture eagerly (one graph break)
-        gm, self.frontend_used = torch.compiler.disable(capture)(self.base_model, kwargs, frontend=self.frontend,
+        gm, self.frontend_used = torch.compiler.disable(capture)(self.model, kwargs, frontend=self.frontend,
                                                                  **options)
         return gm
 
@@ -235,7 +243,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
             raise SpecError("adapter_names", names, "nothing while adapters are merged (unmerge first)")
         used = tuple(sorted(set(names) - {"__base__"}))
         gm = self._graph_for(kwargs, mixed=used)
-        device = next(iter(self.base_model.parameters())).device
+        device = next(iter(self.model.parameters())).device
         for n in used:
             mask = torch.tensor([name == n for name in names], dtype=torch.float32, device=device)
             gm.get_submodule(MASKS).register_buffer(n, mask, persistent=False)
@@ -243,7 +251,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """HF ``generate`` (greedy, sampling, beam search, ...) through the running adapters, with a
-        KV cache; ``cm.base_model.generate`` is the bare base model (see ``peftc.generation``)."""
+        KV cache; ``cm.get_base_model().generate`` is the bare base model (see ``peftc.generation``)."""
         return generation.generate(self, *args, adapter_names=adapter_names, **kwargs)
 
     def export_aot(self, directory: str | os.PathLike, *, example_length: int = 8, max_cache_len: int | None = None,
@@ -262,7 +270,7 @@ class CompiledModel(hf_surface.HFSurface, nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
-        kind = lambda: next(((p.device, p.dtype) for p in self.base_model.parameters()), None)
+        kind = lambda: next(((p.device, p.dtype) for p in self.model.parameters()), None)
         before = kind()
         super()._apply(fn, recurse)
         if kind() != before:  # exported graphs bake device and dtype into factory ops: re-capture there

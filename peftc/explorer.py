@@ -381,7 +381,7 @@ def explore(cm, out_dir=None, *, label: str | None = None, module: str | None = 
     temp dir), prints the commands that open them, and (``serve_now``) serves them split."""
     require()
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(tempfile.mkdtemp(prefix="peftc-explorer-"))
-    label = label or type(cm.base_model).__name__
+    label = label or type(cm.get_base_model()).__name__
     build(cm.captured_graph, cm.graph_module, label=label).export(out)
     print(f"graphs and overlays written to {out}; open them with:\n{open_command(out, module)}")
     if serve_now:

@@ -74,7 +74,7 @@ def generate(cm, *args, adapter_names: list[str] | None = None, **kwargs):
         out = cm.generate(input_ids=ids, num_beams=3, max_new_tokens=8)
         out = cm.generate(input_ids=ids, adapter_names=["a", "__base__"], max_new_tokens=8)  # per sample
     """
-    lm = cm.base_model
+    lm = cm.get_base_model()
     if (not hasattr(lm, "generate") or getattr(lm, "config", None) is None
             or getattr(lm.config, "is_encoder_decoder", False)):
         raise PeftcError(f"generate needs a decoder-only HF language model; {type(lm).__name__} is not one")
@@ -213,7 +213,7 @@ class Generator:
 
     def __init__(self, cm):
         self.cm = cm
-        self.step_module = _Step(cm.base_model)
+        self.step_module = _Step(cm.get_base_model())
         self.stats: Counter = Counter()
         # no size-1 reuse: the decode step keeps a graph specialised to one token
         self.prefill = GraphCache(cm.registry, self._capture, checks=False, name="prefill: ", reference=self.step_module)
@@ -246,7 +246,7 @@ class Generator:
 
     # ---- the call --------------------------------------------------------------------------
     def generate(self, *args, adapter_names=None, **kwargs):
-        lm = self.cm.base_model
+        lm = self.cm.get_base_model()
         if args:
             kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else None
             if kwargs is None:
@@ -305,8 +305,8 @@ class Generator:
         batch, seq = input_ids.shape
         prefill = cache.seen == 0
         if prefill:
-            like = next(p for p in self.cm.base_model.parameters() if p.is_floating_point())
-            cache.allocate(batch, kv_geometry(self.cm.base_model), like)
+            like = next(p for p in self.cm.get_base_model().parameters() if p.is_floating_point())
+            cache.allocate(batch, kv_geometry(self.cm.get_base_model()), like)
         if attention_mask is None:
             attention_mask = torch.ones(batch, cache.seen + seq, dtype=torch.long, device=input_ids.device)
         virtual = self._virtual_tokens()

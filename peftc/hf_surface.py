@@ -104,7 +104,7 @@ def checkpointing_notes(kwargs) -> list[str]:
 
 
 class HFSurface:
-    """The PreTrainedModel attributes Trainer and accelerate use, delegated to ``base_model``."""
+    """The PreTrainedModel attributes Trainer and accelerate use, delegated to the bare model (``get_base_model()``)."""
 
     # Trainer passes ``num_items_in_batch`` to a model whose forward takes **kwargs; as a graph
     # input it would re-capture per value. Off, Trainer averages the per-batch mean loss itself.
@@ -112,35 +112,35 @@ class HFSurface:
 
     @property
     def config(self):
-        cfg = getattr(self.base_model, "config", None)
+        cfg = getattr(self.model, "config", None)
         if cfg is None:
-            raise AttributeError(f"{type(self.base_model).__name__} has no config")
+            raise AttributeError(f"{type(self.model).__name__} has no config")
         return cfg
 
     @property
     def generation_config(self):
-        gen = getattr(self.base_model, "generation_config", None)
+        gen = getattr(self.model, "generation_config", None)
         if gen is None:
-            raise AttributeError(f"{type(self.base_model).__name__} has no generation_config")
+            raise AttributeError(f"{type(self.model).__name__} has no generation_config")
         return gen
 
     @property
     def main_input_name(self) -> str:
-        return getattr(self.base_model, "main_input_name", "input_ids")
+        return getattr(self.model, "main_input_name", "input_ids")
 
     @property
     def device(self) -> torch.device:
-        return next(self.base_model.parameters()).device
+        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p.dtype for p in self.base_model.parameters() if p.is_floating_point())
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module | None:
-        return self.base_model.get_output_embeddings()
+        return self.model.get_output_embeddings()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False) -> None:

@@ -222,7 +222,7 @@ def apply(cm) -> MergeState:
     how to undo it; on any failure the base is restored before the error propagates."""
     names = tuple(cm.active_adapters)
     plan, transposed, swaps = _plan(cm, names)
-    model, aliased = cm.base_model, _aliased(cm.base_model)
+    model, aliased = cm.get_base_model(), _aliased(cm.get_base_model())
     state = MergeState(names)
     memo: dict = {}  # one snapshot of modules shared between adapters (VeRA's projections)
     try:
@@ -262,7 +262,7 @@ def apply(cm) -> MergeState:
 
 def restore(cm, state: MergeState) -> None:
     """Undoes ``state``'s in-place writes, newest first; each weight is checked against its CRC."""
-    model, bad = cm.base_model, []
+    model, bad = cm.get_base_model(), []
     for rec in reversed(state.restores):
         owner = model.get_submodule(rec.key.rpartition(".")[0])
         with torch.no_grad():
@@ -315,13 +315,13 @@ def merged_tensors(cm):
     reached. Biases a fold creates come last (keys the base model lacks)."""
     state = merge_state(cm)
     if state is not None:
-        swaps, sd = _plan(cm, state.adapters)[2], cm.base_model.state_dict()
+        swaps, sd = _plan(cm, state.adapters)[2], cm.get_base_model().state_dict()
         for key, t in sd.items():
             yield key, state.shared.get(key, swaps.get(key, t))
         yield from ((k, v) for k, v in state.shared.items() if k not in sd)
         return
     plan, transposed, swaps = _plan(cm, tuple(cm.active_adapters))
-    sd = cm.base_model.state_dict()
+    sd = cm.get_base_model().state_dict()
     pending = {}
     for key, t in sd.items():
         path, _, leaf = key.rpartition(".")
@@ -350,7 +350,7 @@ def merged_state_dict(cm) -> dict[str, torch.Tensor]:
 
 def save_merged(cm, path, *, max_shard_size="5GB"):
     """Streams the merged model to an HF ``save_pretrained`` directory; see hf_export.write_hf_model."""
-    state, model = merge_state(cm), cm.base_model
+    state, model = merge_state(cm), cm.get_base_model()
     folded = {f"{p}.weight" for p in _plan(cm, state.adapters if state else tuple(cm.active_adapters))[0]}
     ties = defaultdict(set)
     for n, p in model.named_parameters(remove_duplicate=False):

@@ -83,7 +83,7 @@ HOOKS = ("check_model", "before_merge", "after_unmerge", "before_export", "summa
          "write_files",  # write_files(cm, write): runs write() (the model's files) as its ranks need (sharded: rank 0)
          "load_base",  # load_base(cm, dir, prefix=, device=) -> bytes read: the base's per-rank tensors (peftc.load_sharded)
          "load_quantized",  # load_quantized(cm, source, prefix=, device=, keep_blocks=) -> counts: peftc.load_quantized
-         "export_merged",  # export_merged(cm, save): runs save() with the full base weights in cm.base_model
+         "export_merged",  # export_merged(cm, save): runs save() with the full base weights in cm.get_base_model()
          "save_artifacts",  # save_artifacts(cm, dir) -> str: writes what it keeps next to an adapter (compiled code)
          "load_artifacts")  # load_artifacts(spec, model, dir) -> str | None: reads it back before the first call
 

@@ -75,7 +75,7 @@ def test_package_runs_in_a_fresh_process_with_the_tokens_of_generate(cm, tmp_pat
     ids, mask = _batch()
     ref = _greedy(cm, ids, mask)
     with torch.no_grad():
-        bare = cm.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        bare = cm.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert not torch.equal(ref, bare)  # the adapter changes the tokens: the comparison can fail
     more = [ids[2:], torch.tensor([[1, 2, 3], [7, 8, 9]])]  # batch 1 (the batch dim is dynamic from 1); EOS
     refs = [_greedy(cm, b, torch.ones_like(b)) for b in more]

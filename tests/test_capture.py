@@ -100,7 +100,7 @@ def test_pipeline_names_failing_pass():
     def broken(gm, ctx):
         raise RuntimeError("kaboom")
 
-    ctx = PassContext(spec=cm.spec, targets=cm.targets, model=cm.base_model, store=cm.adapters)
+    ctx = PassContext(spec=cm.spec, targets=cm.targets, model=cm.get_base_model(), store=cm.adapters)
     with pytest.raises(PassError, match=r"pass 'broken' failed after \['ok'\]: kaboom"):
         run_pipeline(cm.graph_module, ctx, [("ok", ok), ("broken", broken)])
 
@@ -148,7 +148,7 @@ def test_dtype_change_recaptures_and_matches_eager():
     cm.double()
     out = cm(input_ids=ids).logits
     assert out.dtype == torch.float64
-    ref = copy.deepcopy(cm.base_model)  # eager float64 reference with the same LoRA folded in by hand
+    ref = copy.deepcopy(cm.get_base_model())  # eager float64 reference with the same LoRA folded in by hand
     with torch.no_grad():
         for i, layer in enumerate(ref.model.layers):
             lo = cm.adapters.get_submodule(f"model.layers.{i}.self_attn.q_proj.lora.default")

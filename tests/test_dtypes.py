@@ -105,7 +105,7 @@ def test_bf16_logits_equal_peft(tmp_path, kind):
     ref, ours = logits(pm, ex), logits(cm, ex)
     assert cm(**ex).logits.dtype == BF16
     torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
-    assert (ref - logits(cm.base_model, ex)).abs().max() > 1e-2  # the adapter matters
+    assert (ref - logits(cm.get_base_model(), ex)).abs().max() > 1e-2  # the adapter matters
     summary = cm.graph_summary()
     assert "autocast_adapter_dtype=true: base bfloat16; adapter weights float32" in summary
     if kind in LINEAR:  # explicit casts in the rewritten graph, visible in the diff
@@ -198,7 +198,7 @@ def test_merge_into_bf16_base(tmp_path, kind):
     before = logits(cm, ex)
     cm.merge()
     merged = pm.merge_and_unload().eval()
-    ours, theirs = cm.base_model.state_dict(), merged.state_dict()
+    ours, theirs = cm.get_base_model().state_dict(), merged.state_dict()
     changed = [k for k in ours if not torch.equal(ours[k], snapshot[k])]
     assert changed and all(ours[k].dtype == BF16 for k in ours)
     for k in changed:  # PEFT rounds the same fp32 fold once: the same bits
@@ -206,7 +206,7 @@ def test_merge_into_bf16_base(tmp_path, kind):
     torch.testing.assert_close(logits(cm, ex), logits(merged, ex), atol=1e-3, rtol=0)
     torch.testing.assert_close(logits(cm, ex), before, atol=3e-2, rtol=0)
     cm.unmerge()
-    assert all(torch.equal(v, snapshot[k]) for k, v in cm.base_model.state_dict().items())
+    assert all(torch.equal(v, snapshot[k]) for k, v in cm.get_base_model().state_dict().items())
 
 
 def _load_peft(spec_changes, tmp_path, snapshot):

@@ -61,7 +61,7 @@ def test_greedy_tokens_equal_peft(tmp_path, name, method):
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ref = pm.generate(**kw)
-        bare = cm.base_model.generate(**kw)
+        bare = cm.get_base_model().generate(**kw)
     ours = cm.generate(**kw)
     assert ours.shape == ref.shape == (3, 13)
     assert torch.equal(ours, ref)
@@ -144,7 +144,7 @@ def test_adapter_changes_reach_generate_and_base_model_is_bare():
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     adapted = cm.generate(**kw)
     with torch.no_grad():
-        bare = cm.base_model.generate(**kw)  # the wrapped model itself: no adapter (documented)
+        bare = cm.get_base_model().generate(**kw)  # the wrapped model itself: no adapter (documented)
     assert not torch.equal(adapted, bare)
     cm.disable_adapters()
     assert torch.equal(cm.generate(**kw), bare)
@@ -222,6 +222,6 @@ def test_bottleneck_adapter_equals_the_cacheless_loop():
     out = cm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out, _greedy_without_cache(cm, ids, mask, 6))
     with torch.no_grad():
-        bare = cm.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+        bare = cm.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                       pad_token_id=0)
     assert not torch.equal(out, bare)

@@ -108,7 +108,7 @@ def test_held_blocks_equal_the_gguf_dequantizer_and_nothing_is_requantized(files
     text = cm.graph_summary()
     assert f"13 weights {kind} held as" in text and "float32 from F16" in text
     assert "base parameters released" in text
-    for n, p in cm.base_model.named_parameters():
+    for n, p in cm.get_base_model().named_parameters():
         assert p.device.type == "cpu"
         if n.removesuffix(".weight") in held:  # no full-precision copy of a held weight
             assert p.untyped_storage().nbytes() == 4
@@ -210,7 +210,7 @@ def test_load_quantized_refuses_what_it_cannot_do(tmp_path, files):
     save_file(bad, tmp_path / "part" / "m.safetensors")
     with pytest.raises(CheckpointError, match=r"up_proj.weight has shape \(128, 32\)"):
         peftc.load_quantized(cm, tmp_path / "part")
-    assert all(p.device.type == "meta" for p in cm.base_model.parameters())  # refused before loading anything
+    assert all(p.device.type == "meta" for p in cm.get_base_model().parameters())  # refused before loading anything
     peftc.load_quantized(cm, tmp_path)  # and still loads from a good checkpoint
     with pytest.raises(SpecError, match="optimize.quantize.format"):
         peftc.from_gguf(files["Q4_1"], LORA, optimize={"quantize": {"format": "nf4"}})

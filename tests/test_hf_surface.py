@@ -29,7 +29,7 @@ def _compiled(name="tiny-llama"):
 @pytest.mark.parametrize("name", SPECS)
 def test_forward_signature_is_the_models_plus_adapter_names(name):
     cm = _compiled(name)
-    theirs = inspect.signature(cm.base_model.forward).parameters
+    theirs = inspect.signature(cm.get_base_model().forward).parameters
     ours = inspect.signature(cm.forward).parameters
     named = [n for n, p in theirs.items() if p.kind is not p.VAR_KEYWORD]
     assert list(ours)[: len(named)] == named
@@ -38,7 +38,7 @@ def test_forward_signature_is_the_models_plus_adapter_names(name):
     assert list(ours) == [*named, "adapter_names", *var_kw]  # **kwargs stays last
     from_class = inspect.signature(type(cm).forward).parameters  # what Trainer's find_labels reads
     assert list(from_class) == ["self", *ours]
-    assert isinstance(cm, peftc.CompiledModel) and type(cm).__name__ == f"Compiled{type(cm.base_model).__name__}"
+    assert isinstance(cm, peftc.CompiledModel) and type(cm).__name__ == f"Compiled{type(cm.get_base_model()).__name__}"
     clone = copy.deepcopy(cm)
     assert type(clone) is type(cm)
     assert inspect.signature(clone.forward).parameters.keys() == ours.keys()
@@ -73,7 +73,7 @@ def test_keywords_only_in_transformers_kwargs_are_named_too():
 
 def test_attributes_delegate_to_the_base_model():
     cm = _compiled()
-    base = cm.base_model
+    base = cm.get_base_model()
     assert cm.config is base.config and cm.generation_config is base.generation_config
     assert cm.device == torch.device("cpu") and cm.dtype == torch.float32
     assert cm.get_input_embeddings() is base.get_input_embeddings()

@@ -94,7 +94,7 @@ def test_quantized_matches_dequantized_reference(name, method, optimize):
     n_linear = {"tiny-llama": 14, "tiny-gpt2": 8}[name]
     assert cm.pass_counts["quantize"] == n_linear  # every linear but the head
     ops = _ops(cm)
-    weights = {f"{p}.weight" for p in Q.plan(cm.base_model, Q.check_settings({}), cm.spec, cm.targets)}
+    weights = {f"{p}.weight" for p in Q.plan(cm.get_base_model(), Q.check_settings({}), cm.spec, cm.targets)}
     assert len(weights) == n_linear and ops
     assert not [n for n in cm.graph_module.graph.nodes if n.op == "get_attr" and n.target in weights]
     if optimize and method == "lora":
@@ -164,7 +164,7 @@ def test_no_full_precision_weight_is_saved_for_backward():
         found = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: found.append(t) or t, lambda t: t):
             cm(input_ids=ids, labels=ids)
-        head = cm.base_model.lm_head.weight.data_ptr()  # skipped: full precision, saved as in the plain graph
+        head = cm.get_base_model().lm_head.weight.data_ptr()  # skipped: full precision, saved as in the plain graph
         return [t for t in found if t.is_floating_point() and tuple(t.shape) in shapes and t.data_ptr() != head]
 
     spec = {"methods": [METHODS["lora"]]}
@@ -230,7 +230,7 @@ def test_merge_refuses_or_requantizes(name):
     assert "max abs rounding error" in summary
     assert not any((n.meta.get(PEFTC) or {}).get("method") in ("lora", "fuse") for n in cm.graph_module.graph.nodes)
     merged = cm(input_ids=ids).logits
-    ref = copy.deepcopy(cm.base_model).eval()  # the requantized merged weights, dequantized, in the eager model
+    ref = copy.deepcopy(cm.get_base_model()).eval()  # the requantized merged weights, dequantized, in the eager model
     for path, qw in cm.adapters.get_submodule(Q.ROOT).named_modules():
         if path.endswith(".merged"):
             mod = ref.get_submodule(path[: -len(".merged")])
@@ -299,7 +299,7 @@ def test_shared_weights_quantize_a_tied_head_for_its_linear_reads(fmt):
     for c in (cm, ref):
         c.load_adapter_state_dict(sd)
     check_parity(cm, ref)
-    assert torch.equal(cm.base_model.transformer.wte.weight, ref_model.transformer.wte.weight)  # not released
+    assert torch.equal(cm.get_base_model().transformer.wte.weight, ref_model.transformer.wte.weight)  # not released
     assert "quantize (shared weight) lm_head: its linear reads are quantized; aten.embedding.default still reads" in cm.graph_summary()
 
 

@@ -66,7 +66,7 @@ def test_adamw_steps_match_peft(name, lora_kw, overrides):
             if step == 0 and model is cm:
                 for key, p in cm._peft_params().items():
                     assert p.grad is not None and p.grad.abs().sum() > 0, key
-                assert all(p.grad is None and not p.requires_grad for p in cm.base_model.parameters())
+                assert all(p.grad is None and not p.requires_grad for p in cm.get_base_model().parameters())
             opt.step()
             losses[id(model)].append(loss.item())
     ref, ours = losses[id(pm)], losses[id(cm)]

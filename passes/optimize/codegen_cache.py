@@ -111,7 +111,7 @@ def save_artifacts(cm, directory) -> str:
     (directory / CACHE_KEY).unlink(missing_ok=True)  # a crash below leaves no key: nothing is loaded
     _write(directory, KERNELS_FILE, buf.getvalue())
     _write(directory, CACHE_FILE, blob)
-    _write(directory, CACHE_KEY, json.dumps(cache_key(cm.base_model)).encode())
+    _write(directory, CACHE_KEY, json.dumps(cache_key(cm.get_base_model())).encode())
     return (f"compile cache: {len(blob):,} bytes and {len(libs)} kernel librar{'y' if len(libs) == 1 else 'ies'} "
             f"({len(buf.getvalue()):,} bytes) written to {directory}")
 

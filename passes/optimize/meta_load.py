@@ -4,8 +4,8 @@ adapters created and initialised. Shared by every path that never holds the whol
 ``shard`` and ``quantize`` optimizations' ``load_base`` / ``load_quantized`` hooks).
 
     swapped = {}
-    swap_tensor(cm.base_model, "model.norm.weight", old, value, swapped)   # ties kept
-    retie(cm.base_model, swapped)                                           # other names of a swapped tensor
+    swap_tensor(cm.get_base_model(), "model.norm.weight", old, value, swapped)   # ties kept
+    retie(cm.get_base_model(), swapped)                                           # other names of a swapped tensor
     materialize_adapters(cm, device="cpu")
 """
 

@@ -45,10 +45,10 @@ def merge_quantized(cm, requantize: bool) -> dict[str, float]:
     for path, qw in [(n, m) for n, m in root.named_modules() if isinstance(m, QuantizedWeight)]:
         if path.endswith(".merged"):
             continue
-        kind = _targets.linear_kind(cm.base_model.get_submodule(path))
+        kind = _targets.linear_kind(cm.get_base_model().get_submodule(path))
         w = qw.dequantize(torch.float32)
         w = w.t() if kind == "conv1d" else w  # as the graph stores it
-        bias = getattr(cm.base_model.get_submodule(path), "bias", None)
+        bias = getattr(cm.get_base_model().get_submodule(path), "bias", None)
         folded = False
         for name in cm.active_adapters:
             state = cm.registry.state(name)
@@ -107,7 +107,7 @@ def weight_bytes(cm) -> dict[str, int]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen | adapter_ids:
                 seen.add(id(t))
                 full += t.untyped_storage().nbytes()
-    base = sum(p.untyped_storage().nbytes() for p in cm.base_model.parameters())
+    base = sum(p.untyped_storage().nbytes() for p in cm.get_base_model().parameters())
     return {"quantized": quant, "graph_full_precision": full, "base_model": base}
 
 

@@ -47,7 +47,7 @@ def _check_complete(cm, source, keys: dict, names: dict, qws: dict) -> None:
     for name, key in keys.items():
         if name in qws:
             path, qw = qws[name]
-            conv1d = _targets.linear_kind(cm.base_model.get_submodule(path)) == "conv1d"
+            conv1d = _targets.linear_kind(cm.get_base_model().get_submodule(path)) == "conv1d"
             want = qw.shape[::-1] if conv1d else qw.shape
         elif name in names:
             want = tuple(names[name].shape)
@@ -67,15 +67,15 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
     if not root.settings["release_base"]:
         raise SpecError("optimize.quantize.release_base", False, "true (the default) with load_quantized",
                         "the quantized weights are streamed into the store; no full-precision copy is loaded")
-    names = base_tensors(cm.base_model)
+    names = base_tensors(cm.get_base_model())
     qws = {f"{p}.weight": (p, m) for p, m in root.named_modules() if isinstance(m, QuantizedWeight)
            and not p.endswith(".merged")}
     if not any(m.data.device.type == "meta" for _, m in qws.values()):
         raise CheckpointError("load_quantized: the quantized weights are already loaded (compile the model on the "
                               "meta device: accelerate.init_empty_weights())")
     gguf = hasattr(source, "blocks")
-    config = cm.base_model.config.to_dict() if gguf else None
-    keys = source.names(cm.base_model, cm.base_model.config.num_hidden_layers) if gguf else \
+    config = cm.get_base_model().config.to_dict() if gguf else None
+    keys = source.names(cm.get_base_model(), cm.get_base_model().config.num_hidden_layers) if gguf else \
         {k.removeprefix(prefix): k for k in source.keys()}
     _check_complete(cm, source, keys, names, qws)
     swapped, done, stats, kinds = {}, set(), Counter(), Counter()
@@ -89,7 +89,7 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
                 stats["blocks"] += 1
             else:
                 w = source.tensor(key, config, qw.dtype) if gguf else source.tensor(key)
-                if _targets.linear_kind(cm.base_model.get_submodule(path_)) == "conv1d":
+                if _targets.linear_kind(cm.get_base_model().get_submodule(path_)) == "conv1d":
                     w = w.t()
                 fmt, q = qw.fmt, quantize_weight(w.to(device), qw.fmt, qw.block_size, qw.qscale2.numel() > 0)
                 kinds[f"{source.kind(key) if gguf else str(w.dtype).removeprefix('torch.')} quantized to {fmt}"] += 1
@@ -101,15 +101,15 @@ def fill_store(cm, source, *, prefix: str = "", device="cpu", keep_blocks: bool 
         elif name in names and names[name].device.type == "meta" and name not in done:
             old = names[name]
             value = source.tensor(key, config, old.dtype) if gguf else source.tensor(key).to(old.dtype)
-            swap_tensor(cm.base_model, name, old, value.to(device), swapped)
+            swap_tensor(cm.get_base_model(), name, old, value.to(device), swapped)
             kinds[f"{str(old.dtype).removeprefix('torch.')} from {source.kind(key)}" if gguf else "full precision"] += 1
             stats["full_precision"] += 1
             stats["full_precision_bytes"] += value.numel() * value.element_size()
             done.add(name)
-    retie(cm.base_model, names, swapped)
-    for name, t in base_tensors(cm.base_model).items():  # released weights: placeholders of the right shape
+    retie(cm.get_base_model(), names, swapped)
+    for name, t in base_tensors(cm.get_base_model()).items():  # released weights: placeholders of the right shape
         if t.device.type == "meta" and name in qws:
-            swap_tensor(cm.base_model, name, t, placeholder(t, device), swapped)
+            swap_tensor(cm.get_base_model(), name, t, placeholder(t, device), swapped)
     root.loaded = [f"{n} {'weights' if ' quantized ' in k or ' held ' in k else 'tensors'} {k}"
                    for k, n in sorted(kinds.items())]
     materialize_adapters(cm, device=device)

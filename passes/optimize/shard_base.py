@@ -172,7 +172,7 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
     store = shard_store(cm)
     directory = Path(directory)
     wanted = dict(store.entries)  # checkpoint key -> (buffer name, shape, dtype, rank, world)
-    names = base_tensors(cm.base_model)
+    names = base_tensors(cm.get_base_model())
     swapped: dict[int, torch.Tensor] = {}  # a meta tensor cannot take CPU data: new objects, ties kept
     read = {"shards": 0, "whole": 0}
     for path in checkpoint_files(directory):
@@ -186,14 +186,14 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
                     read["shards"] += chunk.numel() * chunk.element_size()
                 elif name in names and names[name].device.type == "meta" and name not in store.released:
                     value = f.get_tensor(key).to(device=device, dtype=names[name].dtype)
-                    swap_tensor(cm.base_model, name, names[name], value, swapped)
+                    swap_tensor(cm.get_base_model(), name, names[name], value, swapped)
                     read["whole"] += value.numel() * value.element_size()
     if wanted:
         raise CheckpointError(f"{directory}: no weights for sharded {sorted(wanted)[:5]} "
                               f"({len(wanted)} missing; prefix={prefix!r})")
     for name, t in names.items():
         if t.device.type == "meta" and name in store.released:
-            new = swap_tensor(cm.base_model, name, t, placeholder(t, device), swapped)
+            new = swap_tensor(cm.get_base_model(), name, t, placeholder(t, device), swapped)
             store.by_id[id(new)] = name
     materialize_adapters(cm, device=device)
     cm.graphs.clear(device)
@@ -204,7 +204,7 @@ def load_base(cm, directory, *, prefix: str = "", device="cpu") -> dict[str, int
 
 
 def export_merged(cm, save):
-    """``save()`` (it writes the merged model from ``cm.base_model``) with the full base weights:
+    """``save()`` (it writes the merged model from ``cm.get_base_model()``) with the full base weights:
     every rank gathers the shards one weight at a time (ranks > 0 drop each at once); rank 0 puts
     them back into the base model, runs ``save()``, frees them again; then a barrier."""
     if "quantize" in cm.spec.optimize:
@@ -212,7 +212,7 @@ def export_merged(cm, save):
                          "would have to be dequantized; export the adapter (save_adapter) instead")
     store = shard_store(cm)
     group = groups(check_settings(dict(cm.spec.optimize["shard"]))).shard
-    params = dict(cm.base_model.named_parameters(remove_duplicate=False))
+    params = dict(cm.get_base_model().named_parameters(remove_duplicate=False))
     full = {}
     for key, (buf, shape, *_rest) in store.entries.items():
         t = torch.ops.peftc.shard_gather(store.get_buffer(buf), group, list(shape))

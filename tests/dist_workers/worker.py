@@ -184,7 +184,7 @@ def case_shard(results):
     # alive besides the new one. (The process group's work object may drop the previous gather's
     # buffer a moment after its op has run: sampled at the next gather, that one can still count.)
     biggest = max(pd.shard_range(p.numel(), 0, 2)[2] * 2 * p.element_size()
-                  for p in cm.base_model.parameters())
+                  for p in cm.get_base_model().parameters())
     assert 0 < r["peak_gathered"] <= 2 * biggest, (r["peak_gathered"], biggest)
     ids = batches()[0].chunk(2)[dist.get_rank()]
     with pd.probe() as p:
